@@ -1,0 +1,43 @@
+# Every target creates .venv on first use and installs the pinned set (constraints.txt).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN ?= runs/embedded
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: venv test reproduce reproduce-quick lint bench figures clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build on this disk; an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+reproduce: $(STAMP)
+	$(BIN)/toolrl-analyze reproduce --out $(RUN)
+
+reproduce-quick: $(STAMP)
+	$(BIN)/toolrl-analyze reproduce --out $(RUN)-quick --quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,trl]"
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+figures: $(STAMP)
+	$(BIN)/python figures/make_figures.py --run $(RUN)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""What training changed: checkpoint diffs, ablations, activation probes and plots."""

@@ -1,0 +1,100 @@
+"""One dataclass per command, loaded from TOML and overridable with `--set key=value`."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from toolrl_analysis.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a TOML or command-line value to the field's declared type, or raise naming the key."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or value == "none":
+            return None
+        return _coerce(key, value, args[0])
+    if origin in (list, tuple):
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' must be {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def build_config(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
+    """Instantiate `cls` from a flat dict, rejecting unknown keys and running its `validate()`."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}' in {source} (known: {', '.join(sorted(names))})")
+    config = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Read `path` (TOML; tables are flattened with their keys kept as-is) then apply `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for key, value in data.items():
+            if isinstance(value, dict):
+                values.update(value)
+            else:
+                values[key] = value
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' must look like key=value")
+        values[key.strip()] = value.strip()
+    return build_config(cls, values, source=str(path) if path else "overrides")
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Validation helper for `validate()` methods: raise a ConfigError naming `key`."""
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

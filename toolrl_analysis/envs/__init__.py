@@ -1,0 +1,1 @@
+"""Tool-use environments: records, the five-stage build pipeline, the sandbox and the reward."""

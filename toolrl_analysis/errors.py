@@ -1,0 +1,21 @@
+"""Errors a user can cause. The CLI prints their message on one line and exits with status 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user: a path, a file, a selector, a config value. Message is one line."""
+
+
+class EnvFormatError(UserError):
+    """An environment record or file that does not follow the FTRL format."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt, unsafe, or does not match its partner."""
+
+
+class SelectorError(UserError):
+    """A parameter selector such as `mlp@0-2` that cannot be parsed or selects nothing."""
+
+
+class ConfigError(UserError):
+    """A configuration key that is unknown or out of range; the message names the key."""

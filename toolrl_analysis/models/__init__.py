@@ -1,0 +1,1 @@
+"""The embedded policy: tokenizer, chat template, model presets and checkpoints."""

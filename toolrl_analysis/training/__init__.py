@@ -1,0 +1,1 @@
+"""Supervised warm-up (the base) and RL training (GRPO, Reinforce++)."""

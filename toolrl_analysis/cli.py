@@ -42,19 +42,71 @@ def progress_console():
 # envs
 # ---------------------------------------------------------------------------------------------
 def _cmd_envs_build(args: argparse.Namespace) -> None:
-    raise UserError("envs build is not available yet")
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from toolrl_analysis.config import load_config
+    from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, render_build, write_envset
+
+    # The default path is relative to the repository; elsewhere its values are the dataclass defaults.
+    config_path = args.config if args.config != "envs/default.toml" or Path(args.config).is_file() else None
+    overrides = list(args.set) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    config = load_config(EnvBuildConfig, config_path, overrides)
+    total = config.train_size + 4 * config.test_per_scenario
+    columns = (TextColumn("building environments"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=progress_console(), transient=True) as progress:
+        task = progress.add_task("build", total=total)
+        build = build_envsets(config, progress=lambda n: progress.advance(task, n))
+        paths = write_envset(build, args.out)
+    files = {k: str(v) for k, v in paths.items()}
+    document = {"out": str(args.out), "files": files, "manifest": build.manifest}
+    emit(args, document, lambda: render_build(build.manifest, str(args.out), console()))
 
 
 def _cmd_envs_check(args: argparse.Namespace) -> None:
-    raise UserError("envs check is not available yet")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from toolrl_analysis.envs.check import check_records, golden_calls, render_check, summarize
+    from toolrl_analysis.envs.sandbox import Sandbox
+    from toolrl_analysis.envs.schema import read_envs
+
+    records = read_envs(args.file)
+    total = sum(len(turn) for r in records if r.meta.get("golden_turns") for turn in golden_calls(r))
+    columns = (TextColumn("golden calls"), BarColumn(), MofNCompleteColumn())
+    progress = Progress(*columns, console=progress_console(), transient=True)
+    with progress, Sandbox(workers=args.workers) as sandbox:
+        task = progress.add_task("check", total=total)
+        checks = check_records(records, sandbox, progress=lambda n: progress.advance(task, n))
+    summary = summarize(checks)
+    emit(args, {"file": str(args.file), **summary}, lambda: render_check(summary, str(args.file), console()))
+    if not summary["ok"]:
+        raise SystemExit(1)
 
 
 def _cmd_envs_import(args: argparse.Namespace) -> None:
-    raise UserError("envs import is not available yet")
+    from toolrl_analysis.envs.ftrl_io import import_ftrl
+
+    result = import_ftrl(args.file, args.out)
+
+    def render() -> None:
+        out = console()
+        out.print(f"imported {result['records']} environments from {result['source']}")
+        for split, info in result["files"].items():
+            out.print(f"  {split}: {info['records']} -> {info['path']}")
+        for source, count in result["data_sources"].items():
+            out.print(f"  {source}: {count}")
+
+    emit(args, result, render)
 
 
 def _cmd_envs_export(args: argparse.Namespace) -> None:
-    raise UserError("envs export is not available yet")
+    from toolrl_analysis.envs.ftrl_io import export
+
+    result = export(args.source, args.format, args.out, keep_meta=args.keep_meta)
+    splits = ", ".join(f"{k}: {v}" for k, v in result["splits"].items())
+    line = f"exported {result['records']} environments ({splits}) to {result['out']}"
+    emit(args, result, lambda: console().print(line))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,14 +121,82 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    raise UserError("evaluate is not available yet")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from toolrl_analysis.evaluate import evaluate_checkpoint, render_report
+
+    stderr = progress_console()
+    with Progress(
+        TextColumn("episodes"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,  # no stray lines in logs and pipes
+    ) as progress:
+        task = progress.add_task("episodes", total=None)
+
+        def on_turn(turn_index, episodes):
+            progress.update(task, total=len(episodes), completed=sum(e.done for e in episodes))
+
+        report = evaluate_checkpoint(
+            args.model,
+            args.envs,
+            limit=args.limit,
+            general=not args.no_general,
+            max_turns=args.max_turns,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            on_turn=on_turn,
+        )
+    if args.out:
+        report.info["written"] = [str(p) for p in report.save(args.out)]
+    emit(args, report.to_dict(), lambda: render_report(report, console()))
 
 
 # ---------------------------------------------------------------------------------------------
 # analysis
 # ---------------------------------------------------------------------------------------------
 def _cmd_compare(args: argparse.Namespace) -> None:
-    raise UserError("compare is not available yet")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from toolrl_analysis.analysis.diff import compare_checkpoints, render_comparison
+
+    stderr = progress_console()
+    with Progress(
+        TextColumn("tensors"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
+    ) as progress:
+        task = progress.add_task("", total=None)
+
+        def on_tensor(name: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, description=name)
+
+        comparison = compare_checkpoints(
+            args.base,
+            args.trained,
+            select=args.select,
+            spectral=args.spectral,
+            allow_missing=args.allow_missing,
+            lora_base=args.lora_base,
+            top_k=args.top_k,
+            progress=on_tensor,
+        )
+    if args.out:
+        comparison.summary["written"] = [str(p) for p in comparison.write(args.out)]
+
+    def render() -> None:
+        out = console()
+        render_comparison(comparison, out, top=args.top)
+        if args.out:
+            out.print(f"wrote {len(comparison.summary['written'])} files to {args.out}")
+
+    emit(args, comparison.to_document(), render)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
@@ -109,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_envs_build)
     p = envs_sub.add_parser("check", parents=[common], help="run golden calls in the sandbox")
     p.add_argument("file")
+    p.add_argument("--workers", type=int, default=2, help="sandbox worker processes")
     p.set_defaults(func=_cmd_envs_check)
     p = envs_sub.add_parser("import", parents=[common], help="FTRL JSONL/parquet -> EnvSet")
     p.add_argument("file")
@@ -116,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_envs_import)
     p = envs_sub.add_parser("export", parents=[common], help="EnvSet -> FTRL JSONL or verl parquet")
     p.add_argument("source", help="an EnvSet directory or a .jsonl file")
-    p.add_argument("--format", choices=["ftrl", "verl"], required=True)
+    p.add_argument("--format", required=True, help="ftrl (JSONL) or verl (parquet)")
     p.add_argument("--out", required=True)
+    p.add_argument("--keep-meta", action="store_true", help="ftrl: keep our meta (golden calls)")
     p.set_defaults(func=_cmd_envs_export)
 
     p = sub.add_parser("train-base", parents=[common], help="supervised warm-up of the embedded base")
@@ -143,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N environments only")
     p.add_argument("--no-general", action="store_true", help="skip the general-capability suite")
+    p.add_argument("--max-turns", type=int, default=20, help="assistant turns per episode (FTRL: 20)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per assistant turn")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("compare", parents=[common], help="per-layer, per-component checkpoint diff")
@@ -153,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spectral", action="store_true")
     p.add_argument("--allow-missing", action="store_true")
     p.add_argument("--lora-base", default=None, help="base weights for a PEFT adapter directory")
+    p.add_argument("--top", type=int, default=15, help="rows in the most-changed table")
+    p.add_argument("--top-k", type=int, default=8, help="singular values tracked with --spectral")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("ablate", parents=[common], help="revert/transplant subsets of the update, re-evaluate")

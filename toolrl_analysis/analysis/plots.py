@@ -1,0 +1,124 @@
+"""Plots as plain functions of the analysis DataFrames (DESIGN §10): notebooks, figures/ and the CLI
+share them. Each returns a matplotlib Figure built without pyplot, so no global state or GUI backend
+is involved; callers save it (`fig.savefig(path)`) or display it.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from toolrl_analysis.analysis.components import COMPONENTS
+
+METRIC_LABELS = {
+    "relative_frobenius_change": r"relative change $\|\Delta W\|_F / \|W\|_F$",
+    "update_norm": r"$\|\Delta W\|_F$",
+    "mean_abs_update": r"mean $|\Delta W|$",
+    "update_norm_share": r"share of $\sum \|\Delta W\|_F^2$",
+}
+
+
+def _ordered_components(components: pd.Series) -> list[str]:
+    present = list(dict.fromkeys(components))
+    order = {c: i for i, c in enumerate(COMPONENTS)}
+    return sorted(present, key=lambda c: (order.get(c, len(order)), c))
+
+
+def _block_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["layer"].notna()].assign(layer=lambda f: f["layer"].astype(int))
+
+
+def plot_component_heatmap(
+    components: pd.DataFrame,
+    metric: str = "relative_frobenius_change",
+    *,
+    title: str | None = None,
+    annotate: bool | None = None,
+) -> Figure:
+    """Heatmap of `metric` with one row per block (layer 0 at the bottom) and one column per component:
+    the paper's layer-by-component picture of what training changed. Parameters outside the blocks
+    (embeddings, head, final norm) have no layer and are left out."""
+    import seaborn as sns
+
+    rows = _block_rows(components)
+    figure = Figure(figsize=(7.5, 1.2 + 0.32 * max(1, rows["layer"].nunique())))
+    ax = figure.subplots()
+    if rows.empty:
+        ax.text(0.5, 0.5, "no block parameters", ha="center", va="center")
+        ax.set_axis_off()
+        return figure
+    table = rows.pivot_table(index="layer", columns="component", values=metric, aggfunc="sum")
+    table = table.reindex(columns=_ordered_components(rows["component"])).sort_index(ascending=False)
+    if annotate is None:
+        annotate = table.size <= 120
+    sns.heatmap(
+        table.astype(float),
+        ax=ax,
+        cmap="viridis",
+        annot=annotate,
+        fmt=".2g",
+        annot_kws={"fontsize": 7},
+        cbar_kws={"label": METRIC_LABELS.get(metric, metric)},
+    )
+    ax.set_xlabel("component")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} per layer and component")
+    return figure
+
+
+def plot_layer_profile(
+    components: pd.DataFrame,
+    metric: str = "relative_frobenius_change",
+    *,
+    by: str = "component",
+    title: str | None = None,
+    log: bool = False,
+) -> Figure:
+    """`metric` against layer, one line per component (by='component') or per family (by='family',
+    aggregating with norms added in squares)."""
+    rows = _block_rows(components)
+    figure = Figure(figsize=(7.5, 4.0))
+    ax = figure.subplots()
+    if by == "family":
+        rows = rows.assign(family=rows["component"].str.split(".").str[0])
+        grouped = (
+            rows.assign(update_sq=rows["update_norm"] ** 2, base_sq=rows["base_norm"] ** 2)
+            .groupby(["family", "layer"], as_index=False)[["update_sq", "base_sq"]]
+            .sum()
+        )
+        grouped[metric] = (grouped["update_sq"] / grouped["base_sq"]) ** 0.5
+        for family, frame in grouped.groupby("family"):
+            ax.plot(frame["layer"], frame[metric], marker="o", label=family)
+    else:
+        for component in _ordered_components(rows["component"]):
+            frame = rows[rows["component"] == component].sort_values("layer")
+            ax.plot(frame["layer"], frame[metric], marker="o", markersize=3, label=component)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} by layer")
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2, frameon=False)
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def plot_band_summary(
+    bands: pd.DataFrame, value: str = "share_of_family", *, title: str | None = None
+) -> Figure:
+    """Grouped bars: for each component family, the share of its update in the lower / middle / upper
+    third of the blocks."""
+    figure = Figure(figsize=(6.0, 3.6))
+    ax = figure.subplots()
+    table = bands.pivot(index="family", columns="band", values=value)
+    table = table.reindex(columns=[b for b in ("lower", "middle", "upper") if b in table.columns])
+    width = 0.8 / max(1, len(table.columns))
+    for i, band in enumerate(table.columns):
+        positions = [x + (i - (len(table.columns) - 1) / 2) * width for x in range(len(table.index))]
+        ax.bar(positions, table[band].fillna(0.0), width=width, label=f"{band} third")
+    ax.set_xticks(range(len(table.index)), list(table.index))
+    ax.set_ylabel(value.replace("_", " "))
+    ax.set_title(title or "where the update lies along the depth")
+    ax.legend(frameon=False, fontsize=8)
+    return figure

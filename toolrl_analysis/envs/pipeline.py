@@ -1,0 +1,415 @@
+"""The build chain: world -> scenario decomposition -> documents -> integration -> scaling -> deployment.
+
+`build_envsets(config)` returns FTRL-compatible records for both splits and a manifest;
+`write_envset(...)` writes DIR/train.jsonl, DIR/test.jsonl and DIR/manifest.json. Everything is
+seeded from strings (random.Random(str) hashes with SHA-512, not with Python's salted hash), orders
+are fixed, and no timestamps are written, so one seed always gives the same bytes. Test questions
+are built first and train questions may not repeat any of them (same chains of relations from the
+same subjects count as the same question, whatever the wording).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import statistics
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolrl_analysis.config import require
+from toolrl_analysis.envs.decompose import FTRL_PROMPT, ComposeError, Decomposition, ScenarioShape, compose
+from toolrl_analysis.envs.deploy import lookup_records, tool_source
+from toolrl_analysis.envs.documents import document
+from toolrl_analysis.envs.integrate import integrate
+from toolrl_analysis.envs.scaling import OPERATIONS, ScalingSettings, scale
+from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord, write_envs
+from toolrl_analysis.envs.world import World, build_world
+from toolrl_analysis.errors import ConfigError, UserError
+
+
+@dataclass
+class EnvBuildConfig:
+    """`envs build` configuration (envs/default.toml); every key can be overridden with --set."""
+
+    seed: int = 0
+    train_size: int = 2000
+    test_per_scenario: int = 50
+    # Relative weights of single_hop, parallel_single_hop, multi_hop, parallel_multi_hop in train.
+    train_mix: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    # World size.
+    world_people: int = 400
+    world_places: int = 120
+    world_organisations: int = 120
+    world_artefacts: int = 160
+    # Scenario shapes (sub-questions per question).
+    parallel_single_min: int = 2
+    parallel_single_max: int = 3
+    multi_hop_min: int = 2
+    multi_hop_max: int = 6
+    parallel_multi_chains_min: int = 2
+    parallel_multi_chains_max: int = 3
+    parallel_multi_min: int = 4
+    parallel_multi_max: int = 10
+    # Parallel questions that ask for a sum / difference / comparison (FTRL style) instead of a list.
+    parallel_aggregate_prob: float = 0.5
+    # Function integration: probability that a family with two or more relations is merged.
+    merge_prob: float = 1.0
+    # Complexity scaling: probability that each operation is applied to an environment.
+    functional_generalisation: float = 0.5
+    parameter_expansion: float = 0.5
+    parameter_type_generalisation: float = 0.25
+    toolset_extension: float = 1.0
+    distractors_min: int = 2
+    distractors_max: int = 3
+    max_tools: int = 6
+    # Records each tool embeds beyond the ones the question needs.
+    neighbour_facts: int = 4
+
+    def validate(self) -> None:
+        require(self.train_size >= 0, "train_size", "must be >= 0")
+        require(self.test_per_scenario >= 0, "test_per_scenario", "must be >= 0")
+        require(len(self.train_mix) == len(SCENARIOS), "train_mix", f"must list {len(SCENARIOS)} weights")
+        require(
+            all(w >= 0 for w in self.train_mix) and sum(self.train_mix) > 0, "train_mix", "needs weights >= 0"
+        )
+        for key in ("world_people", "world_places", "world_organisations", "world_artefacts"):
+            require(20 <= getattr(self, key) <= 5000, key, "must be between 20 and 5000")
+        for key in (
+            "parallel_aggregate_prob",
+            "merge_prob",
+            "functional_generalisation",
+            "parameter_expansion",
+            "parameter_type_generalisation",
+            "toolset_extension",
+        ):
+            require(0.0 <= getattr(self, key) <= 1.0, key, "must be a probability in [0, 1]")
+        require(self.parallel_single_min >= 2, "parallel_single_min", "must be >= 2")
+        require(self.parallel_single_max >= self.parallel_single_min, "parallel_single_max", "must be >= min")
+        require(self.parallel_single_max <= 5, "parallel_single_max", "must be <= 5")
+        require(self.multi_hop_min >= 2, "multi_hop_min", "must be >= 2")
+        require(self.multi_hop_max >= self.multi_hop_min, "multi_hop_max", "must be >= multi_hop_min")
+        require(self.multi_hop_max <= 8, "multi_hop_max", "must be <= 8")
+        require(self.parallel_multi_chains_min >= 2, "parallel_multi_chains_min", "must be >= 2")
+        require(
+            self.parallel_multi_chains_max >= self.parallel_multi_chains_min,
+            "parallel_multi_chains_max",
+            "must be >= min",
+        )
+        require(self.parallel_multi_max >= self.parallel_multi_min, "parallel_multi_max", "must be >= min")
+        require(
+            self.parallel_multi_min <= self.parallel_multi_chains_max * self.multi_hop_max,
+            "parallel_multi_min",
+            "is more than parallel_multi_chains_max chains of multi_hop_max hops can hold",
+        )
+        require(
+            self.parallel_multi_max >= 2 * self.parallel_multi_chains_min,
+            "parallel_multi_max",
+            "must allow parallel_multi_chains_min chains of two hops",
+        )
+        require(self.distractors_min >= 0, "distractors_min", "must be >= 0")
+        require(self.distractors_max >= self.distractors_min, "distractors_max", "must be >= distractors_min")
+        require(self.max_tools >= 1, "max_tools", "must be >= 1")
+        require(0 <= self.neighbour_facts <= 50, "neighbour_facts", "must be between 0 and 50")
+
+    @property
+    def shape(self) -> ScenarioShape:
+        names = {f.name for f in dataclasses.fields(ScenarioShape)}
+        return ScenarioShape(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    @property
+    def scaling(self) -> ScalingSettings:
+        names = {f.name for f in dataclasses.fields(ScalingSettings)}
+        return ScalingSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclass
+class EnvSetBuild:
+    train: list[EnvRecord]
+    test: list[EnvRecord]
+    manifest: dict[str, Any]
+
+
+# -- one environment -------------------------------------------------------------------------------
+def _decompose(
+    world: World, scenario: str, config: EnvBuildConfig, stream: str, taken: set[tuple]
+) -> tuple[Decomposition, random.Random]:
+    for attempt in range(200):
+        rng = random.Random(f"{stream}/{attempt}")
+        try:
+            decomposition = compose(world, scenario, rng, config.shape)
+        except ComposeError:
+            continue
+        if decomposition.key not in taken:
+            taken.add(decomposition.key)
+            return decomposition, rng
+    raise ConfigError(
+        f"could not compose a new {scenario} question for {stream}: the world is too small for this many "
+        "environments (raise world_people, world_places, world_organisations, world_artefacts)"
+    )
+
+
+def build_environment(
+    world: World, scenario: str, split: str, index: int, config: EnvBuildConfig, taken: set[tuple]
+) -> EnvRecord:
+    """Run the five stages for one environment."""
+    env_id = f"{split}-{index:05d}"
+    d, rng = _decompose(world, scenario, config, f"toolrl-env/{config.seed}/{env_id}", taken)
+
+    # Documents (one per sub-question) and their integration into tools.
+    documents = [document(sq.kind, sq.relation) for sq in d.subquestions]
+    merged = integrate(documents, rng, config.merge_prob)
+    spec_by_name = {t.name: t for t in merged.tools}
+    spec_of_sq = {
+        sq.id: spec_by_name[merged.tool_of_document[doc.name]]
+        for sq, doc in zip(d.subquestions, documents, strict=True)
+    }
+
+    # Complexity scaling edits the specs in place (names may change) and adds distractors.
+    scaled = scale(merged.tools, rng, config.scaling)
+
+    # Localized deployment: code with an embedded lookup table for every tool.
+    gold_answers = {sq.answer for sq in d.subquestions}
+    entities = d.entities
+    codes: dict[str, str] = {}
+    for spec in scaled.tools:
+        if spec.role == "golden":
+            subjects = [sq.subject for sq in d.subquestions if spec_of_sq[sq.id] is spec]
+        else:
+            subjects = [e for e in entities if world.kind_of(e) == spec.kind]
+        records = lookup_records(
+            spec, world, subjects, rng, config.neighbour_facts, gold_answers | set(entities)
+        )
+        codes[spec.name] = tool_source(spec, records)
+
+    order = list(scaled.tools)
+    rng.shuffle(order)  # the position of a tool says nothing about its role
+    unsolved: dict[str, list[str]] = {}
+    subquestions = []
+    for sq in d.subquestions:
+        spec = spec_of_sq[sq.id]
+        unsolved.setdefault(spec.name, []).append(sq.answer)
+        subquestions.append(
+            {
+                "id": sq.id,
+                "question": sq.question,
+                "tool": spec.name,
+                "arguments": spec.golden_arguments(sq.subject, sq.relation),
+                "answer": sq.answer,
+                "chain": sq.chain,
+                "hop": sq.hop,
+                "depends_on": sq.depends_on,
+                "argument_from_answer": spec.subject_param if sq.depends_on is not None else None,
+                "relation": sq.relation,
+                "subject": sq.subject,
+            }
+        )
+    golden_names = [t.name for t in scaled.tools if t.role == "golden"]
+    meta = {
+        "env_id": env_id,
+        "seed": config.seed,
+        "scenario": scenario,
+        "aggregate": d.aggregate,
+        "subquestions": subquestions,
+        "golden_turns": d.golden_turns,
+        "scaling": scaled.applied,
+        "scaling_details": scaled.details,
+        "merges": merged.merges,
+        "distractors": scaled.distractors,
+        "documents": len(documents),
+        "tools": len(golden_names),
+    }
+    return EnvRecord(
+        messages=[{"content": FTRL_PROMPT + d.question, "role": "user"}],
+        tools=[spec.schema() for spec in order],
+        codes={spec.name: codes[spec.name] for spec in order},
+        unsolved_set=unsolved,
+        answer=d.answer,
+        data_source=f"self/{scenario}",
+        split=split,
+        solve_rate=0.0,
+        meta=meta,
+    )
+
+
+# -- the whole set ---------------------------------------------------------------------------------
+def train_scenarios(config: EnvBuildConfig) -> list[str]:
+    """Scenario of each train environment: counts by largest remainder of the mix, then a seeded shuffle."""
+    total = sum(config.train_mix)
+    exact = [config.train_size * w / total for w in config.train_mix]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: config.train_size - sum(counts)]:
+        counts[i] += 1
+    out = [s for s, n in zip(SCENARIOS, counts, strict=True) for _ in range(n)]
+    random.Random(f"toolrl-mix/{config.seed}").shuffle(out)
+    return out
+
+
+def build_envsets(config: EnvBuildConfig, progress: Callable[[int], None] | None = None) -> EnvSetBuild:
+    """Build test (test_per_scenario per scenario) and train (train_size, mixed) environments."""
+    world = build_world(
+        config.seed,
+        config.world_people,
+        config.world_places,
+        config.world_organisations,
+        config.world_artefacts,
+    )
+    taken: set[tuple] = set()
+    test: list[EnvRecord] = []
+    for scenario in SCENARIOS:
+        for _ in range(config.test_per_scenario):
+            test.append(build_environment(world, scenario, "test", len(test), config, taken))
+            if progress:
+                progress(1)
+    train: list[EnvRecord] = []
+    for scenario in train_scenarios(config):
+        train.append(build_environment(world, scenario, "train", len(train), config, taken))
+        if progress:
+            progress(1)
+    return EnvSetBuild(train=train, test=test, manifest=manifest(train, test, config, world))
+
+
+def write_envset(build: EnvSetBuild, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "manifest": out / "manifest.json"}
+    write_envs(build.train, paths["train"])
+    write_envs(build.test, paths["test"])
+    build.manifest["files"] = {
+        name: {"records": len(records), "sha256": hashlib.sha256(paths[name].read_bytes()).hexdigest()}
+        for name, records in (("train", build.train), ("test", build.test))
+    }
+    paths["manifest"].write_text(
+        json.dumps(build.manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    return paths
+
+
+# -- manifest --------------------------------------------------------------------------------------
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "min": min(values),
+        "mean": round(statistics.fmean(values), 2),
+        "median": statistics.median(values),
+        "max": max(values),
+    }
+
+
+def _histogram(values: list[int]) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(Counter(values).items())}
+
+
+def manifest(
+    train: list[EnvRecord], test: list[EnvRecord], config: EnvBuildConfig, world: World
+) -> dict[str, Any]:
+    records = test + train
+    by_split = {"train": train, "test": test}
+    counts = {
+        split: {s: sum(r.scenario == s for r in rs) for s in SCENARIOS} for split, rs in by_split.items()
+    }
+    n_docs = sum(r.meta["documents"] for r in records)
+    distinct_docs = sum(len({(q["relation"], q["tool"]) for q in r.meta["subquestions"]}) for r in records)
+    n_golden = sum(r.meta["tools"] for r in records)
+    per_scenario: dict[str, Any] = {}
+    for s in SCENARIOS:
+        rs = [r for r in records if r.scenario == s]
+        per_scenario[s] = {
+            "environments": len(rs),
+            "subquestions": _stats([r.n_subquestions for r in rs]),
+            "tools": _stats([len(r.tools) for r in rs]),
+            "question_chars": _stats([len(r.question) - len(FTRL_PROMPT) for r in rs]),
+            "aggregates": dict(sorted(Counter(r.meta["aggregate"] for r in rs).items())),
+        }
+    scaling = {
+        op: {split: sum(op in r.meta["scaling"] for r in rs) for split, rs in by_split.items()}
+        for op in OPERATIONS
+    }
+    scaled_tools = {op: sum(len(r.meta["scaling_details"].get(op, {})) for r in records) for op in OPERATIONS}
+    return {
+        "format": "toolrl-analysis.envset/1",
+        "seed": config.seed,
+        "counts": counts,
+        "totals": {split: len(rs) for split, rs in by_split.items()},
+        "world": world.stats(),
+        "integration": {
+            "documents": n_docs,
+            "distinct_documents": distinct_docs,
+            "tools": n_golden,
+            "ratio_tools_per_document": round(n_golden / n_docs, 4) if n_docs else None,
+            "environments_with_merge": sum(bool(r.meta["merges"]) for r in records),
+            "merges": sum(len(r.meta["merges"]) for r in records),
+        },
+        "scaling": {"environments": scaling, "tools": scaled_tools},
+        "tools_per_environment": {
+            "all": _stats([len(r.tools) for r in records]),
+            "histogram": _histogram([len(r.tools) for r in records]),
+            "golden": _stats([r.meta["tools"] for r in records]),
+            "distractors": _stats([len(r.meta["distractors"]) for r in records]),
+        },
+        "prompt_chars": {
+            "user_message": _stats([len(r.question) for r in records]),
+            "question": _stats([len(r.question) - len(FTRL_PROMPT) for r in records]),
+            "tools_json": _stats([len(json.dumps(r.tools, ensure_ascii=False)) for r in records]),
+        },
+        "answer_chars": _stats([len(r.answer) for r in records]),
+        "scenarios": per_scenario,
+        "config": dataclasses.asdict(config),
+    }
+
+
+def render_build(manifest: dict[str, Any], out_dir: str, console: Any) -> None:
+    """The human summary of `envs build`."""
+    from rich.table import Table
+
+    table = Table(title=f"environments written to {out_dir} (seed {manifest['seed']})")
+    for column in ("scenario", "train", "test", "sub-questions", "tools", "question chars"):
+        table.add_column(column, justify="left" if column == "scenario" else "right")
+    for scenario, row in manifest["scenarios"].items():
+        table.add_row(
+            scenario,
+            str(manifest["counts"]["train"][scenario]),
+            str(manifest["counts"]["test"][scenario]),
+            f"{row['subquestions'].get('min', 0)}-{row['subquestions'].get('max', 0)}",
+            f"{row['tools'].get('mean', 0)}",
+            f"{row['question_chars'].get('mean', 0)}",
+        )
+    console.print(table)
+    integration = manifest["integration"]
+    console.print(
+        f"function integration: {integration['documents']} documents -> {integration['tools']} tools "
+        f"(ratio {integration['ratio_tools_per_document']}, {integration['merges']} merges)"
+    )
+    scaling = Table(title="complexity scaling (environments)")
+    for column in ("operation", "train", "test", "tools"):
+        scaling.add_column(column, justify="left" if column == "operation" else "right")
+    for op, counts in manifest["scaling"]["environments"].items():
+        scaling.add_row(op, str(counts["train"]), str(counts["test"]), str(manifest["scaling"]["tools"][op]))
+    console.print(scaling)
+    tools = manifest["tools_per_environment"]["all"]
+    if tools.get("n"):
+        console.print(f"tools per environment: {tools['min']}-{tools['max']} (mean {tools['mean']})")
+
+
+def write_samples(records: list[EnvRecord], out_dir: str | Path) -> list[Path]:
+    """The first environment of each scenario, pretty-printed (objects, not JSON strings) for reading."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for scenario in SCENARIOS:
+        record = next((r for r in records if r.scenario == scenario), None)
+        if record is None:
+            continue
+        path = out / f"{scenario}.json"
+        path.write_text(json.dumps(record.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        written.append(path)
+    return written

@@ -1,0 +1,101 @@
+"""Qwen-style tool calls in assistant text: parse (never raises) and format.
+
+The assistant writes `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks. Parsing follows FTRL's
+`parse_qwen`: the content is the text before the first `<tool_call>`; the rest is split on `</tool_call>`, each
+chunk that starts with `<tool_call>` holds one JSON call, and chunks that fail to parse are skipped. When no call
+parses, the content is the whole text. Differences, all on inputs FTRL would mishandle: a call must have a string
+name and an object of arguments (FTRL accepted e.g. a list and failed later, at the call), and we report whether
+any markup failed to parse (`malformed`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+TOOL_RESPONSE_OPEN = "<tool_response>"
+END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>")
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParsedTurn:
+    content: str  # text before the first call; the whole text when no call parsed
+    calls: list[ToolCall] = field(default_factory=list)
+    malformed: bool = False  # tool-call markup present, but a block failed to parse or none did
+
+
+def strip_end_of_turn(text: str) -> str:
+    """Remove trailing end-of-turn tokens and whitespace, as FTRL's reward does before parsing."""
+    text = text.strip()
+    while text.endswith(END_OF_TURN_TOKENS):
+        for token in END_OF_TURN_TOKENS:
+            text = text.removesuffix(token).strip()
+    return text
+
+
+def parse_tool_calls(text: str) -> ParsedTurn:
+    """Split one assistant turn into content and tool calls. Never raises, whatever the input."""
+    text = strip_end_of_turn(_as_text(text))
+    start = text.find(TOOL_CALL_OPEN)
+    if start == -1:
+        has_markup = TOOL_CALL_CLOSE in text or TOOL_RESPONSE_OPEN in text
+        return ParsedTurn(content=text, calls=[], malformed=has_markup)
+    calls: list[ToolCall] = []
+    failed = False
+    for chunk in text[start:].split(TOOL_CALL_CLOSE):
+        chunk = chunk.strip()
+        if not chunk:
+            continue
+        if not chunk.startswith(TOOL_CALL_OPEN):
+            # Text between or after calls; FTRL skips the chunk, and with it any call it contains.
+            failed = failed or TOOL_CALL_OPEN in chunk
+            continue
+        call = _decode_call(chunk[len(TOOL_CALL_OPEN) :].strip())
+        if call is None:
+            failed = True
+        else:
+            calls.append(call)
+    if not calls:
+        return ParsedTurn(content=text, calls=[], malformed=True)
+    return ParsedTurn(content=text[:start].strip(), calls=calls, malformed=failed)
+
+
+def format_tool_calls(calls: list[ToolCall]) -> str:
+    """The assistant text for `calls`, exactly as Qwen2.5's chat template renders an assistant's tool_calls."""
+    return "\n".join(
+        f"{TOOL_CALL_OPEN}\n{json.dumps({'name': c.name, 'arguments': c.arguments}, ensure_ascii=False)}\n"
+        f"{TOOL_CALL_CLOSE}"
+        for c in calls
+    )
+
+
+def _decode_call(body: str) -> ToolCall | None:
+    try:
+        data = json.loads(body)
+        if not isinstance(data, dict) or "arguments" not in data:
+            return None
+        name, arguments = data.get("name"), data["arguments"]
+        if isinstance(arguments, str):  # some models write the arguments as a JSON string
+            arguments = json.loads(arguments)
+    except (ValueError, RecursionError, MemoryError):  # JSONDecodeError, int digit limit, deep nesting
+        return None
+    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+        return None
+    return ToolCall(name=name, arguments=arguments)
+
+
+def _as_text(text: Any) -> str:
+    if isinstance(text, str):
+        return text
+    if isinstance(text, bytes | bytearray):
+        return bytes(text).decode("utf-8", errors="replace")
+    return "" if text is None else str(text)

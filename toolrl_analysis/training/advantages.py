@@ -1,0 +1,130 @@
+"""The RL algorithm, top to bottom: advantages, the clipped policy loss, KL, entropy, loss aggregation.
+
+Shapes: `rewards` is [B] (one scalar per completion), everything per-token is [B, T] with a 0/1 `mask`
+over the completion tokens the policy produced. Conventions follow verl, the engine FTRL trained with,
+so that numbers mean the same thing here and there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+# -- advantages ------------------------------------------------------------------------------------
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, normalize_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO: each completion's reward minus its group's mean, divided by the group's std.
+
+    `normalize_std=False` is Dr.GRPO (no std division, which biases towards easy/hard groups otherwise).
+    A group of one has no baseline to compare against, so its advantage is 0, as is every member of a
+    group whose rewards are all equal (no learning signal).
+    """
+    rewards = rewards.float()
+    advantages = torch.zeros_like(rewards)
+    for group in torch.unique(group_ids):
+        members = group_ids == group
+        group_rewards = rewards[members]
+        if group_rewards.numel() < 2:
+            continue
+        centred = group_rewards - group_rewards.mean()
+        if normalize_std:
+            centred = centred / (group_rewards.std() + eps)  # unbiased std, as verl
+        advantages[members] = centred
+    return advantages
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, token_kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, gamma: float = 1.0
+) -> torch.Tensor:
+    """Reinforce++: the KL penalty is paid per token inside the return, then advantages are whitened over
+    the whole batch (not per group), which is what makes it a batch-normalised REINFORCE.
+
+    token_kl: per-token KL estimate of the policy to the reference ([B, T]).
+    """
+    token_rewards = -kl_coef * token_kl * mask
+    lengths = mask.sum(dim=1).long()
+    last = (lengths - 1).clamp(min=0)
+    rows = torch.arange(rewards.shape[0])
+    has_tokens = lengths > 0
+    token_rewards[rows[has_tokens], last[has_tokens]] += rewards.float()[has_tokens]
+    returns = torch.zeros_like(token_rewards)
+    running = torch.zeros(rewards.shape[0], dtype=token_rewards.dtype)
+    for t in reversed(range(token_rewards.shape[1])):
+        running = token_rewards[:, t] + gamma * running * mask[:, t]
+        returns[:, t] = running
+    return masked_whiten(returns, mask)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    count = mask.sum()
+    if count < 2:
+        return torch.zeros_like(values)
+    mean = (values * mask).sum() / count
+    variance = (((values - mean) * mask) ** 2).sum() / (count - 1)
+    return (values - mean) * torch.rsqrt(variance + eps) * mask
+
+
+# -- KL and entropy --------------------------------------------------------------------------------
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(policy || reference) per token, verl's `low_var_kl`.
+
+    k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased and low-variance; the log-ratio is clamped
+    to +-20 before exp and the result to [-clamp, clamp] so one outlier token cannot blow up the loss.
+    """
+    log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    kl = torch.exp(log_ratio) - log_ratio - 1.0
+    return kl.clamp(-clamp, clamp)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy of the categorical distribution given by `logits` ([B, T, V] -> [B, T])."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
+# -- aggregation and the policy loss ---------------------------------------------------------------
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """Reduce a per-token loss [B, T] to a scalar.
+
+    token-mean: every token weighs the same (long answers weigh more).
+    seq-mean-token-mean: every sequence weighs the same (original GRPO).
+    seq-mean-token-sum-norm: token sums divided by a constant horizon T (Dr.GRPO; no length bias).
+    """
+    mask = mask.to(loss.dtype)
+    if mode == "token-mean":
+        return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+    if mode == "seq-mean-token-mean":
+        per_sequence = (loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return per_sequence.mean()
+    if mode == "seq-mean-token-sum-norm":
+        return (loss * mask).sum() / (loss.shape[0] * loss.shape[1])
+    raise ValueError(f"unknown loss aggregation '{mode}' (choose from {', '.join(LOSS_AGGREGATIONS)})")
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    aggregation: str = "token-mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate. `advantages` is [B] (broadcast over tokens) or [B, T].
+
+    clip_eps_high > clip_eps is DAPO's clip-higher: low-probability tokens may grow further, which keeps
+    entropy from collapsing. Returns (loss, clip_fraction).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logprobs)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    clipped_tokens = (clipped > unclipped).to(logprobs.dtype)
+    clip_fraction = (clipped_tokens * mask).sum() / mask.sum().clamp(min=1.0)
+    return aggregate_loss(per_token, mask, aggregation), clip_fraction.detach()

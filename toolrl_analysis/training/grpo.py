@@ -1,0 +1,533 @@
+"""GRPO / Reinforce++ on tool-use environments, the FTRL recipe, readable top to bottom.
+
+One iteration:
+  1. play training environments with the current policy (temperature 1, up to 20 turns);
+  2. cut the episodes into per-step samples (history so far, remaining `unsolved_set`, `solve_rate`),
+     as FTRL's `data_sample.py` does;
+  3. sample G next-turn completions per sample and score each with the step reward (f1 by default);
+  4. take clipped policy-gradient steps on those completions (advantages from advantages.py).
+With `credit = "episode"` steps 2-3 are replaced by G whole episodes per environment scored by their
+episode Solve-F1; every assistant turn of an episode shares its advantage and tool output never enters
+the loss (it lives in the prompts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolrl_analysis.config import require
+from toolrl_analysis.envs.reward import REWARD_VARIANTS, step_reward
+from toolrl_analysis.envs.schema import EnvRecord
+from toolrl_analysis.envs.toolcalls import parse_tool_calls
+from toolrl_analysis.errors import UserError
+from toolrl_analysis.rollout import (
+    ModelPolicy,
+    decode_completion,
+    execute_calls,
+    generate,
+    pad_token_id_for,
+    run_episodes,
+    stop_token_ids,
+)
+from toolrl_analysis.training.advantages import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    clipped_policy_loss,
+    group_advantages,
+    k3_kl,
+    reinforce_pp_advantages,
+)
+from toolrl_analysis.training.sequences import completion_logprobs, pack_sequences
+
+
+@dataclass
+class GRPOConfig:
+    algo: str = "grpo"  # grpo | reinforce++
+    credit: str = "step"  # step (FTRL: per-turn samples, step reward) | episode (outcome reward)
+    iterations: int = 40
+    envs_per_iteration: int = 16
+    group_size: int = 8  # G completions per sample (or episodes per environment)
+    max_samples_per_iteration: int = 48
+    max_turns: int = 20
+    max_new_tokens: int = 96
+    max_prompt_tokens: int = 1536
+    temperature: float = 1.0
+    reward_variant: str = "f1"
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | warmup | cosine (cosine warms up first too)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    clip_eps: float = 0.2
+    clip_eps_high: float = 0.28
+    kl_coef: float = 0.001
+    kl_clamp: float = 10.0
+    entropy_coef: float = 0.001
+    loss_aggregation: str = "token-mean"
+    normalize_std: bool = True  # False: Dr.GRPO
+    ppo_epochs: int = 1
+    mini_batch_size: int = 64
+    generation_batch_size: int = 64
+    eval_every: int = 10
+    eval_envs: int = 64
+    save_every: int = 10
+    keep_last: int = 2
+    seed: int = 0
+    sandbox_workers: int = 2
+    threads: int = 0  # torch threads; 0 = torch's default
+
+    def validate(self) -> None:
+        require(self.algo in ("grpo", "reinforce++"), "algo", "must be 'grpo' or 'reinforce++'")
+        require(self.credit in ("step", "episode"), "credit", "must be 'step' or 'episode'")
+        require(self.reward_variant in REWARD_VARIANTS, "reward_variant", f"must be one of {REWARD_VARIANTS}")
+        require(self.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation", f"must be one of {LOSS_AGGREGATIONS}")
+        require(self.schedule in ("constant", "warmup", "cosine"), "schedule", "must be constant, warmup or cosine")
+        for key in ("iterations", "envs_per_iteration", "max_samples_per_iteration", "max_turns",
+                    "max_new_tokens", "max_prompt_tokens", "ppo_epochs", "mini_batch_size",
+                    "generation_batch_size", "keep_last", "sandbox_workers"):
+            require(getattr(self, key) >= 1, key, "must be at least 1")
+        require(self.group_size >= 2, "group_size", "must be at least 2 (a group of one has no baseline)")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        for key in ("weight_decay", "warmup_steps", "kl_coef", "entropy_coef", "eval_every", "save_every", "threads"):
+            require(getattr(self, key) >= 0, key, "must not be negative")
+        require(self.temperature > 0, "temperature", "must be positive (sampling)")
+        require(self.grad_clip > 0, "grad_clip", "must be positive")
+        require(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1)")
+        require(self.clip_eps_high >= self.clip_eps, "clip_eps_high", "must be at least clip_eps")
+        require(self.kl_clamp > 0, "kl_clamp", "must be positive")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class Sample:
+    """One policy-gradient sample: a prompt, one completion, its reward and group."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behaviour_logprobs: list[float]
+    reward: float
+    group: int  # samples of one group share a baseline
+    episode: int  # samples of one episode share one reward (all turns of it, in episode credit)
+
+
+# -- per-step samples (FTRL's data_sample.py) ------------------------------------------------------
+@dataclass
+class StepState:
+    record: EnvRecord
+    prompt_ids: list[int]
+    unsolved_set: dict[str, list[str]]
+    solve_rate: float
+
+
+def step_states(episodes) -> list[StepState]:
+    """Every state an episode passed through before an assistant turn: the history so far, what is
+    still unsolved, and the solved fraction."""
+    return [
+        StepState(episode.record, turn.prompt_ids, turn.unsolved_before, turn.solve_rate_before)
+        for episode in episodes
+        for turn in episode.turns
+    ]
+
+
+def score_completions(texts: list[str], states: list[StepState], sandbox, variant: str) -> list[float]:
+    """Step reward of each completion text in its state; all tool calls run in one concurrent batch."""
+    parsed = [parse_tool_calls(text) for text in texts]
+    results = execute_calls(sandbox, [state.record.codes for state in states], parsed)
+    return [
+        step_reward(
+            turn, [r.content for r in turn_results], state.unsolved_set, state.solve_rate,
+            state.record.answer, variant=variant,
+        ).score
+        for turn, turn_results, state in zip(parsed, results, states, strict=True)
+    ]
+
+
+def episode_group_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, episodes: torch.Tensor, normalize_std: bool
+) -> torch.Tensor:
+    """Group advantages computed over one reward per episode, then given to each of its samples, so an
+    episode with many turns does not weigh more in its group's mean and std."""
+    unique, inverse = torch.unique(episodes, return_inverse=True)
+    first = torch.stack([(episodes == key).nonzero()[0, 0] for key in unique])
+    per_episode = group_advantages(rewards[first], groups[first], normalize_std=normalize_std)
+    return per_episode[inverse]
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+class GRPOTrainer:
+    def __init__(
+        self,
+        config: GRPOConfig,
+        model: torch.nn.Module,
+        tokenizer,
+        train_records: Sequence[EnvRecord],
+        out_dir: str | Path,
+        sandbox,
+        eval_records: Sequence[EnvRecord] = (),
+        log: Callable[[str], None] = print,
+    ):
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.train_records, self.eval_records = list(train_records), list(eval_records)
+        self.out_dir, self.sandbox, self.log = Path(out_dir), sandbox, log
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.kl_coef > 0 else None
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.iteration = 0
+        self.stop_requested = False
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.pad_id = pad_token_id_for(tokenizer)
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.config
+        if c.schedule == "constant":
+            return 1.0
+        warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps > 0 else 1.0
+        if c.schedule == "warmup":
+            return warm
+        total = max(1, c.iterations * c.ppo_epochs * 4)  # rough update count; cosine decays towards 10%
+        progress = min(1.0, step / total)
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def _generator(self, salt: int) -> torch.Generator:
+        # Every random draw derives from (seed, iteration): a resumed run replays an uninterrupted one.
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.iteration * 101 + salt)
+
+    def _iteration_records(self) -> list[EnvRecord]:
+        rng = np.random.default_rng([self.config.seed, self.iteration])
+        count = min(self.config.envs_per_iteration, len(self.train_records))
+        return [self.train_records[i] for i in rng.choice(len(self.train_records), count, replace=False)]
+
+    def _policy(self, salt: int) -> ModelPolicy:
+        c = self.config
+        return ModelPolicy(
+            self.model, self.tokenizer, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+            batch_size=c.generation_batch_size, generator=self._generator(salt),
+        )
+
+    def collect_step_samples(self) -> tuple[list[Sample], dict[str, float]]:
+        c = self.config
+        episodes = run_episodes(
+            self._policy(1), self._iteration_records(), self.sandbox,
+            max_turns=c.max_turns, max_prompt_tokens=c.max_prompt_tokens, reward_variant=c.reward_variant,
+        )
+        states = step_states(episodes)
+        rng = random.Random(f"{c.seed}-{self.iteration}")
+        if len(states) > c.max_samples_per_iteration:
+            states = rng.sample(states, c.max_samples_per_iteration)
+        prompts = [state.prompt_ids for state in states for _ in range(c.group_size)]
+        completions = []
+        generator = self._generator(2)
+        for start in range(0, len(prompts), c.generation_batch_size):
+            completions += generate(
+                self.model, prompts[start : start + c.generation_batch_size],
+                max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                eos_token_ids=self.stop_ids, pad_token_id=self.pad_id, generator=generator,
+            )
+        texts = [decode_completion(self.tokenizer, comp.ids, self.stop_ids) for comp in completions]
+        expanded_states = [state for state in states for _ in range(c.group_size)]
+        rewards = score_completions(texts, expanded_states, self.sandbox, c.reward_variant)
+        samples = [
+            Sample(prompt, comp.ids, comp.logprobs, reward, index // c.group_size, index)
+            for index, (prompt, comp, reward) in enumerate(zip(prompts, completions, rewards, strict=True))
+        ]
+        rollout_f1 = float(np.mean([e.metrics()["solve_f1"] for e in episodes])) if episodes else 0.0
+        return samples, {"rollout_solve_f1": rollout_f1, "step_states": len(states)}
+
+    def collect_episode_samples(self) -> tuple[list[Sample], dict[str, float]]:
+        c = self.config
+        records = self._iteration_records()
+        repeated = [record for record in records for _ in range(c.group_size)]
+        episodes = run_episodes(
+            self._policy(1), repeated, self.sandbox,
+            max_turns=c.max_turns, max_prompt_tokens=c.max_prompt_tokens, reward_variant=c.reward_variant,
+        )
+        samples = []
+        for index, episode in enumerate(episodes):
+            reward = episode.metrics()["solve_f1"]
+            for turn in episode.turns:
+                samples.append(
+                    Sample(turn.prompt_ids, turn.completion_ids, turn.logprobs, reward, index // c.group_size, index)
+                )
+        f1 = float(np.mean([e.metrics()["solve_f1"] for e in episodes])) if episodes else 0.0
+        return samples, {"rollout_solve_f1": f1, "step_states": len(samples)}
+
+    # -- the update --------------------------------------------------------------------------------
+    def update(self, samples: list[Sample]) -> dict[str, float]:
+        c = self.config
+        rewards = torch.tensor([s.reward for s in samples])
+        groups = torch.tensor([s.group for s in samples])
+        episodes = torch.tensor([s.episode for s in samples])
+        batch = pack_sequences(
+            [s.prompt_ids for s in samples], [s.completion_ids for s in samples], self.pad_id
+        )
+        mask = batch.completion_mask
+        old_logprobs = torch.zeros_like(mask)
+        for row, sample in enumerate(samples):
+            old_logprobs[row, : len(sample.behaviour_logprobs)] = torch.tensor(sample.behaviour_logprobs)
+        ref_logprobs = self._reference_logprobs(batch) if self.reference is not None else None
+
+        if c.algo == "grpo":
+            advantages = episode_group_advantages(rewards, groups, episodes, c.normalize_std)[:, None] * mask
+        else:
+            token_kl = (old_logprobs - ref_logprobs) if ref_logprobs is not None else torch.zeros_like(mask)
+            advantages = reinforce_pp_advantages(rewards, token_kl, mask, kl_coef=c.kl_coef)
+
+        stats: dict[str, list[float]] = {k: [] for k in ("loss", "kl", "entropy", "clip_fraction", "grad_norm")}
+        order_rng = torch.Generator().manual_seed(c.seed * 7919 + self.iteration)
+        self.model.train()
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(len(samples), generator=order_rng)
+            for start in range(0, len(samples), c.mini_batch_size):
+                index = order[start : start + c.mini_batch_size]
+                sub = _select(batch, index)
+                logprobs, entropy = completion_logprobs(self.model, sub, with_entropy=True)
+                sub_mask = sub.completion_mask
+                pg_loss, clip_fraction = clipped_policy_loss(
+                    logprobs, old_logprobs[index], advantages[index], sub_mask,
+                    clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, aggregation=c.loss_aggregation,
+                )
+                entropy_mean = aggregate_loss(entropy, sub_mask, c.loss_aggregation)
+                loss = pg_loss - c.entropy_coef * entropy_mean
+                kl_value = torch.zeros(())
+                if ref_logprobs is not None:
+                    kl_value = aggregate_loss(
+                        k3_kl(logprobs, ref_logprobs[index], clamp=c.kl_clamp), sub_mask, c.loss_aggregation
+                    )
+                    if c.algo == "grpo":  # Reinforce++ pays its KL inside the return instead
+                        loss = loss + c.kl_coef * kl_value
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at iteration {self.iteration}; stopped, last good "
+                        f"checkpoint kept in {self.out_dir / 'checkpoints'}"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingDiverged(
+                        f"gradient norm became {grad_norm.item()} at iteration {self.iteration}; stopped, "
+                        f"last good checkpoint kept in {self.out_dir / 'checkpoints'}"
+                    )
+                self.optimizer.step()
+                self.scheduler.step()
+                stats["loss"].append(loss.item())
+                stats["kl"].append(kl_value.item())
+                stats["entropy"].append(entropy_mean.item())
+                stats["clip_fraction"].append(clip_fraction.item())
+                stats["grad_norm"].append(grad_norm.item())
+        summary = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+        spreads = [rewards[groups == g] for g in torch.unique(groups)]
+        summary.update(
+            reward_mean=rewards.mean().item(),
+            reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
+            zero_spread_groups=float(np.mean([float(r.max() == r.min()) for r in spreads])),
+            samples=len(samples),
+            tokens=int(mask.sum().item()),
+            lr=self.scheduler.get_last_lr()[0],
+        )
+        return summary
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch) -> torch.Tensor:
+        out = torch.zeros_like(batch.completion_mask)
+        for start in range(0, len(batch), self.config.mini_batch_size):
+            index = torch.arange(start, min(len(batch), start + self.config.mini_batch_size))
+            out[index] = completion_logprobs(self.reference, _select(batch, index))[0]
+        return out
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Atomic: written to a temporary name, then renamed. Keeps the newest `keep_last`."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"iter-{self.iteration:06d}.pt"
+        state = {
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": json.dumps(asdict(self.config)),
+        }
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+        for old in sorted(self.checkpoint_dir.glob("iter-*.pt"))[: -self.config.keep_last]:
+            old.unlink()
+        return path
+
+    def load_latest_checkpoint(self) -> bool:
+        checkpoints = sorted(self.checkpoint_dir.glob("iter-*.pt"))
+        if not checkpoints:
+            return False
+        state = torch.load(checkpoints[-1], weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.iteration = int(state["iteration"])
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def evaluate_slice(self) -> float:
+        from toolrl_analysis.evaluate import episode_table, evaluate_tool_use, summarize_tool_use
+
+        episodes = evaluate_tool_use(
+            self.model, self.tokenizer, self.eval_records, sandbox=self.sandbox,
+            max_turns=self.config.max_turns, max_new_tokens=self.config.max_new_tokens,
+            max_prompt_tokens=self.config.max_prompt_tokens, batch_size=self.config.generation_batch_size,
+        )
+        summary = summarize_tool_use(episode_table(episodes))
+        return float(summary.loc[summary["scenario"] == "overall", "solve_f1"].iloc[0])
+
+    def train(self, resume: bool = False, on_iteration: Callable[[dict[str, Any]], None] | None = None) -> list[dict]:
+        c = self.config
+        if resume and self.load_latest_checkpoint():
+            self.log(f"resumed from iteration {self.iteration}")
+        metrics_path = self.out_dir / "metrics.jsonl"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and metrics_path.exists():
+            metrics_path.unlink()
+        history = []
+        with _sigint_sets_flag(self):
+            while self.iteration < c.iterations and not self.stop_requested:
+                started = time.perf_counter()
+                collect = self.collect_episode_samples if c.credit == "episode" else self.collect_step_samples
+                samples, rollout_stats = collect()
+                sampled = time.perf_counter()
+                if not samples:
+                    raise TrainingDiverged(f"iteration {self.iteration} produced no samples")
+                update_stats = self.update(samples)
+                updated = time.perf_counter()
+                self.iteration += 1
+                row = {"iteration": self.iteration, **rollout_stats, **update_stats,
+                       "sample_seconds": sampled - started, "update_seconds": updated - sampled,
+                       "samples_per_second": len(samples) / (updated - started),
+                       "tokens_per_second": update_stats["tokens"] / (updated - started)}
+                if self.eval_records and c.eval_every and self.iteration % c.eval_every == 0:
+                    row["heldout_solve_f1"] = self.evaluate_slice()
+                if c.save_every and (self.iteration % c.save_every == 0 or self.iteration == c.iterations):
+                    self.save_checkpoint()
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                history.append(row)
+                if on_iteration is not None:
+                    on_iteration(row)
+            if self.stop_requested:
+                self.save_checkpoint()
+                self.log(f"interrupted: saved iteration {self.iteration} to {self.checkpoint_dir}")
+        return history
+
+
+@contextlib.contextmanager
+def _sigint_sets_flag(trainer: GRPOTrainer):
+    """Ctrl-C finishes the current iteration, saves, and returns instead of dying mid-write."""
+    def handler(signum, frame):
+        trainer.stop_requested = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not in the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _select(batch, index: torch.Tensor):
+    from toolrl_analysis.training.sequences import SequenceBatch
+
+    return SequenceBatch(
+        input_ids=batch.input_ids[index], attention_mask=batch.attention_mask[index],
+        position_ids=batch.position_ids[index], completion_mask=batch.completion_mask[index],
+        prompt_length=batch.prompt_length,
+    )
+
+
+# -- the command ---------------------------------------------------------------------------------------
+def balanced_slice(records: Sequence[EnvRecord], count: int) -> list[EnvRecord]:
+    """The first `count` records taken round-robin over scenarios: a fixed, balanced held-out slice."""
+    by_scenario: dict[str, list[EnvRecord]] = {}
+    for record in records:
+        by_scenario.setdefault(record.scenario, []).append(record)
+    out: list[EnvRecord] = []
+    queues = [list(v) for _, v in sorted(by_scenario.items())]
+    while len(out) < count and any(queues):
+        for queue in queues:
+            if queue and len(out) < count:
+                out.append(queue.pop(0))
+    return out
+
+
+def resolve_policy_path(path: str | Path) -> Path:
+    """A run directory (holding trained.pt or base.pt), a .pt file, or an HF model directory."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").exists():
+        for name in ("trained.pt", "base.pt"):
+            if (path / name).exists():
+                return path / name
+    return path
+
+
+def train_grpo(
+    envs_dir: str | Path,
+    init: str | Path,
+    out_dir: str | Path,
+    config: GRPOConfig,
+    resume: bool = False,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Load the environments and the initial policy, train, and write `trained.pt` plus an HF directory."""
+    import pandas as pd
+
+    from toolrl_analysis.envs.sandbox import Sandbox
+    from toolrl_analysis.envs.schema import read_envs
+    from toolrl_analysis.errors import EnvFormatError
+    from toolrl_analysis.models.checkpoint import load_policy, save_hf_dir, save_policy
+
+    envs_dir, out_dir = Path(envs_dir), Path(out_dir)
+    train_path = envs_dir / "train.jsonl" if envs_dir.is_dir() else envs_dir
+    if not train_path.exists():
+        raise EnvFormatError(f"no training environments at {train_path}")
+    train_records = read_envs(train_path)
+    test_path = envs_dir / "test.jsonl"
+    eval_records = balanced_slice(read_envs(test_path), config.eval_envs) if test_path.exists() else []
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_policy(resolve_policy_path(init))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    with Sandbox(workers=config.sandbox_workers) as sandbox:
+        trainer = GRPOTrainer(config, model, tokenizer, train_records, out_dir, sandbox, eval_records, log=log)
+        history = trainer.train(resume=resume, on_iteration=on_iteration)
+    save_policy(model, tokenizer, out_dir / "trained.pt")
+    save_hf_dir(model, tokenizer, out_dir / "hf")
+    if history or (out_dir / "metrics.jsonl").exists():
+        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
+        pd.DataFrame(rows).to_csv(out_dir / "metrics.csv", index=False)
+    return {"out": str(out_dir), "iterations": trainer.iteration, "history": history,
+            "interrupted": trainer.stop_requested}

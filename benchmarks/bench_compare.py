@@ -90,9 +90,10 @@ def write_pair(
 
     def noise(tensor_shape) -> torch.Tensor:
         numel = math.prod(tensor_shape)
-        offset = int(torch.randint(0, pool.numel(), (), generator=generator))
-        rolled = torch.cat([pool[offset:], pool[:offset]])
-        return rolled.repeat(math.ceil(numel / pool.numel()))[:numel].view(tensor_shape)
+        if numel > pool.numel():
+            return pool.repeat(math.ceil(numel / pool.numel()))[:numel].view(tensor_shape)
+        offset = int(torch.randint(0, pool.numel() - numel + 1, (), generator=generator))
+        return pool[offset : offset + numel].view(tensor_shape)
 
     dirs = {side: root / f"{dtype_name}-{side}" for side in ("base", "trained")}
     for d in dirs.values():
@@ -189,11 +190,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker_streaming(base: str, trained: str) -> dict:
+def worker_streaming(base: str, trained: str, workers: int | None = None) -> dict:
     from toolrl_analysis.analysis.diff import compare_checkpoints
 
     started = time.perf_counter()
-    comparison = compare_checkpoints(base, trained)
+    comparison = compare_checkpoints(base, trained, workers=workers)
     elapsed = time.perf_counter() - started
     return {
         "seconds": elapsed,
@@ -257,8 +258,8 @@ def worker_read_only(base: str, trained: str) -> dict:
 
 
 def worker_compute_only(numel: int, dtype_name: str) -> dict:
-    """The per-chunk arithmetic (conversion to float32 and all metrics) on chunks already in memory,
-    spread over the same worker threads as the streaming diff, torch single-threaded in each."""
+    """The per-chunk arithmetic (conversion to float32 and all metrics) on chunks already in memory, with
+    the streaming diff's default threading (torch single-threaded in each thread)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -273,7 +274,7 @@ def worker_compute_only(numel: int, dtype_name: str) -> dict:
 
     dtype = getattr(torch, DTYPES[dtype_name])
     chunk = DEFAULT_CHUNK_ELEMENTS
-    workers = default_workers()
+    threads = max(1, default_workers())
     base = (torch.randn(chunk) * 0.02).to(dtype)
     trained = (base.float() + torch.randn(chunk) * 1e-4).to(dtype)
     chunks = max(1, numel // chunk)
@@ -288,9 +289,13 @@ def worker_compute_only(numel: int, dtype_name: str) -> dict:
             )
 
     started = time.perf_counter()
-    with _torch_threads(1), ThreadPoolExecutor(workers) as pool:
-        list(pool.map(run, [chunks // workers + (i < chunks % workers) for i in range(workers)]))
-    return {"seconds": time.perf_counter() - started, "workers": workers}
+    with _torch_threads(1):
+        if threads == 1:
+            run(chunks)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(run, [chunks // threads + (i < chunks % threads) for i in range(threads)]))
+    return {"seconds": time.perf_counter() - started, "threads": threads}
 
 
 def worker_memcpy(nbytes: int) -> dict:
@@ -308,6 +313,7 @@ def worker_memcpy(nbytes: int) -> dict:
 
 WORKERS = {
     "streaming": worker_streaming,
+    "streaming-2-threads": lambda base, trained: worker_streaming(base, trained, workers=2),
     "naive": worker_naive,
     "read-only": worker_read_only,
     "compute-only": worker_compute_only,
@@ -318,13 +324,12 @@ WORKERS = {
 def run_worker(kind: str, *args) -> dict:
     """Run one measurement in a fresh interpreter; it reports wall time and its own peak RSS."""
     command = [sys.executable, __file__, "--worker", kind, *map(str, args)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"worker {kind} failed:\n{done.stderr}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["cpu_seconds"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    # Cross-check of the child's own VmHWM: the kernel's record of the largest child so far.
+    result["children_max_rss"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return result
 
 
@@ -339,7 +344,7 @@ def measure(pair: dict, dtype_name: str, repeats: int) -> dict:
     evict_cache(files)
     results["cold-read"] = run_worker("read-only", pair["base"], pair["trained"])
     warm_cache(files)
-    for kind in ("streaming", "naive", "read-only"):
+    for kind in ("streaming", "streaming-2-threads", "naive", "read-only"):
         runs = [run_worker(kind, pair["base"], pair["trained"]) for _ in range(repeats)]
         best = min(runs, key=lambda r: r["seconds"])
         best["peak_rss"] = max(r["peak_rss"] for r in runs)
@@ -360,11 +365,13 @@ def print_report(dtype_name: str, pair: dict, results: dict) -> None:
         f"\n== {dtype_name}: 2 x {pair['bytes_per_checkpoint'] / gb:.2f} GB, {pair['n_tensors']} tensors, "
         f"{pair['layers']} layers, {pair['shards']} shards; largest tensor {pair['largest_tensor_bytes'] / 2**20:.0f} MiB"
     )
-    print(f"{'':14}{'wall s':>9}{'input GB/s':>12}{'peak RSS MiB':>14}{'CPU s':>8}")
-    for name in ("streaming", "naive"):
+    # GB per CPU-second does not depend on how many cores other processes leave us.
+    print(f"{'':20}{'wall s':>9}{'input GB/s':>12}{'peak RSS MiB':>14}{'CPU s':>8}{'GB/CPU-s':>10}")
+    for name in ("streaming", "streaming-2-threads", "naive"):
         r = results[name]
         print(
-            f"{name:14}{r['seconds']:9.2f}{r['gb_per_s']:12.2f}{r['peak_rss'] / 2**20:14.0f}{r['cpu_seconds']:8.2f}"
+            f"{name:20}{r['seconds']:9.2f}{r['gb_per_s']:12.2f}{r['peak_rss'] / 2**20:14.0f}"
+            f"{r['cpu_seconds']:8.2f}{input_bytes / gb / r['cpu_seconds']:10.2f}"
         )
     print(
         f"speed-up streaming vs naive: {naive['seconds'] / streaming['seconds']:.2f}x;  "
@@ -384,7 +391,7 @@ def print_report(dtype_name: str, pair: dict, results: dict) -> None:
         ("memcpy", "plain memory copy"),
     ):
         r = results[name]
-        print(f"  {label:34}{r['seconds']:7.2f} s {r['gb_per_s']:8.2f} GB/s")
+        print(f"  {label:34}{r['seconds']:7.2f} s {r['gb_per_s']:8.2f} GB/s   CPU {r['cpu_seconds']:6.2f} s")
     parts = results["read-only"]["seconds"] + results["compute-only"]["seconds"]
     print(
         f"  read + arithmetic = {parts:.2f} s vs streaming {streaming['seconds']:.2f} s "
@@ -410,14 +417,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         kind, *rest = args.worker
         values = [int(v) if v.isdigit() else v for v in rest]
+        # Imports first, so that the CPU count below is the measured work's alone.
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
+
+        import toolrl_analysis.analysis.diff  # noqa: F401
+
+        cpu_started = time.process_time()
         result = WORKERS[kind](*values)
+        # CPU of the measured work only (all threads), not of starting Python and importing torch.
+        result["cpu_seconds"] = time.process_time() - cpu_started
         result["peak_rss"] = peak_rss_bytes()
         print(json.dumps(result))
         return 0
 
+    import signal
+
     import torch
 
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+    # Turn SIGTERM into SystemExit so that the finally clause below removes the temporary checkpoints.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    load = os.getloadavg()
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other processes share these CPUs)"
+    )
     root = Path(tempfile.mkdtemp(prefix="bench_compare_", dir=args.tmp))
     try:
         for dtype_name in ("bf16", "fp32") if args.dtype == "both" else (args.dtype,):

@@ -7,6 +7,9 @@ Qwen2 whose tokenizer is trained on those environments. Greedy decoding makes th
 produce the same tokens, so their token counts match and the ratio compares equal work. Times include
 prompt rendering, tool execution in the sandbox and reward computation; `generate_only` times the first
 turn's batched generation alone.
+
+On a busy machine pass `--threads 1`: with more torch threads than free cores, small decode steps spend
+their time waiting for each other (we measured a tenfold slowdown on 2 loaded cores).
 """
 
 from __future__ import annotations

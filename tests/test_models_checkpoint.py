@@ -58,8 +58,10 @@ def test_hf_directory_round_trip(tokenizer, tmp_path, family):
 
 def test_policy_file_is_plain_data(tokenizer, tmp_path):
     model = build_model("tiny", "qwen2", tokenizer=tokenizer)
-    payload = torch.load(save_policy(model, tokenizer, tmp_path / "p.pt"), weights_only=True)
-    assert payload["format"] == POLICY_FORMAT
+    payload = torch.load(
+        save_policy(model, tokenizer, tmp_path / "p.pt", extra={"step": 7}), weights_only=True
+    )
+    assert payload["format"] == POLICY_FORMAT and payload["step"] == 7
     assert json.loads(json.dumps(payload["config"]))["model_type"] == "qwen2"
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(payload["tokenizer"])
     assert all(isinstance(text, str) for text in payload["tokenizer"].values())

@@ -330,3 +330,54 @@ def test_sampling_is_reproducible_with_a_generator(tokenizer):
 
     assert sample(0) == sample(0)
     assert len({tuple(ids) for ids in sample(0)}) > 1  # the four rows are sampled independently
+
+
+def test_golden_calls_on_generated_environments_solve_everything(tokenizer, sandbox):
+    """The pipeline's golden turns, replayed through the rollout loop, solve every sub-question at every hop."""
+    from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets
+    from toolrl_analysis.envs.toolcalls import ToolCall, format_tool_calls
+
+    records = build_envsets(EnvBuildConfig(seed=3, train_size=0, test_per_scenario=2)).test
+
+    def golden(request):
+        record = records[request.episode_index]
+        subquestions = {sub["id"]: sub for sub in record.meta["subquestions"]}
+        turns = record.meta["golden_turns"]
+        if request.turn_index < len(turns):
+            calls = [
+                ToolCall(subquestions[i]["tool"], subquestions[i]["arguments"])
+                for i in turns[request.turn_index]
+            ]
+            return format_tool_calls(calls)
+        return f"The answer is {record.answer}."
+
+    episodes = run_episodes(ScriptedPolicy(tokenizer, golden), records, sandbox)
+    assert all(e.metrics() == {"solve_p": 1.0, "solve_r": 1.0, "solve_f1": 1.0} for e in episodes)
+    assert all(e.turns[-1].reward.case == "answer" and e.stop_reason == STOP_NO_CALL for e in episodes)
+    hops = hop_breakdown(episodes)
+    assert not hops.empty and (hops["solved_fraction"] == 1.0).all()
+    assert hops[hops["scenario"] == "overall"]["subquestions"].sum() == sum(
+        e.n_subquestions for e in episodes if "multi_hop" in e.scenario
+    )
+
+
+def test_execute_calls_keeps_order_across_turns_and_answers_unknown_names(records, sandbox):
+    from toolrl_analysis.envs.toolcalls import parse_tool_calls
+    from toolrl_analysis.rollout import execute_calls
+
+    parsed = [
+        parse_tool_calls(
+            _call("author_of", book="1984")
+            + _call("no_such_tool")
+            + _call("birth_year", person="Jane Austen")
+        ),
+        parse_tool_calls("no calls here"),
+        parse_tool_calls(_call("capital_lookup", country="Spain")),
+    ]
+    results = execute_calls(sandbox, [records[1].codes, records[0].codes, records[0].codes], parsed)
+    assert [[r.content for r in turn] for turn in results] == [
+        ["George Orwell", "an error occured when call no_such_tool: 'no_such_tool'", "1775"],
+        [],
+        ['{"country": "Spain", "capital": "Madrid"}'],
+    ]
+    assert results[0][1].error == "not_defined"

@@ -49,12 +49,15 @@ def worker_pids(sandbox: Sandbox) -> set[int]:
     return {w.pid for w in sandbox._pool.workers}
 
 
-def assert_nothing_stray(sandbox: Sandbox) -> None:
-    """Our only descendants are the sandbox's live workers: no grandchildren, no zombies."""
+def assert_nothing_stray(sandbox: Sandbox, before: set[int]) -> None:
+    """Since `before`, no process appeared but the sandbox's own (replacement) workers; they have no children
+    and none of them is a zombie. (Other tests' sandboxes may live in this process too, hence `before`.)"""
     table = process_table()
-    mine = descendants(os.getpid())
-    assert mine <= worker_pids(sandbox), f"stray processes: {mine - worker_pids(sandbox)}"
-    assert not [pid for pid in mine if table[pid][1] == "Z"], "zombie workers"
+    workers = worker_pids(sandbox)
+    new = descendants(os.getpid()) - before - workers
+    assert not new, f"stray processes: {new}"
+    assert not set().union(*(descendants(pid) for pid in workers)), "the workers have children"
+    assert not [pid for pid in workers if table[pid][1] == "Z"], "zombie workers"
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +289,55 @@ ESCAPES = {
                 return r.setrlimit(r.RLIMIT_AS, (-1, -1))
         raise PermissionError("sandbox: no route to resource")
         """,
+    "escape_audit_with_a_str_subclass": f"""
+        class Sneaky(str):
+            def __eq__(self, other):
+                return str.__eq__(self, other)
+            __hash__ = str.__hash__
+        for cls in {_SUBCLASSES}:
+            g = getattr(cls.__init__, "__globals__", None)
+            if g and "sys" in g:
+                return g["sys"].audit(Sneaky("open"), "{{marker}}", "w", 577)
+        """,
+    # Tool code that gets the hook's exception class or its frame must not be able to change what it does.
+    "tamper_with_the_refusal_class": """
+        try:
+            open("{marker}", "w")
+        except PermissionError as refusal:
+            type(refusal).__init__ = lambda self, *args: None  # a built-in class: TypeError
+        """,
+    "tamper_with_the_guarded_import": f"""
+        for cls in {_SUBCLASSES}:
+            if cls.__name__ == "catch_warnings":
+                __builtins__["__import__"] = cls()._module.__builtins__["__import__"]
+        import socket
+        return socket.create_connection(("127.0.0.1", {{port}}))
+        """,
+    "walk_the_traceback_into_the_hook": """
+        try:
+            open("{marker}", "w")
+        except PermissionError as refusal:
+            tb = refusal.__traceback__
+            while tb.tb_next:
+                tb = tb.tb_next
+            return tb.tb_frame.f_locals
+        """,
+    "pathlike_that_changes_its_answer": """
+        class Shifty:
+            calls = 0
+            def __fspath__(self):
+                Shifty.calls += 1
+                return "inside.txt" if Shifty.calls == 1 else "{marker}"
+        open(Shifty(), "w").write("x")  # open asks once, and the hook sees that answer
+        raise RuntimeError("wrote inside.txt, in scratch")
+        """,
 }
 for _name, _body in ESCAPES.items():
     HOSTILE[_name] = (tool(_body), {"forbidden"})
+HOSTILE["pathlike_that_changes_its_answer"] = (
+    tool(ESCAPES["pathlike_that_changes_its_answer"]),
+    {"exception"},
+)
 
 
 @pytest.fixture
@@ -309,6 +358,7 @@ def test_hostile_code_is_contained(sandbox, case, tmp_path, listener):
     code = template.replace("{marker}", str(marker)).replace("{victim}", str(victim))
     code = code.replace("{port}", str(listener.getsockname()[1])).replace("{{}}", "{}")
 
+    before = descendants(os.getpid())
     start = time.monotonic()
     result = sandbox.call(code, "f", {})
     elapsed = time.monotonic() - start
@@ -325,7 +375,7 @@ def test_hostile_code_is_contained(sandbox, case, tmp_path, listener):
         listener.accept()
     # ... nothing was left behind, and the sandbox still works.
     assert sandbox.call(tool("return 'still fine'"), "f", {}).content == "still fine"
-    assert_nothing_stray(sandbox)
+    assert_nothing_stray(sandbox, before)
 
 
 def test_forged_replies_do_not_confuse_the_parent(sandbox):
@@ -348,20 +398,34 @@ def test_forged_replies_do_not_confuse_the_parent(sandbox):
     assert sandbox.call(tool("return 'ok'"), "f", {}).content == "ok"
 
 
-def test_tampering_with_shared_modules_does_not_break_the_worker(sandbox):
-    tamper = tool("import os, json\nos.write = os.read = None\njson.dumps = json.loads = None\nreturn 'done'")
-    assert [r.content for r in sandbox.call_many([(tamper, "f", {})] * 2)] == ["done", "done"]
-    assert sandbox.call(tool("return {'a': 1}"), "f", {}).content == '{"a": 1}'
+def test_tampering_with_shared_modules_does_not_break_the_worker():
+    tamper = tool(
+        f"""
+        import os, json
+        os.write = os.read = None
+        json.dumps = json.loads = None
+        for cls in {_SUBCLASSES}:
+            if cls.__name__ == "catch_warnings":
+                __builtins__["__import__"] = cls()._module.__builtins__["__import__"]
+        return "done"
+        """
+    )
+    with Sandbox(workers=1, timeout=TIMEOUT) as box:  # its own: the module changes stay in the worker
+        assert [r.content for r in box.call_many([(tamper, "f", {})] * 2)] == ["done", "done"]
+        assert box.call(tool("return {'a': 1}"), "f", {}).content == '{"a": 1}'
+        # Each call gets a fresh copy of the guarded builtins: the importer swap did not outlive its call.
+        assert box.call(tool("import sys"), "f", {}).error == "forbidden"
 
 
 # -- limits, lifecycle ------------------------------------------------------------------------------------------
 def test_cpu_limit_stops_a_busy_tool_before_the_wall_clock():
-    with Sandbox(workers=1, timeout=20, cpu_seconds=1) as box:
+    with Sandbox(workers=1, timeout=60, cpu_seconds=1) as box:
         box.call(tool("return 0"), "f", {})
         start = time.monotonic()
         result = box.call(tool("while True:\n    pass"), "f", {})
+        # ~2 CPU seconds (the budget starts from the next whole second); on a loaded machine more wall time.
         assert result.error == "timeout" and "CPU time limit" in result.content
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < 30
         assert box.call(tool("return 1"), "f", {}).content == "1"
 
 
@@ -395,6 +459,23 @@ def test_context_manager_and_pool_replacement():
         assert box.call(tool("return 2"), "f", {}).content == "2"
         assert worker_pids(box) and worker_pids(box) != first
     assert not (worker_pids(box) & set(process_table()))
+
+
+def test_files_in_scratch_are_size_limited(sandbox):
+    result = sandbox.call(tool("open('big.bin', 'wb').write(b'x' * (65 * 2**20))"), "f", {})
+    assert result.error == "exception" and "File too large" in result.content
+
+
+def test_a_worker_that_cannot_start_is_reported(monkeypatch):
+    from toolrl_analysis.envs import sandbox as sandbox_module
+
+    broken = "import sys; sys.stderr.write('the worker cannot start\\n'); sys.exit(3)"
+    monkeypatch.setattr(sandbox_module, "_BOOTSTRAP", broken)
+    with Sandbox(workers=1, timeout=TIMEOUT) as box:
+        with pytest.raises(RuntimeError, match="failed to start .*the worker cannot start"):
+            box.call(tool("return 1"), "f", {})
+        scratch = Path(box._pool.scratch)
+    assert not scratch.exists()
 
 
 @pytest.mark.parametrize(

@@ -112,12 +112,64 @@ def _cmd_envs_export(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 # models, training, evaluation
 # ---------------------------------------------------------------------------------------------
+def _config_path(given: str | None, default: str) -> str | None:
+    """The repository's default config if present; elsewhere the dataclass defaults (same values)."""
+    from pathlib import Path
+
+    if given is not None:
+        return given
+    return default if Path(default).is_file() else None
+
+
 def _cmd_train_base(args: argparse.Namespace) -> None:
-    raise UserError("train-base is not available yet")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from toolrl_analysis.config import load_config
+    from toolrl_analysis.training.sft import SFTConfig, train_base
+
+    config = load_config(SFTConfig, _config_path(args.config, "training/base.toml"), args.set)
+    columns = (TextColumn("warm-up {task.fields[loss]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=progress_console(), transient=True) as progress:
+        task = progress.add_task("sft", total=config.steps, loss="")
+        summary = train_base(
+            args.envs, args.out, config,
+            on_step=lambda step, loss: progress.update(task, completed=step, loss=f"loss {loss:.3f}"),
+            log=lambda line: progress.console.print(line),
+        )
+    emit(args, summary, lambda: console().print(
+        f"base written to {summary['out']}/base.pt and {summary['out']}/hf "
+        f"({summary['parameters']:,} parameters, {summary['steps']} steps, loss "
+        f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, {summary['seconds']:.0f}s)"
+    ))
 
 
 def _cmd_train_grpo(args: argparse.Namespace) -> None:
-    raise UserError("train-grpo is not available yet")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from toolrl_analysis.config import load_config
+    from toolrl_analysis.training.grpo import GRPOConfig, train_grpo
+
+    overrides = list(args.set) + ([f"algo={args.algo}"] if args.algo else [])
+    config = load_config(GRPOConfig, _config_path(args.config, "training/grpo.toml"), overrides)
+    columns = (TextColumn(f"{config.algo} {{task.fields[status]}}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=progress_console(), transient=True) as progress:
+        task = progress.add_task("rl", total=config.iterations, status="")
+
+        def on_iteration(row: dict[str, Any]) -> None:
+            status = f"reward {row['reward_mean']:.3f}"
+            if "heldout_solve_f1" in row:
+                status += f" held-out F1 {row['heldout_solve_f1']:.3f}"
+            progress.update(task, completed=row["iteration"], status=status)
+
+        summary = train_grpo(args.envs, args.init, args.out, config, resume=args.resume,
+                             on_iteration=on_iteration, log=lambda line: progress.console.print(line))
+    document = {k: v for k, v in summary.items() if k != "history"} | {"metrics": summary["history"]}
+    emit(args, document, lambda: console().print(
+        f"{config.algo}: {summary['iterations']} iterations; trained policy in {summary['out']}/trained.pt "
+        f"and {summary['out']}/hf; metrics in {summary['out']}/metrics.csv"
+        + (" (interrupted; resume with --resume)" if summary["interrupted"] else "")
+    ))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -162,6 +214,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
     from toolrl_analysis.analysis.diff import compare_checkpoints, render_comparison
 
+    if args.top < 1 or args.top_k < 1:
+        raise UserError("--top and --top-k must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise UserError("--workers must be 0 or more")
     stderr = progress_console()
     with Progress(
         TextColumn("tensors"),
@@ -185,6 +241,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             allow_missing=args.allow_missing,
             lora_base=args.lora_base,
             top_k=args.top_k,
+            workers=args.workers,
             progress=on_tensor,
         )
     if args.out:
@@ -280,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-base", default=None, help="base weights for a PEFT adapter directory")
     p.add_argument("--top", type=int, default=15, help="rows in the most-changed table")
     p.add_argument("--top-k", type=int, default=8, help="singular values tracked with --spectral")
+    p.add_argument("--workers", type=int, default=None, help="arithmetic threads (0: in the main thread)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("ablate", parents=[common], help="revert/transplant subsets of the update, re-evaluate")

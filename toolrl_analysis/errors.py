@@ -19,3 +19,7 @@ class SelectorError(UserError):
 
 class ConfigError(UserError):
     """A configuration key that is unknown or out of range; the message names the key."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or Inf; training stops and the last good checkpoint is kept."""

@@ -10,7 +10,8 @@ pooled over the whole set for `overall`.
 
 The general suite stands in for the paper's MMLU/BBH/GSM8K: mean token cross-entropy (and perplexity) on
 held-out general text, and exact-match accuracy on short question/answer tasks asked through the chat
-template. It only uses the model's own tokenizer and chat template, so it runs on real checkpoints too.
+template (plus a lenient `contains_answer` rate, for chatty real checkpoints). It only uses the model's own
+tokenizer and chat template, so it runs on real checkpoints too.
 
 All results are tidy DataFrames; `EvaluationReport` bundles them, writes CSV/JSON, and converts to a dict.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from toolrl_analysis.rollout import (
     STOP_PROMPT_TOO_LONG,
     Episode,
     ModelPolicy,
+    decode_completion,
     generate,
     pad_token_id_for,
     render_prompt,
@@ -166,6 +169,14 @@ def summarize_tool_use(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def summary_value(summary: pd.DataFrame, metric: str = "solve_f1", scenario: str = OVERALL) -> float:
+    """One number from a `summarize_tool_use` frame, e.g. the overall Solve-F1."""
+    rows = summary[(summary["scenario"] == scenario) & (summary["metric"] == metric)]
+    if rows.empty:
+        raise KeyError(f"no metric {metric!r} for scenario {scenario!r}")
+    return float(rows["value"].iloc[0])
+
+
 def solved_subquestions(episode: Episode) -> list[tuple[dict[str, Any], bool]]:
     """Pair each `meta.subquestions` entry with whether the episode solved it.
 
@@ -284,14 +295,13 @@ def task_accuracy(
     """Exact-match accuracy (`models.general.exact_match`) of greedy answers to `tasks`, each asked
     through the tokenizer's chat template."""
     from toolrl_analysis.models.general import exact_match
-    from toolrl_analysis.rollout import decode_completion
 
     if not tasks:
-        return {"accuracy": float("nan"), "tasks": 0.0}
+        return {"accuracy": float("nan"), "contains_answer": float("nan"), "tasks": 0.0}
     stops = stop_token_ids(tokenizer, model)
     budget = model_max_positions(model) - max_new_tokens
     prompts = [render_prompt(tokenizer, _task_messages(t), None)[-budget:] for t in tasks]
-    correct = 0
+    correct = contains = 0
     for start in range(0, len(prompts), batch_size):
         completions = generate(
             model,
@@ -302,8 +312,12 @@ def task_accuracy(
             pad_token_id=pad_token_id_for(tokenizer),
         )
         for task, completion in zip(tasks[start : start + batch_size], completions, strict=True):
-            correct += exact_match(decode_completion(tokenizer, completion.ids, stops), str(task["answer"]))
-    return {"accuracy": correct / len(tasks), "tasks": float(len(tasks))}
+            reply, answer = decode_completion(tokenizer, completion.ids, stops), str(task["answer"]).strip()
+            correct += exact_match(reply, answer)
+            # Lenient view for chatty real checkpoints ("12 + 5 = 17."): the answer as a whole word.
+            contains += re.search(rf"(?<![\w-]){re.escape(answer)}(?!\w)", reply) is not None
+    n = len(tasks)
+    return {"accuracy": correct / n, "contains_answer": contains / n, "tasks": float(n)}
 
 
 def evaluate_general(
@@ -326,6 +340,7 @@ def evaluate_general(
         {"suite": "heldout_text", "metric": "perplexity", "value": loss["perplexity"]},
         {"suite": "heldout_text", "metric": "tokens", "value": loss["tokens"]},
         {"suite": "tasks", "metric": "exact_match", "value": accuracy["accuracy"]},
+        {"suite": "tasks", "metric": "contains_answer", "value": accuracy["contains_answer"]},
         {"suite": "tasks", "metric": "tasks", "value": accuracy["tasks"]},
     ]
     return pd.DataFrame(rows, columns=["suite", "metric", "value"])
@@ -343,10 +358,7 @@ class EvaluationReport:
     info: dict[str, Any] = field(default_factory=dict)
 
     def metric(self, metric: str, scenario: str = OVERALL) -> float:
-        rows = self.tool_use[(self.tool_use["scenario"] == scenario) & (self.tool_use["metric"] == metric)]
-        if rows.empty:
-            raise KeyError(f"no metric {metric!r} for scenario {scenario!r}")
-        return float(rows["value"].iloc[0])
+        return summary_value(self.tool_use, metric, scenario)
 
     def to_dict(self) -> dict[str, Any]:
         def records(frame):
@@ -452,9 +464,9 @@ def evaluate_checkpoint(
 # Terminal rendering (used by the CLI)
 # =============================================================================================
 _SUMMARY_COLUMNS = (
-    ("solve_p", "Solve-P"),
-    ("solve_r", "Solve-R"),
-    ("solve_f1", "Solve-F1"),
+    ("solve_p", "P"),
+    ("solve_r", "R"),
+    ("solve_f1", "F1"),
     ("calls_per_episode", "calls"),
     ("format_error_rate", "fmt err"),
     ("prompt_too_long_rate", "long"),
@@ -467,9 +479,9 @@ def render_report(report: EvaluationReport, console) -> None:
     from rich import box
     from rich.table import Table
 
-    table = Table(title="Tool use (greedy)", box=box.SIMPLE_HEAD)
+    table = Table(title="Tool use: Solve-P / R / F1 (greedy)", box=box.SIMPLE_HEAD)
     table.add_column("scenario", no_wrap=True)
-    table.add_column("n", justify="right")
+    table.add_column("n", justify="right", no_wrap=True)
     for _, label in _SUMMARY_COLUMNS:
         table.add_column(label, justify="right", no_wrap=True)
     wide = report.tool_use.pivot_table(index="scenario", columns="metric", values="value", sort=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,7 +31,9 @@ DEFAULT_MAX_TURNS = 20
 STOP_NO_CALL = "no_call"
 STOP_MAX_TURNS = "max_turns"
 STOP_PROMPT_TOO_LONG = "prompt_too_long"
-_CHAT_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+TURN_END_TOKEN = "<|im_end|>"  # Qwen-style chat templates (ours included) end every turn with it
+# Chat-control tokens never belong in a decoded reply, whether or not a tokenizer marks them special.
+_CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>")
 
 
 # =============================================================================================
@@ -176,9 +178,7 @@ def stop_token_ids(tokenizer, model: torch.nn.Module | None = None) -> list[int]
             if isinstance(item, int) and item >= 0 and item not in ids:
                 ids.append(item)
 
-    vocab = tokenizer.get_vocab()
-    for token in _CHAT_END_TOKENS[:1]:
-        add(vocab.get(token))
+    add(tokenizer.get_vocab().get(TURN_END_TOKEN))
     add(tokenizer.eos_token_id)
     generation_config = getattr(model, "generation_config", None)
     add(getattr(generation_config, "eos_token_id", None))
@@ -285,7 +285,7 @@ class Turn:
     """One assistant turn and what followed it."""
 
     index: int
-    messages: list[dict[str, Any]]  # the conversation the policy saw (before this turn)
+    messages: list[dict[str, Any]]  # the conversation the policy saw (before this turn); read-only
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]  # behaviour log-probs of completion_ids (see Completion)
@@ -395,7 +395,7 @@ def decode_completion(tokenizer, ids: Sequence[int], stop_ids: Sequence[int]) ->
     while ids and ids[-1] in stop_ids:
         ids.pop()
     text = tokenizer.decode(ids, skip_special_tokens=False)
-    for token in set(tokenizer.all_special_tokens) | set(_CHAT_END_TOKENS) | {"<|im_start|>"}:
+    for token in set(tokenizer.all_special_tokens) | set(_CONTROL_TOKENS):
         if token and "tool" not in token:
             text = text.replace(token, "")
     return text
@@ -466,14 +466,15 @@ def run_episodes(
             if len(prompt) > budget:
                 episode.stop_reason = STOP_PROMPT_TOO_LONG
                 continue
-            requests.append(TurnRequest(episode.index, turn_index, prompt, copy.deepcopy(episode.messages)))
+            # A shallow copy suffices: messages are appended, never edited, once in the history.
+            requests.append(TurnRequest(episode.index, turn_index, prompt, list(episode.messages)))
         if not requests:
             break
 
         completions = policy.act(requests)
         texts = [decode_completion(tokenizer, c.ids, stop_ids) for c in completions]
         parsed = [parse_tool_calls(text) for text in texts]
-        results = _execute_calls(sandbox, [episodes[r.episode_index] for r in requests], parsed)
+        results = execute_calls(sandbox, [episodes[r.episode_index].record.codes for r in requests], parsed)
 
         for request, completion, text, turn_parse, turn_results in zip(
             requests, completions, texts, parsed, results, strict=True
@@ -521,16 +522,18 @@ def run_episodes(
     return episodes
 
 
-def _execute_calls(sandbox, episodes: list[Episode], parsed: list[ParsedTurn]) -> list[list[ToolResult]]:
-    """Run every call of every episode in this turn with one concurrent `call_many`; split results back.
-    A name the environment does not define gets FTRL's error text without a sandbox round-trip
-    (as `reward.execute_calls` does for a single turn)."""
+def execute_calls(
+    sandbox, codes: Sequence[Mapping[str, str]], parsed: Sequence[ParsedTurn]
+) -> list[list[ToolResult]]:
+    """Run the calls of many turns (turn i against the tool code `codes[i]`) with one concurrent
+    `call_many`, and return one result list per turn, in call order. A name without code gets FTRL's
+    error text without a sandbox round-trip (as `reward.execute_calls` does for a single turn)."""
     results: list[list[ToolResult | None]] = [[None] * len(turn.calls) for turn in parsed]
     runnable: list[tuple[int, int]] = []
     jobs: list[tuple[str, str, dict[str, Any]]] = []
-    for row, (episode, turn) in enumerate(zip(episodes, parsed, strict=True)):
+    for row, (turn_codes, turn) in enumerate(zip(codes, parsed, strict=True)):
         for column, call in enumerate(turn.calls):
-            code = episode.record.codes.get(call.name)
+            code = turn_codes.get(call.name)
             if code is None:
                 results[row][column] = error_result(call.name, "not_defined", repr(call.name))
             else:

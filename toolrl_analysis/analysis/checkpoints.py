@@ -16,6 +16,7 @@ Every user-caused failure (missing path, not a checkpoint, truncated file, unsaf
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -78,6 +79,7 @@ class TensorInfo:
         return self.shape[0] if self.shape else 1
 
 
+@functools.cache
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -120,6 +122,8 @@ class Checkpoint:
         self.path = Path(path)
         self._infos = dict(infos)
         self.config = config
+        # name -> the earlier name whose storage it shares (tied embeddings in a torch state dict).
+        self.tied: dict[str, str] = {}
 
     # -- index ----------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -379,6 +383,8 @@ class TorchCheckpoint(Checkpoint):
         self._shard_of: dict[str, int] = {}
         self._original_name: dict[str, str] = {}
         infos: dict[str, TensorInfo] = {}
+        shared: dict[str, str] = {}
+        first_with_storage: dict[tuple, str] = {}
         self._loaded: tuple[int, dict[str, torch.Tensor]] | None = None
         for index, file in enumerate(self._files):
             tensors, file_config = extract_state_dict(torch_load_safely(file), file)
@@ -388,11 +394,23 @@ class TorchCheckpoint(Checkpoint):
                     raise CheckpointError(f"{path}: tensor {name} appears in two shards")
                 tensor = tensors[renamed]
                 infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype)
+                storage_key = (
+                    index,
+                    tensor.untyped_storage().data_ptr(),
+                    tensor.storage_offset(),
+                    tuple(tensor.shape),
+                    tuple(tensor.stride()),
+                    tensor.dtype,
+                )
+                if tensor.numel() and storage_key in first_with_storage:
+                    shared[name] = first_with_storage[storage_key]
+                first_with_storage.setdefault(storage_key, name)
                 self._shard_of[name] = index
                 self._original_name[name] = renamed
             if len(self._files) == 1:
                 self._loaded = (0, tensors)  # keep the single mmap'd file instead of loading it twice
         super().__init__(path, infos, config)
+        self.tied = shared
         if format:
             self.format = format
 

@@ -3,7 +3,7 @@
 Canonical components inside a block: attn.q attn.k attn.v attn.o mlp.gate mlp.up mlp.down norm.attn
 norm.mlp (plus norm.q / norm.k for Qwen3's per-head norms, and attn.qkv / mlp.gate_up for fused
 projections we cannot split); outside the blocks: embed (embed.pos for learned positions), lm_head,
-norm.final. A parameter we cannot place is reported as component `other`, never dropped.
+norm.final. A parameter we cannot place is reported with component `other` and layer None, never dropped.
 
 One table per architecture family (llama-like: Llama, Mistral, Qwen2, Qwen3; GPT-2) and a word-based
 fallback for the rest. GPT-2's fused `c_attn` is split into q/k/v parts (its Conv1D weight is
@@ -142,7 +142,6 @@ def map_parameter(
 ) -> list[ParameterPart]:
     """The (layer, component) parts of one parameter: one part, or three for GPT-2's fused c_attn."""
     family = family or detect_family([name])
-    module, leaf = (name.rsplit(".", 1) + [""])[:2] if "." in name else (name, "")
     if family == "llama":
         part = _map_with_table(name, _LLAMA_NAME, _LLAMA_BLOCK, _LLAMA_OUTSIDE)
     elif family == "gpt2":
@@ -153,9 +152,8 @@ def map_parameter(
         part = None
     if part is None:
         part = _map_generic(name)
-    if part is None:
-        layer = _block_index(name)
-        part = ParameterPart(name, layer, OTHER, leaf or module)
+    if part is None:  # reported as (None, 'other'), never dropped
+        part = ParameterPart(name, None, OTHER, name.rsplit(".", 1)[-1])
     return [part]
 
 
@@ -233,11 +231,6 @@ def _map_generic(name: str) -> ParameterPart | None:
         if re.search(pattern, module):
             return ParameterPart(name, None, component, leaf)
     return None
-
-
-def _block_index(name: str) -> int | None:
-    match = _GENERIC_NAME.match(name)
-    return int(match["layer"]) if match else None
 
 
 @dataclass

@@ -39,9 +39,10 @@ from toolrl_analysis.analysis.components import (
 from toolrl_analysis.errors import CheckpointError
 
 SPARSITY_TOLERANCES = (0.0, 1e-6, 1e-5)  # increasing: UpdateStats.add relies on it
-# 2**18 float32 elements = 1 MiB per operand: the chunk's raw bytes, float32 copies and scratch stay in
-# L2/L3 cache while the dozen passes over them run (measured: 4x the chunk costs ~1.7x per element).
-DEFAULT_CHUNK_ELEMENTS = 1 << 18
+# 2**19 float32 elements = 2 MiB per operand: the chunk's raw bytes, float32 copies and scratch stay in
+# L3 cache while the dozen passes over them run (measured on a 32 MiB-L3 EPYC: 2**20 costs 25% more per
+# element, 2**17 20% more from per-call overhead).
+DEFAULT_CHUNK_ELEMENTS = 1 << 19
 EXACT_SVD_MAX_ELEMENTS = 1 << 22
 BANDS = ("lower", "middle", "upper")
 
@@ -55,6 +56,8 @@ def sparsity_column(tolerance: float) -> str:
 
 
 SPARSITY_COLUMNS = tuple(sparsity_column(t) for t in SPARSITY_TOLERANCES)
+# A power of two no larger than the smallest positive tolerance (see UpdateStats.add).
+COUNT_UNIT = 2.0 ** math.floor(math.log2(min(t for t in SPARSITY_TOLERANCES if t > 0)))
 METRIC_COLUMNS = (
     "base_norm",
     "trained_norm",
@@ -120,9 +123,14 @@ class UpdateStats:
         self.update_abs_max = max(self.update_abs_max, float(magnitude.max()))
         indicator = scratch.float32_view("indicator", update.shape)
         for i, tolerance in enumerate(SPARSITY_TOLERANCES):
-            if tolerance > 0:
-                torch.nn.functional.threshold_(magnitude, tolerance, 0.0)  # keeps entries > tolerance
-            self.changed[i] += int(torch.sign(magnitude, out=indicator).sum(dtype=sum_dtype))
+            if tolerance == 0:  # survivors may be denormal: count them with sign()
+                self.changed[i] += int(torch.sign(magnitude, out=indicator).sum(dtype=sum_dtype))
+                continue
+            torch.nn.functional.threshold_(magnitude, tolerance, 0.0)  # keeps entries > tolerance
+            # Every survivor exceeds COUNT_UNIT, a power of two: clamped to it they sum exactly to
+            # count * COUNT_UNIT (cheaper than sign(), and exact below 2**24 entries per chunk).
+            total = torch.clamp(magnitude, max=COUNT_UNIT, out=indicator).sum(dtype=sum_dtype)
+            self.changed[i] += round(float(total) / COUNT_UNIT)
 
     def merge(self, other: UpdateStats) -> UpdateStats:
         """Combine the sums of two disjoint sets of entries (chunks computed separately)."""
@@ -272,8 +280,9 @@ class ComparisonPlan:
     mapping: ParameterMap
     only_in_base: list[str]
     only_in_trained: list[str]
-    tied: dict[str, str]  # "<side>:<name>" -> the tensor it was read from
+    tied: dict[str, dict[str, str]]  # side -> {lm_head name: the embedding it is read from}
     selector: str | None
+    tied_both: dict[str, str] = field(default_factory=dict)  # left out: tied to this tensor on both sides
 
 
 def plan_comparison(
@@ -292,11 +301,21 @@ def plan_comparison(
             f"different architectures: base {base.path} has {_describe(base, base_map)} names, "
             f"trained {trained.path} has {_describe(trained, trained_map)} names"
         )
-    tied = _tied_heads(base, trained, base_map, trained_map)
-    base_names = list(base_infos) + [n for n in (k.split(":", 1)[1] for k in tied if k.startswith("base:"))]
-    trained_names = set(trained_infos) | {k.split(":", 1)[1] for k in tied if k.startswith("trained:")}
-    shapes = {n: base_infos[_source(tied, "base", n)].shape for n in base_names}
-    mapping = map_parameters(shapes, base_map.family)
+    aliases = _tied_heads(base, trained, base_map, trained_map)
+    # A tensor tied to the same tensor on both sides is one parameter, already compared under the other
+    # name: leave it out instead of counting its update twice.
+    ties = {
+        side: {**checkpoint.tied, **aliases[side]}
+        for side, checkpoint in (("base", base), ("trained", trained))
+    }
+    tied_both = {n: s for n, s in ties["base"].items() if ties["trained"].get(n) == s}
+    base_names = [n for n in [*base_infos, *aliases["base"]] if n not in tied_both]
+    trained_names = {*trained_infos, *aliases["trained"]} - tied_both.keys()
+
+    def source(side: str, name: str) -> str:
+        return aliases[side].get(name, name)
+
+    mapping = map_parameters({n: base_infos[source("base", n)].shape for n in base_names}, base_map.family)
 
     selector = parse_selector(select, mapping.n_layers) if select else None
     chosen = mapping.select(selector) if selector else mapping.parts
@@ -308,7 +327,7 @@ def plan_comparison(
         trained_chosen = {
             p.name
             for p in map_parameters(
-                {n: trained_infos[_source(tied, "trained", n)].shape for n in trained_names}, base_map.family
+                {n: trained_infos[source("trained", n)].shape for n in trained_names}, base_map.family
             ).parts
             if selector.matches(p.layer, p.component)
         }
@@ -341,8 +360,8 @@ def plan_comparison(
     for name in chosen_names:
         if name not in trained_names:
             continue
-        base_info = base_infos[_source(tied, "base", name)]
-        trained_info = trained_infos[_source(tied, "trained", name)]
+        base_info = base_infos[source("base", name)]
+        trained_info = trained_infos[source("trained", name)]
         if base_info.shape != trained_info.shape:
             mismatched.append(f"{name} (base {list(base_info.shape)}, trained {list(trained_info.shape)})")
             continue
@@ -353,8 +372,8 @@ def plan_comparison(
         tensors.append(
             PlannedTensor(
                 name,
-                _source(tied, "base", name),
-                _source(tied, "trained", name),
+                source("base", name),
+                source("trained", name),
                 base_info,
                 trained_info,
                 tuple(parts_by_name[name]),
@@ -364,7 +383,7 @@ def plan_comparison(
         raise CheckpointError(f"shape mismatch for {len(mismatched)} tensors: {_first(mismatched, 4)}")
     if not tensors:
         raise CheckpointError(f"{base.path} and {trained.path} share no tensors to compare")
-    return ComparisonPlan(tensors, mapping, only_in_base, only_in_trained, tied, select)
+    return ComparisonPlan(tensors, mapping, only_in_base, only_in_trained, aliases, select, tied_both)
 
 
 def _describe(checkpoint: Checkpoint, mapping: ParameterMap) -> str:
@@ -373,27 +392,27 @@ def _describe(checkpoint: Checkpoint, mapping: ParameterMap) -> str:
     return f"{label}{model_type}"
 
 
-def _tied_heads(base: Checkpoint, trained: Checkpoint, base_map: ParameterMap, trained_map: ParameterMap):
-    """HF drops a tied lm_head from safetensors while a torch state dict keeps it: read it from the
-    embedding on the side that lacks it, so the two checkpoints still line up."""
-    tied: dict[str, str] = {}
-    sides = (("base", base, base_map, trained_map), ("trained", trained, trained_map, base_map))
-    for side, checkpoint, own, other in sides:
+def _tied_heads(
+    base: Checkpoint, trained: Checkpoint, base_map: ParameterMap, trained_map: ParameterMap
+) -> dict[str, dict[str, str]]:
+    """HF drops a tied lm_head from safetensors while a torch state dict keeps it: on the side that lacks
+    it, read it from the embedding of the same shape, so the two checkpoints still line up."""
+    aliases: dict[str, dict[str, str]] = {"base": {}, "trained": {}}
+    sides = (
+        ("base", base, base_map, trained, trained_map),
+        ("trained", trained, trained_map, base, base_map),
+    )
+    for side, checkpoint, own, other_checkpoint, other in sides:
         if (checkpoint.config or {}).get("tie_word_embeddings") is False:
             continue
         own_names = {p.name for p in own.parts}
         embeddings = [p.name for p in own.parts if p.component == "embed"]
         for head in (p.name for p in other.parts if p.component == "lm_head" and p.name not in own_names):
-            other_checkpoint = trained if side == "base" else base
             shape = other_checkpoint.info(head).shape
             source = next((e for e in embeddings if checkpoint.info(e).shape == shape), None)
             if source is not None:
-                tied[f"{side}:{head}"] = source
-    return tied
-
-
-def _source(tied: dict[str, str], side: str, name: str) -> str:
-    return tied.get(f"{side}:{name}", name)
+                aliases[side][head] = source
+    return aliases
 
 
 def _first(names: Sequence[str], limit: int = 6) -> str:
@@ -448,7 +467,13 @@ def _chunk_ranges(info: TensorInfo, chunk_elements: int) -> list[tuple[int, int]
 
 def _uses_lora_delta(base: Checkpoint, trained: Checkpoint, item: PlannedTensor) -> bool:
     # The adapter's own update is exact; subtracting a merged weight would add rounding.
-    return isinstance(trained, LoraCheckpoint) and trained.base is base and item.trained_name == item.name
+    # Tensors the adapter replaces outright (modules_to_save) are read like any other.
+    return (
+        isinstance(trained, LoraCheckpoint)
+        and trained.base is base
+        and item.trained_name == item.name
+        and item.name not in trained.replaced
+    )
 
 
 @dataclass
@@ -486,11 +511,7 @@ def _read_chunk(
     )
 
 
-def _chunk_stats(
-    chunk: _Chunk,
-    scratch: _Buffers,
-    on_whole: Callable[[ParameterPart, torch.Tensor, torch.Tensor], None] | None = None,
-) -> list[UpdateStats]:
+def _chunk_stats(chunk: _Chunk, scratch: _Buffers) -> list[UpdateStats]:
     """The arithmetic for one chunk: UpdateStats per part of the tensor."""
     base_rows = scratch.float32("base32", chunk.base)
     if chunk.update is not None:
@@ -498,11 +519,7 @@ def _chunk_stats(
         trained_rows = torch.add(base_rows, update, out=scratch.float32_view("trained32", base_rows.shape))
     else:
         update = None
-        trained_rows = (
-            chunk.trained
-            if chunk.trained.dtype == torch.float32
-            else scratch.float32("trained32", chunk.trained)
-        )
+        trained_rows = scratch.float32("trained32", chunk.trained)
     if base_rows.dim() == 0:
         base_rows, trained_rows = base_rows.reshape(1), trained_rows.reshape(1)
         update = None if update is None else update.reshape(1)
@@ -514,9 +531,6 @@ def _chunk_stats(
             part_update = None if update is None else _part_rows(part, update, chunk.start, chunk.stop)
             part_trained = _part_rows(part, trained_rows, chunk.start, chunk.stop)
             part_stats.add(part_base, part_trained, part_update, scratch)
-            if on_whole is not None:
-                # Without a given update, add() left trained - base in part_trained.
-                on_whole(part, part_base, part_update if part_update is not None else part_trained)
         stats.append(part_stats)
     return stats
 
@@ -527,23 +541,56 @@ def stream_tensor(
     item: PlannedTensor,
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    whole: bool = False,
-    on_whole: Callable[[ParameterPart, torch.Tensor, torch.Tensor], None] | None = None,
     buffers: _Buffers | None = None,
 ) -> list[UpdateStats]:
-    """Update statistics of one tensor's parts, chunk by chunk, in the calling thread.
-
-    With `whole=True` the tensor is read in one piece (into fresh memory, freed afterwards) and
-    `on_whole(part, base, update)` is called for each part, e.g. for spectral metrics.
-    """
+    """Update statistics of one tensor's parts, chunk by chunk, in the calling thread."""
     buffers = buffers or _Buffers()
-    ranges = [(0, item.base.rows)] if whole else _chunk_ranges(item.base, chunk_elements)
     totals = [UpdateStats() for _ in item.parts]
-    for start, stop in ranges:
-        chunk = _read_chunk(base, trained, item, start, stop, None if whole else buffers)
-        scratch = _Buffers() if whole else buffers
-        for total, stats in zip(totals, _chunk_stats(chunk, scratch, on_whole), strict=True):
+    for start, stop in _chunk_ranges(item.base, chunk_elements):
+        chunk = _read_chunk(base, trained, item, start, stop, buffers)
+        for total, stats in zip(totals, _chunk_stats(chunk, buffers), strict=True):
             total.merge(stats)
+    return totals
+
+
+def whole_tensor_stats(
+    base: Checkpoint,
+    trained: Checkpoint,
+    item: PlannedTensor,
+    on_part: Callable[[ParameterPart, torch.Tensor, torch.Tensor], None],
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> list[UpdateStats]:
+    """Read one tensor whole, as float32 base and update (freed afterwards), accumulate its statistics in
+    cache-sized row blocks, and call `on_part(part, base, update)` with each part's whole matrices (for
+    the spectral metrics). Memory: about three float32 copies of the tensor."""
+    chunk = _read_chunk(base, trained, item, 0, item.base.rows, None)
+    base_rows = chunk.base.float()  # read without `out` returns fresh memory: ours to overwrite
+    update = chunk.update
+    trained_rows = base_rows + update if update is not None else chunk.trained.float()
+    del chunk
+    if base_rows.dim() == 0:
+        base_rows, trained_rows = base_rows.reshape(1), trained_rows.reshape(1)
+        update = None if update is None else update.reshape(1)
+    scratch, totals = _Buffers(), []
+    for part in item.parts:
+        part_base = _part_rows(part, base_rows, 0, base_rows.shape[0])
+        part_trained = _part_rows(part, trained_rows, 0, base_rows.shape[0])
+        part_update = None if update is None else _part_rows(part, update, 0, base_rows.shape[0])
+        stats = UpdateStats()
+        step = max(1, chunk_elements // max(1, part_base[0].numel()))
+        with _torch_threads(1):
+            for start in range(0, part_base.shape[0], step):
+                rows = slice(start, start + step)
+                stats.add(
+                    part_base[rows],
+                    part_trained[rows],
+                    None if part_update is None else part_update[rows],
+                    scratch,
+                )
+        totals.append(stats)
+        # Without a given update, add() left trained - base in part_trained.
+        on_part(part, part_base, part_update if part_update is not None else part_trained)
     return totals
 
 
@@ -616,7 +663,14 @@ class _torch_threads:
 
 
 def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """Arithmetic threads for the pipeline; 0 means all work in the calling thread.
+
+    Each chunk takes ~20 small torch calls, and every call hands the GIL over between threads. On two
+    cores that hand-off cost more than the overlap gained (measured: 40-60% more CPU per byte than the
+    single-threaded loop), so small machines stay in one thread; larger ones leave a core to the reader.
+    """
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(cpus - 1, 8)
 
 
 @dataclass
@@ -685,7 +739,9 @@ def compare_checkpoints(
     """Diff two checkpoints (any accepted format, e.g. base.pt vs trained.safetensors or a LoRA adapter).
 
     Paths are opened (and closed) here; Checkpoint objects are used as given. `progress(name, done, total)`
-    is called after each tensor. `workers` threads do the arithmetic (default: one per CPU, at most 8).
+    is called after each tensor. `workers` threads do the arithmetic while the calling thread reads;
+    0 does everything in the calling thread (default: `default_workers()`). `spectral=True` reads each
+    matrix whole (about three float32 copies of the largest tensor in memory) and runs in this thread.
     """
     opened = not isinstance(base, Checkpoint) or not isinstance(trained, Checkpoint)
     if opened:
@@ -712,28 +768,31 @@ def compare_checkpoints(
             for item in plan.tensors:
                 spectral_rows: dict[ParameterPart, dict] = {}
 
-                def on_whole(part, part_base, part_update, _rows=spectral_rows):
+                def on_part(part, part_base, part_update, _rows=spectral_rows):
                     if part_base.dim() >= 2:
                         row, values = spectral_metrics(part_base, part_update, top_k)
                         _rows[part] = row
-                        singular_rows.append(
-                            values.assign(
-                                name=part.name, part=part.part, layer=part.layer, component=part.component
-                            )
+                        identity = dict(
+                            name=part.name, part=part.part, layer=part.layer, component=part.component
                         )
+                        singular_rows.append(values.assign(**identity))
 
-                whole = len(item.base.shape) >= 2
-                stats = stream_tensor(
-                    base,
-                    trained,
-                    item,
-                    chunk_elements=chunk_elements,
-                    whole=whole,
-                    on_whole=on_whole if whole else None,
-                )
+                if len(item.base.shape) >= 2:
+                    stats = whole_tensor_stats(base, trained, item, on_part, chunk_elements=chunk_elements)
+                else:
+                    with _torch_threads(1):
+                        stats = stream_tensor(base, trained, item, chunk_elements=chunk_elements)
                 record(item, stats, spectral_rows)
+        elif (workers := default_workers() if workers is None else workers) == 0:
+            buffers = _Buffers()
+            with _torch_threads(1):
+                for item in plan.tensors:
+                    record(
+                        item,
+                        stream_tensor(base, trained, item, chunk_elements=chunk_elements, buffers=buffers),
+                    )
         else:
-            _Pipeline(base, trained, workers or default_workers(), chunk_elements).run(plan.tensors, record)
+            _Pipeline(base, trained, workers, chunk_elements).run(plan.tensors, record)
         elapsed = time.perf_counter() - started
     finally:
         if opened:
@@ -921,7 +980,8 @@ def _summary(base, trained, plan, parameters, components, bands, elapsed, bytes_
         "bands": bands.to_dict(orient="records"),
         "only_in_base": plan.only_in_base,
         "only_in_trained": plan.only_in_trained,
-        "tied": {k: v for k, v in plan.tied.items()},
+        "tied": {side: dict(names) for side, names in plan.tied.items() if names},
+        "tied_both_sides": dict(plan.tied_both),
         "unmapped": sorted(set(parameters.loc[parameters["component"] == "other", "name"])),
         "spectral": spectral,
         "bytes_read": bytes_read,
@@ -985,7 +1045,7 @@ def render_comparison(comparison: Comparison, console, top: int = 15) -> None:
     console.print(table)
 
     if not comparison.bands.empty:
-        bands = Table(title="share of the update (sum ||dW||^2) by third of the depth")
+        bands = Table(title="update share by depth third (sum ||dW||^2)")
         bands.add_column("family")
         for band in BANDS:
             layers = comparison.bands.loc[comparison.bands["band"] == band, "layers"].iloc[0]

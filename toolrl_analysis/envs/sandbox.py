@@ -81,12 +81,9 @@ def error_result(name: str, kind: str, reason: str, elapsed: float = 0.0) -> Too
     return ToolResult(f"an error occured when call {name}: {reason}", kind, elapsed)
 
 
-class ForbiddenImport(ImportError):
-    """Raised in a worker for an import outside the allowed list. An ImportError, so `try: import x` fallbacks work."""
-
-
-class SandboxViolation(PermissionError):
-    """Raised in a worker by the audit hook for an operation the sandbox refuses."""
+# Every refusal says this. The worker raises plain PermissionError / ImportError (for imports, so that
+# `try: import x` fallbacks work): built-in classes, which tool code cannot change the way it could change ours.
+REFUSAL = "is not allowed in the sandbox"
 
 
 # =============================================================================================================
@@ -105,6 +102,7 @@ class Sandbox:
         allowed_modules: Sequence[str] = DEFAULT_ALLOWED_MODULES,
         seed: int | None = 0,
     ):
+        # Imported here, not at the top: workers run this file by path and need nothing from the package.
         from toolrl_analysis.errors import ConfigError
 
         if not isinstance(workers, int) or workers < 1:
@@ -213,8 +211,12 @@ class _Pool:
         self.spawned = 0
         self.start_failures = 0
         self.closed = False
-        for _ in range(size):
-            self._spawn()
+        try:
+            for _ in range(size):
+                self._spawn()
+        except BaseException:
+            self.shutdown()
+            raise
 
     # -- worker lifecycle ---------------------------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -295,7 +297,7 @@ class _Pool:
         while queue or any(w.state == "busy" for w in self.workers):
             while len(self.workers) < self.size:
                 self._spawn()
-            for worker in self.workers:
+            for worker in list(self.workers):  # _dispatch may retire a worker
                 if worker.state == "idle" and queue:
                     self._dispatch(worker, queue.popleft(), queue, results)
             waiting = [w.deadline for w in self.workers if w.state != "idle"]
@@ -321,9 +323,8 @@ class _Pool:
             if job.attempts < _MAX_DISPATCH_ATTEMPTS:
                 queue.appendleft(job)
             else:
-                results[job.index] = error_result(
-                    job.name, "crashed", "the sandbox worker died before the call"
-                )
+                reason = "the sandbox worker died before the call"
+                results[job.index] = error_result(job.name, "crashed", reason)
             return
         worker.state, worker.job, worker.serial = "busy", job, self.serial
         worker.dispatched_at = time.monotonic()
@@ -331,20 +332,16 @@ class _Pool:
 
     def _set_cpu_budget(self, worker: _Worker) -> None:
         """RLIMIT_CPU counts a process's whole life, so move the soft limit to `used + budget` before each call."""
-        try:
+        # Without prlimit (not Linux) or the right to use it, the wall clock still applies.
+        with contextlib.suppress(AttributeError, OSError, ValueError):
             _soft, hard = resource.prlimit(worker.pid, resource.RLIMIT_CPU)
             soft = math.ceil(worker.cpu) + self.cpu_seconds
             if hard != resource.RLIM_INFINITY:
                 soft = min(soft, hard)
             resource.prlimit(worker.pid, resource.RLIMIT_CPU, (soft, hard))
-        except (
-            AttributeError,
-            OSError,
-            ValueError,
-        ):  # no prlimit on this platform: the wall clock still applies
-            pass
 
     def _on_readable(self, worker: _Worker, results: list[ToolResult | None]) -> None:
+        closed = False
         while True:
             try:
                 chunk = os.read(worker.reply_fd, 1 << 20)
@@ -353,9 +350,14 @@ class _Pool:
             except OSError:
                 chunk = b""
             if not chunk:
-                self._on_exit(worker, results)
-                return
+                closed = True
+                break
             worker.buffer += chunk
+        self._read_frames(worker, results)
+        if closed and worker in self.workers:
+            self._on_exit(worker, results)
+
+    def _read_frames(self, worker: _Worker, results: list[ToolResult | None]) -> None:
         while len(worker.buffer) >= 4:
             size = int.from_bytes(worker.buffer[:4], "big")
             if size > self.max_frame:
@@ -390,13 +392,10 @@ class _Pool:
         assert job is not None
         elapsed = time.monotonic() - worker.dispatched_at
         content, kind, reason = message.get("content"), message.get("error"), message.get("reason")
-        if (
-            kind is None
-            and isinstance(content, str)
-            and len(content) <= self.worker_config["max_output_chars"]
-        ):
+        limit = self.worker_config["max_output_chars"]
+        if kind is None and isinstance(content, str) and len(content) <= limit:
             results[job.index] = ToolResult(content, None, elapsed)
-        elif kind in ERROR_KINDS and kind is not None and isinstance(reason, str):
+        elif isinstance(kind, str) and kind in ERROR_KINDS and isinstance(reason, str):
             results[job.index] = error_result(job.name, kind, reason, elapsed)
         else:
             self._on_exit(worker, results, "the sandbox worker sent an invalid response")
@@ -407,13 +406,13 @@ class _Pool:
 
     def _on_exit(self, worker: _Worker, results: list[ToolResult | None], reason: str | None = None) -> None:
         """The worker closed its pipe (it died) or broke the protocol: account for its call and replace it."""
-        state, job = worker.state, worker.job
+        state, job, log = worker.state, worker.job, worker.startup_log()
         if reason is None:  # it exited on its own: give it a moment to finish dying, then ask why
             with contextlib.suppress(Exception):  # subprocess.TimeoutExpired: _retire kills it
                 worker.proc.wait(timeout=1.0)
         status = self._retire(worker)
         if state == "starting":
-            self._start_failed(worker, f"exit status {status}")
+            self._start_failed(f"exit status {status}", log)
         elif state == "busy" and job is not None:
             elapsed = time.monotonic() - worker.dispatched_at
             if reason is not None:
@@ -429,21 +428,19 @@ class _Pool:
         for worker in list(self.workers):
             if worker.state == "idle" or now < worker.deadline:
                 continue
-            state, job = worker.state, worker.job
+            state, job, log = worker.state, worker.job, worker.startup_log()
             self._retire(worker)
             if state == "starting":
-                self._start_failed(worker, f"not ready after {WORKER_STARTUP_TIMEOUT:.0f} seconds")
+                self._start_failed(f"not ready after {WORKER_STARTUP_TIMEOUT:.0f} seconds", log)
             elif job is not None:
                 reason = f"the call timed out after {self.timeout:g} seconds"
                 results[job.index] = error_result(job.name, "timeout", reason, now - worker.dispatched_at)
 
-    def _start_failed(self, worker: _Worker, why: str) -> None:
+    def _start_failed(self, why: str, log: str) -> None:
         self.start_failures += 1
         if self.start_failures >= _MAX_START_FAILURES:
             self.start_failures = 0
-            raise RuntimeError(
-                f"sandbox worker failed to start ({why}): {worker.startup_log() or 'no output'}"
-            )
+            raise RuntimeError(f"sandbox worker failed to start ({why}): {log or 'no output'}")
 
 
 def _prepare(index: int, call: Any) -> _Job | ToolResult:
@@ -456,9 +453,8 @@ def _prepare(index: int, call: Any) -> _Job | ToolResult:
     if not isinstance(code, str):
         return error_result(name, "not_defined", f"no code for {name}")
     if not isinstance(arguments, dict):
-        return error_result(
-            name, "bad_arguments", f"arguments must be an object, got {type(arguments).__name__}"
-        )
+        reason = f"arguments must be an object, got {type(arguments).__name__}"
+        return error_result(name, "bad_arguments", reason)
     try:
         body = json.dumps({"code": code, "name": name, "arguments": arguments}).encode()
     except (TypeError, ValueError) as exc:
@@ -518,9 +514,8 @@ def _worker_main(config_json: str) -> None:
     _set_limit(resource.RLIMIT_CPU, config["cpu_seconds"] + 60, soft_only=True)
     if os.geteuid() != 0:  # RLIMIT_NPROC binds everyone but root
         _set_limit(resource.RLIMIT_NPROC, 0)
-    signal.signal(
-        signal.SIGXFSZ, signal.SIG_IGN
-    )  # an oversized file write fails with EFBIG instead of killing
+    # An oversized file write then fails with EFBIG instead of killing the worker.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     allowed = frozenset(config["allowed_modules"])
     sys.meta_path.insert(0, _RefuseImports(_NEVER_LOAD))
@@ -563,10 +558,8 @@ class _Channel:
             try:
                 serial, _, body = frame.partition(b"\n")
                 request = self.loads(body)
-                reply = {
-                    "id": int(serial),
-                    **runner.run(request["code"], request["name"], request["arguments"]),
-                }
+                outcome = runner.run(request["code"], request["name"], request["arguments"])
+                reply = {"id": int(serial), **outcome}
             except BaseException:  # not even an error report could be made (out of memory?): get replaced
                 self.exit(70)
             self.send(reply)
@@ -601,7 +594,7 @@ class _RefuseImports:
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
         if name.partition(".")[0] in self.refused:
-            raise ImportError(f"{name} is not available in the sandbox")
+            raise ImportError(f"import of '{name}' {REFUSAL}")
         return None
 
 
@@ -623,101 +616,130 @@ def _warm_up(allowed: frozenset[str]) -> None:
         warmers.append(lambda: __import__("dateutil.parser").parser.parse("2020-01-02 10:00"))
     if "pytz" in allowed:
         warmers.append(lambda: __import__("pytz").timezone("America/New_York"))
+    if "zoneinfo" in allowed:
+        warmers.append(lambda: __import__("zoneinfo").ZoneInfo("America/New_York"))
     for warm in warmers:
         with contextlib.suppress(Exception):
             warm()
 
 
 def _make_guarded_import(allowed: frozenset[str], real_import: Any) -> Any:
-    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):  # noqa: A002 (the builtin's names)
+    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):  # the builtin's signature
         if level != 0 or not isinstance(name, str) or name.partition(".")[0] not in allowed:
-            raise ForbiddenImport(f"import of '{name}' is not allowed in the sandbox")
+            raise ImportError(f"import of '{name}' {REFUSAL}")
         return real_import(name, globals, locals, fromlist, level)
 
     return guarded_import
 
 
-def _make_audit_hook(scratch: str, importable: frozenset[str]) -> Any:
-    """The audit hook. Tool code can reach module globals and builtins (and change them), so the hook uses neither:
-    everything it needs is bound here, in closure cells that nothing outside the hook can reach, and any tampering
-    that does happen makes it raise, which refuses the event (fail closed)."""
-    getcwd, type_of, str_type, bytes_type = os.getcwd, type, str, bytes
-    violation, forbidden_import = SandboxViolation, ForbiddenImport
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    scratch_prefix = scratch.rstrip("/") + "/"
+def _inside(
+    path: Any, scratch_prefix: str, getcwd: Any, type_of: Any, str_type: type, bytes_type: type
+) -> bool:
+    """Whether `path` names something inside scratch. Lexical, which is enough because links cannot be made
+    (os.symlink and os.link are refused). Anything but an exact str or bytes is outside: a PathLike's __fspath__
+    could answer differently when the file is really opened. Takes everything as arguments and reads no globals
+    or builtins, so nothing reachable from tool code changes what it answers."""
+    if type_of(path) is bytes_type:
+        path = path.decode("utf-8", "surrogateescape")
+    if type_of(path) is not str_type:
+        return False
+    if not path.startswith("/"):
+        path = getcwd() + "/" + path
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part and part != ".":
+            parts.append(part)
+    return ("/" + "/".join(parts) + "/").startswith(scratch_prefix)
 
-    def inside_scratch(path: Any) -> bool:
-        # Lexical: symlinks and hard links cannot be made (os.symlink/os.link are refused), so no path inside
-        # scratch leads outside it; PathLike objects are refused because __fspath__ could answer differently later.
-        if type_of(path) is bytes_type:
-            path = path.decode("utf-8", "surrogateescape")
-        if type_of(path) is not str_type:
-            return False
-        if not path.startswith("/"):
-            path = getcwd() + "/" + path
-        parts: list[str] = []
-        for part in path.split("/"):
-            if part == "..":
-                if parts:
-                    parts.pop()
-            elif part and part != ".":
-                parts.append(part)
-        return ("/" + "/".join(parts) + "/").startswith(scratch_prefix)
+
+# Audit events the hook refuses outright (beyond the checks on open, import and path events below).
+_REFUSED_EVENTS = frozenset(
+    {"os.system", "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.chdir", "os.chflags", "os.lchflags",
+     "os.chown", "os.link", "os.symlink", "os.setxattr", "os.removexattr", "os.startfile", "pty.spawn",
+     "sys.addaudithook", "sys.settrace", "sys.setprofile", "sys._current_frames", "sys._current_exceptions",
+     "builtins.input", "builtins.breakpoint", "code.__new__", "signal.pthread_kill", "webbrowser.open",
+     "urllib.Request", "pdb.Pdb", "ensurepip.bootstrap", "setopencodehook"}
+)  # fmt: skip
+_REFUSED_PREFIXES = (
+    "os.exec", "os.spawn", "os.posix_spawn", "subprocess.", "socket.", "ctypes.", "shutil.", "resource.", "gc.",
+    "mmap.", "fcntl.", "syslog.", "http.", "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.", "telnetlib.",
+    "sqlite3.", "cpython.", "winreg.", "msvcrt.", "_winapi.",
+)  # fmt: skip
+# Events that change the file system at the paths they name: allowed inside scratch only.
+_PATH_EVENTS = frozenset(
+    {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.truncate", "os.chmod", "os.utime"}
+)
+_FUNCTION_INTERNALS = frozenset({"__code__", "__defaults__", "__kwdefaults__", "__globals__", "__closure__"})
+_FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
+
+
+def _make_audit_hook(scratch: str, importable: frozenset[str]) -> Any:
+    """The audit hook. Tool code can reach module globals and builtins, and change them, so the hook uses neither:
+    what it needs is bound here, in closure cells that tool code cannot reach, and it calls no builtin by name.
+    It compares types by identity and uses only exact-str methods, so no tool code ever runs inside it; and any
+    exception it raises refuses the event, so tampering that does get through fails closed."""
+    getcwd, type_of = os.getcwd, type
+    str_type, bytes_type, tuple_type = str, bytes, tuple
+    int_type, float_type, none_type = int, float, type(None)
+    violation, forbidden_import, inside = PermissionError, ImportError, _inside
+    refused_events, refused_prefixes, path_events = _REFUSED_EVENTS, _REFUSED_PREFIXES, _PATH_EVENTS
+    function_internals, frame_attributes = _FUNCTION_INTERNALS, _FRAME_ATTRIBUTES
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    prefix = scratch.rstrip("/") + "/"
+
+    def is_text(value: Any) -> bool:
+        return type_of(value) is str_type or type_of(value) is bytes_type
 
     def audit_hook(event: str, args: tuple) -> None:
+        if type_of(event) is not str_type or type_of(args) is not tuple_type:
+            raise violation("a malformed audit event is not allowed in the sandbox")
         if event == "open":
             path, mode, flags = args
+            if type_of(flags) is not int_type or (mode is not None and type_of(mode) is not str_type):
+                raise violation("an open() with unusual arguments is not allowed in the sandbox")
             writing = flags & write_flags or (
-                mode is not None
-                and (
-                    type_of(mode) is not str_type or "w" in mode or "a" in mode or "x" in mode or "+" in mode
-                )
+                mode is not None and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)
             )
-            if writing and not inside_scratch(path):
+            if writing and not inside(path, prefix, getcwd, type_of, str_type, bytes_type):
+                shown = f"{path!r}" if is_text(path) else "that path"
                 raise violation(
-                    f"writing {path!r} is not allowed in the sandbox (only inside its scratch directory)"
+                    f"writing {shown} outside the scratch directory is not allowed in the sandbox"
                 )
         elif event == "import":
-            name = args[0]
+            name = args[0] if args else None
             if type_of(name) is not str_type or name.partition(".")[0] not in importable:
-                raise forbidden_import(f"import of '{name}' is not allowed in the sandbox")
-        elif event in {
-            "os.remove",
-            "os.rmdir",
-            "os.mkdir",
-            "os.rename",
-            "os.truncate",
-            "os.chmod",
-            "os.utime",
-        }:
+                shown = name if type_of(name) is str_type else "?"
+                raise forbidden_import(f"import of '{shown}' is not allowed in the sandbox")
+        elif event in path_events:
             for arg in args:
-                if type_of(arg) is str_type or type_of(arg) is bytes_type:
-                    if not inside_scratch(arg):
+                kind = type_of(arg)
+                if kind is str_type or kind is bytes_type:
+                    if not inside(arg, prefix, getcwd, type_of, str_type, bytes_type):
                         raise violation(f"'{event}' on {arg!r} is not allowed in the sandbox")
-                elif arg is not None and type_of(arg) not in (int, tuple, float):
-                    raise violation(
-                        f"'{event}' with a {type_of(arg).__name__} path is not allowed in the sandbox"
-                    )
+                    continue
+                harmless = kind is int_type or kind is float_type or kind is tuple_type or kind is none_type
+                if not harmless:  # modes, times and descriptors are harmless; a PathLike is not
+                    raise violation(f"'{event}' with that path is not allowed in the sandbox")
             dir_fds = args[2:] if event == "os.rename" else () if event == "os.truncate" else args[-1:]
             for fd in dir_fds:
-                if fd is not None and fd != -1:
+                if fd is not None and (type_of(fd) is not int_type or fd != -1):
                     raise violation(
                         f"'{event}' relative to a directory descriptor is not allowed in the sandbox"
                     )
-        elif event in {"object.__setattr__", "object.__delattr__"}:
-            if args[1] in {"__code__", "__defaults__", "__kwdefaults__", "__globals__", "__closure__"}:
-                raise violation(f"changing {args[1]} is not allowed in the sandbox")
-        elif event in {
-            "os.system", "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.chdir", "os.chflags", "os.lchflags",
-            "os.chown", "os.link", "os.symlink", "os.setxattr", "os.removexattr", "os.startfile", "pty.spawn",
-            "sys.addaudithook", "sys.settrace", "sys.setprofile", "sys._current_frames", "sys._current_exceptions",
-            "builtins.input", "builtins.breakpoint", "code.__new__", "signal.pthread_kill", "webbrowser.open",
-            "urllib.Request", "pdb.Pdb", "ensurepip.bootstrap", "setopencodehook",
-        } or event.startswith((
-            "os.exec", "os.spawn", "os.posix_spawn", "subprocess.", "socket.", "ctypes.", "shutil.", "resource.",
-            "gc.", "mmap.", "fcntl.", "syslog.", "http.", "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.",
-            "telnetlib.", "sqlite3.", "cpython.", "winreg.", "msvcrt.", "_winapi.",
-        )):  # fmt: skip
+        elif event == "object.__setattr__" or event == "object.__delattr__":
+            attribute = (args + (None, None))[1]
+            if type_of(attribute) is not str_type or attribute in function_internals:
+                raise violation("changing a function's code or closure is not allowed in the sandbox")
+        elif event == "object.__getattr__":
+            attribute = (args + (None, None))[1]
+            if type_of(attribute) is not str_type or attribute in frame_attributes:
+                raise violation(
+                    "reaching into frames is not allowed in the sandbox"
+                )  # none may reach the hook's
+        elif event in refused_events or event.startswith(refused_prefixes):
             raise violation(f"'{event}' is not allowed in the sandbox")
 
     return audit_hook
@@ -738,13 +760,9 @@ class _ToolRunner:
         kind, text = self._call(source, name, arguments)
         if kind is None:
             return {"content": text, "error": None}
-        # After MemoryError a fresh process beats a fragmented heap.
-        return {
-            "content": "",
-            "error": kind,
-            "reason": text[: self.max_output_chars],
-            "recycle": kind == "memory",
-        }
+        # After a MemoryError the worker asks to be replaced: a fresh process beats a fragmented heap.
+        recycle = kind == "memory"
+        return {"content": "", "error": kind, "reason": text[: self.max_output_chars], "recycle": recycle}
 
     def _call(self, source: str, name: str, arguments: dict[str, Any]) -> tuple[str | None, str]:
         try:
@@ -777,26 +795,27 @@ class _ToolRunner:
                 text = str.__str__(str(value))  # an exact str, whatever the value's __str__ returned
         except BaseException as exc:  # SystemExit and friends are tool errors too
             return _classify(exc), _exception_text(exc)
-        if len(text) > self.max_output_chars:
-            return (
-                "output_too_large",
-                f"the output has {len(text)} characters; the limit is {self.max_output_chars}",
-            )
+        limit = self.max_output_chars
+        if len(text) > limit:
+            return "output_too_large", f"the output has {len(text)} characters; the limit is {limit}"
         return None, text
 
 
 def _classify(exc: BaseException) -> str:
+    # Follow the chain: a refusal the tool caught and re-raised as something else is still a refusal.
     seen = 0
     cause: BaseException | None = exc
-    while (
-        cause is not None and seen < 8
-    ):  # a refusal the tool caught and re-raised as something else still counts
-        if isinstance(cause, SandboxViolation | ForbiddenImport):
+    while cause is not None and seen < 8:
+        if type(cause) in (PermissionError, ImportError) and _is_refusal(cause.args):
             return "forbidden"
         if isinstance(cause, MemoryError):
             return "memory"
         cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return "exception"
+
+
+def _is_refusal(args: tuple) -> bool:
+    return len(args) == 1 and type(args[0]) is str and args[0].endswith(REFUSAL)
 
 
 def _exception_text(exc: BaseException) -> str:

@@ -51,28 +51,36 @@ def _cloned_state_dict(model: Any) -> dict[str, Any]:
 
 
 def policy_payload(model: Any, tokenizer: Any) -> dict[str, Any]:
-    """The dict save_policy writes (exposed for trainers that add their own keys)."""
-    state_dict = _cloned_state_dict(model)
+    """The dict save_policy writes."""
     return {
         "format": POLICY_FORMAT,
-        "state_dict": state_dict,
+        "state_dict": _cloned_state_dict(model),
         # Through JSON so that every value (dtypes included) is a plain type weights_only accepts.
         "config": json.loads(model.config.to_json_string(use_diff=False)),
         "tokenizer": _tokenizer_files(tokenizer),
     }
 
 
-def save_policy(model: Any, tokenizer: Any, path: str | Path) -> Path:
-    """Write a self-contained .pt atomically (a reader never sees a half-written file)."""
+def save_policy(model: Any, tokenizer: Any, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write a self-contained .pt atomically (a reader never sees a half-written file).
+
+    `extra` adds keys of the caller's own (a training step, a run config) next to the standard ones; values
+    must be tensors or plain data so that weights_only loading still works.
+    """
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = policy_payload(model, tokenizer)
+    clashes = sorted(set(extra or {}) & set(payload))
+    if clashes:
+        raise ValueError(f"extra keys {clashes} would overwrite the policy format's own keys")
+    payload.update(extra or {})
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         torch.save(payload, tmp_name)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):

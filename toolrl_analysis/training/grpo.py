@@ -32,7 +32,7 @@ from toolrl_analysis.config import require
 from toolrl_analysis.envs.reward import REWARD_VARIANTS, step_reward
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.envs.toolcalls import parse_tool_calls
-from toolrl_analysis.errors import UserError
+from toolrl_analysis.errors import TrainingDiverged
 from toolrl_analysis.rollout import (
     ModelPolicy,
     decode_completion,
@@ -108,10 +108,6 @@ class GRPOConfig:
         require(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1)")
         require(self.clip_eps_high >= self.clip_eps, "clip_eps_high", "must be at least clip_eps")
         require(self.kl_clamp > 0, "kl_clamp", "must be positive")
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -390,15 +386,14 @@ class GRPOTrainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def evaluate_slice(self) -> float:
-        from toolrl_analysis.evaluate import episode_table, evaluate_tool_use, summarize_tool_use
+        from toolrl_analysis.evaluate import episode_table, evaluate_tool_use, summarize_tool_use, summary_value
 
         episodes = evaluate_tool_use(
             self.model, self.tokenizer, self.eval_records, sandbox=self.sandbox,
             max_turns=self.config.max_turns, max_new_tokens=self.config.max_new_tokens,
             max_prompt_tokens=self.config.max_prompt_tokens, batch_size=self.config.generation_batch_size,
         )
-        summary = summarize_tool_use(episode_table(episodes))
-        return float(summary.loc[summary["scenario"] == "overall", "solve_f1"].iloc[0])
+        return summary_value(summarize_tool_use(episode_table(episodes)), "solve_f1")
 
     def train(self, resume: bool = False, on_iteration: Callable[[dict[str, Any]], None] | None = None) -> list[dict]:
         c = self.config
@@ -411,6 +406,11 @@ class GRPOTrainer:
         history = []
         with _sigint_sets_flag(self):
             while self.iteration < c.iterations and not self.stop_requested:
+                if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+                    raise TrainingDiverged(
+                        f"model weights became NaN or Inf before iteration {self.iteration}; stopped, last "
+                        f"good checkpoint kept in {self.checkpoint_dir}"
+                    )
                 started = time.perf_counter()
                 collect = self.collect_episode_samples if c.credit == "episode" else self.collect_step_samples
                 samples, rollout_stats = collect()

@@ -1,0 +1,156 @@
+"""The GRPO trainer on real (tiny) models, real environments and a real sandbox."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from toolrl_analysis.cli import main
+from toolrl_analysis.config import load_config
+from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_envset
+from toolrl_analysis.envs.sandbox import Sandbox
+from toolrl_analysis.errors import ConfigError, TrainingDiverged
+from toolrl_analysis.models.checkpoint import load_policy, save_policy
+from toolrl_analysis.models.factory import build_model
+from toolrl_analysis.models.tokenizer import build_policy_tokenizer
+from toolrl_analysis.training import grpo
+from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer, episode_group_advantages, train_grpo
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    build = build_envsets(EnvBuildConfig(seed=5, train_size=12, test_per_scenario=1))
+    tokenizer = build_policy_tokenizer(build.train, vocab_size=600)
+    root = tmp_path_factory.mktemp("grpo")
+    write_envset(build, root / "envs")
+    model = build_model("tiny", tokenizer=tokenizer, seed=0)
+    save_policy(model, tokenizer, root / "init.pt")
+    return root, build
+
+
+def small_config(**overrides) -> GRPOConfig:
+    values = dict(
+        iterations=2, envs_per_iteration=2, group_size=2, max_samples_per_iteration=3, max_turns=2,
+        max_new_tokens=12, max_prompt_tokens=1024, lr=1e-3, eval_every=0, save_every=1, keep_last=2,
+        generation_batch_size=8, mini_batch_size=4, sandbox_workers=1,
+    )
+    values.update(overrides)
+    config = GRPOConfig(**values)
+    config.validate()
+    return config
+
+
+def run(root, build, out, config, resume=False, poison_after=None, interrupt_after=None, on_row=None):
+    model, tokenizer = load_policy(root / "init.pt")
+    with Sandbox(workers=1) as sandbox:
+        trainer = GRPOTrainer(config, model, tokenizer, build.train, out, sandbox, log=lambda _: None)
+
+        def on_iteration(row):
+            if on_row is not None:
+                on_row(row)
+            if poison_after is not None and row["iteration"] == poison_after:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+            if interrupt_after is not None and row["iteration"] == interrupt_after:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        history = trainer.train(resume=resume, on_iteration=on_iteration)
+    return trainer, history
+
+
+def test_resume_reproduces_an_uninterrupted_run(setup, tmp_path):
+    root, build = setup
+    straight, history = run(root, build, tmp_path / "a", small_config(iterations=3))
+    assert [row["iteration"] for row in history] == [1, 2, 3]
+    for key in ("reward_mean", "reward_std", "zero_spread_groups", "kl", "entropy", "clip_fraction",
+                "grad_norm", "samples_per_second", "tokens_per_second"):
+        assert key in history[0]
+    run(root, build, tmp_path / "b", small_config(iterations=2))
+    resumed, _ = run(root, build, tmp_path / "b", small_config(iterations=3), resume=True)
+    assert resumed.iteration == 3
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert len(list((tmp_path / "b" / "checkpoints").glob("iter-*.pt"))) == 2  # keep_last
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    root, build = setup
+    real_loss, calls = grpo.clipped_policy_loss, []
+
+    def loss_turning_nan_in_iteration_two(*args, **kwargs):
+        loss, clip_fraction = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if trainer_iteration[0] >= 1 else loss), clip_fraction
+
+    trainer_iteration = [0]
+    monkeypatch.setattr(grpo, "clipped_policy_loss", loss_turning_nan_in_iteration_two)
+    with pytest.raises(TrainingDiverged, match="loss became nan.*last good checkpoint"):
+        run(root, build, tmp_path, small_config(iterations=4),
+            on_row=lambda row: trainer_iteration.__setitem__(0, row["iteration"]))
+    checkpoints = sorted((tmp_path / "checkpoints").glob("iter-*.pt"))
+    assert [p.name for p in checkpoints] == ["iter-000001.pt"]
+    state = torch.load(checkpoints[0], weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_non_finite_weights_stop_the_run(setup, tmp_path):
+    root, build = setup
+    with pytest.raises(TrainingDiverged, match="weights became NaN"):
+        run(root, build, tmp_path, small_config(iterations=4), poison_after=1)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("iter-*.pt")] == ["iter-000001.pt"]
+
+
+def test_sigint_saves_and_exits_cleanly(setup, tmp_path):
+    root, build = setup
+    trainer, history = run(root, build, tmp_path, small_config(iterations=5, save_every=0), interrupt_after=1)
+    assert trainer.stop_requested and trainer.iteration == 1 and len(history) == 1
+    assert (tmp_path / "checkpoints" / "iter-000001.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"algo": "reinforce++"},
+        {"credit": "episode", "loss_aggregation": "seq-mean-token-sum-norm", "normalize_std": False},
+    ],
+)
+def test_other_estimators_and_credit_modes_train(setup, tmp_path, overrides):
+    root, build = setup
+    trainer, history = run(root, build, tmp_path, small_config(iterations=1, **overrides))
+    assert trainer.iteration == 1 and history[0]["samples"] > 0
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_episode_group_advantages_count_each_episode_once():
+    # episode 0 has three turns, episode 1 one; both in group 0
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 0])
+    episodes = torch.tensor([0, 0, 0, 1])
+    adv = episode_group_advantages(rewards, groups, episodes, normalize_std=False)
+    assert adv.tolist() == [0.5, 0.5, 0.5, -0.5]
+
+
+def test_train_grpo_writes_policy_and_metrics(setup, tmp_path):
+    root, _ = setup
+    summary = train_grpo(root / "envs", root / "init.pt", tmp_path, small_config(iterations=1, eval_every=1, eval_envs=2))
+    assert summary["iterations"] == 1 and "heldout_solve_f1" in summary["history"][0]
+    load_policy(tmp_path / "trained.pt")
+    load_policy(tmp_path / "hf")
+    assert (tmp_path / "metrics.csv").read_text().startswith("iteration,")
+
+
+def test_config_errors_name_the_key(setup, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="'group_size'"):
+        load_config(GRPOConfig, None, ["group_size=1"])
+    with pytest.raises(ConfigError, match="'clip_eps_high'"):
+        load_config(GRPOConfig, None, ["clip_eps=0.3", "clip_eps_high=0.2"])
+    root, _ = setup
+    code = main(["train-grpo", "--envs", str(root / "envs"), "--init", str(root / "init.pt"),
+                 "--out", str(tmp_path), "--set", "lr=-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'lr'" in err and "Traceback" not in err
+    code = main(["train-grpo", "--envs", str(root / "envs"), "--init", str(tmp_path / "missing.pt"),
+                 "--out", str(tmp_path)])
+    assert code == 2 and "Traceback" not in capsys.readouterr().err

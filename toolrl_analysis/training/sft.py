@@ -1,0 +1,315 @@
+"""Supervised warm-up of the embedded base: teach a from-scratch tiny model the tool-call format.
+
+The data are oracle trajectories on the training environments (golden calls from `meta`, tool output
+from really running the tools in the sandbox, then a final answer), mixed with general text and short
+general tasks. The loss covers assistant tokens only (the chat template's `{% generation %}` marks them),
+except for general text, which is plain language modelling.
+
+The base must be competent but clearly imperfect, so that RL has room to show gains (target held-out
+Solve-F1 0.2-0.6 with multi-hop weaker). This is controlled deliberately, not by accident:
+  * `multi_hop_share` keeps only a fraction of the multi-hop demonstrations;
+  * `correction_prob` inserts failed calls followed by their correction, as FTRL's environments produce;
+  * `steps` bounds the training itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolrl_analysis.config import require
+from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord
+
+MULTI_HOP = ("multi_hop", "parallel_multi_hop")
+
+
+@dataclass
+class SFTConfig:
+    preset: str = "tiny"
+    family: str = "qwen2"
+    vocab_size: int = 4096
+    multi_hop_share: float = 0.35  # fraction of multi-hop / parallel multi-hop demonstrations kept
+    correction_prob: float = 0.2  # trajectories with one failed call followed by its correction
+    general_text_share: float = 0.1  # general-text sequences, as a fraction of tool-use ones
+    general_tasks: int = 1500  # short general tasks (arithmetic, copying, reversing)
+    steps: int = 200
+    batch_tokens: int = 8192
+    max_seq_len: int = 1024
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 10
+    time_limit_s: float = 0.0  # 0 = no limit; otherwise stop early (and say so) after this many seconds
+
+    def validate(self) -> None:
+        from toolrl_analysis.models.factory import FAMILIES, PRESETS
+
+        require(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}")
+        require(self.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}")
+        require(256 <= self.vocab_size <= 65536, "vocab_size", "must be between 256 and 65536")
+        for key in ("multi_hop_share", "correction_prob"):
+            require(0.0 <= getattr(self, key) <= 1.0, key, "must be between 0 and 1")
+        require(self.general_text_share >= 0, "general_text_share", "must not be negative")
+        require(self.general_tasks >= 0, "general_tasks", "must not be negative")
+        require(self.steps >= 1, "steps", "must be at least 1")
+        require(self.batch_tokens >= self.max_seq_len, "batch_tokens", "must be at least max_seq_len")
+        require(self.max_seq_len >= 64, "max_seq_len", "must be at least 64")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        require(self.weight_decay >= 0, "weight_decay", "must not be negative")
+        require(self.warmup_steps >= 0, "warmup_steps", "must not be negative")
+        require(self.grad_clip > 0, "grad_clip", "must be positive")
+        require(self.threads >= 0, "threads", "must not be negative")
+        require(self.log_every >= 1, "log_every", "must be at least 1")
+        require(self.time_limit_s >= 0, "time_limit_s", "must not be negative")
+
+
+# -- oracle trajectories ---------------------------------------------------------------------------
+def _corrupt(arguments: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+    """The golden arguments with their first string value misspelled (a plausible failed call)."""
+    corrupted = json.loads(json.dumps(arguments))
+
+    def visit(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, str) and len(value) > 3:
+                    cut = rng.randrange(1, len(value) - 1)
+                    node[key] = value[:cut] + value[cut + 1 :]
+                    return True
+                if visit(value):
+                    return True
+        if isinstance(node, list):
+            for index, value in enumerate(node):
+                if isinstance(value, str) and len(value) > 3:
+                    node[index] = value[:-1]
+                    return True
+                if visit(value):
+                    return True
+        return False
+
+    return corrupted if visit(corrupted) else None
+
+
+def plan_trajectory(record: EnvRecord, rng: random.Random, correction_prob: float) -> list[list[tuple[str, dict]]]:
+    """The assistant's calls turn by turn: the golden turns, one of them possibly preceded by a failed call."""
+    from toolrl_analysis.envs.check import golden_calls
+
+    turns = [[(name, args) for _, name, args in turn] for turn in golden_calls(record)]
+    if turns and rng.random() < correction_prob:
+        at = rng.randrange(len(turns))
+        name, args = rng.choice(turns[at])
+        wrong = _corrupt(args, rng)
+        if wrong is not None:
+            turns.insert(at, [(name, wrong)])
+    return turns
+
+
+def oracle_conversations(
+    records: Sequence[EnvRecord], sandbox, rng: random.Random, correction_prob: float
+) -> list[list[dict[str, Any]]]:
+    """Full conversations (question, calls, real tool output, final answer). All calls of all
+    trajectories run in one batched `call_many`: golden arguments never depend on live output."""
+    plans = [plan_trajectory(record, rng, correction_prob) for record in records]
+    flat = [
+        (record.codes.get(name, ""), name, args)
+        for record, plan in zip(records, plans, strict=True)
+        for turn in plan
+        for name, args in turn
+    ]
+    results = iter(sandbox.call_many(flat) if flat else [])
+    conversations = []
+    for record, plan in zip(records, plans, strict=True):
+        messages = [dict(m) for m in record.messages]
+        for turn in plan:
+            calls = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in turn]
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            for name, _ in turn:
+                messages.append({"role": "tool", "name": name, "content": next(results).content})
+        messages.append({"role": "assistant", "content": f"The answer is {record.answer}."})
+        conversations.append(messages)
+    return conversations
+
+
+def demonstration_records(records: Sequence[EnvRecord], config: SFTConfig, rng: random.Random) -> list[EnvRecord]:
+    """All single-hop demonstrations, a `multi_hop_share` of the multi-hop ones (records with golden calls)."""
+    usable = [r for r in records if r.meta.get("golden_turns")]
+    return [r for r in usable if r.scenario not in MULTI_HOP or rng.random() < config.multi_hop_share]
+
+
+# -- tokenised examples ----------------------------------------------------------------------------
+def chat_example(tokenizer, messages, tools=None) -> tuple[list[int], list[int]]:
+    """Token ids and the assistant-token mask (1 on what the model must learn to write)."""
+    out = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def text_examples(tokenizer, texts: Sequence[str], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """General text, chunked to `max_len` tokens; every token is a target."""
+    examples = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for start in range(0, len(ids), max_len):
+            chunk = ids[start : start + max_len]
+            if len(chunk) > 8:
+                examples.append((chunk, [1] * len(chunk)))
+    return examples
+
+
+def token_budget_batches(
+    examples: Sequence[tuple[list[int], list[int]]], batch_tokens: int, rng: random.Random
+) -> list[list[int]]:
+    """Batches of similar length (little padding) holding at most `batch_tokens` padded tokens, shuffled."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
+    batches, current, longest = [], [], 0
+    for index in order:
+        length = len(examples[index][0])
+        if current and max(longest, length) * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(index)
+        longest = max(longest, length)
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, mask) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.where(torch.tensor(mask, dtype=torch.bool), torch.tensor(ids), -100)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def _lr_factor(step: int, config: SFTConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- the command -----------------------------------------------------------------------------------
+def build_examples(tokenizer, records, sandbox, config: SFTConfig) -> tuple[list, dict[str, Any]]:
+    from toolrl_analysis.models.general import general_tasks, general_text, task_chat
+
+    rng = random.Random(config.seed)
+    demos = demonstration_records(records, config, rng)
+    conversations = oracle_conversations(demos, sandbox, rng, config.correction_prob)
+    tool_examples = [chat_example(tokenizer, m, r.tools) for m, r in zip(conversations, demos, strict=True)]
+    kept = [e for e in tool_examples if len(e[0]) <= config.max_seq_len]
+    task_examples = [chat_example(tokenizer, task_chat(t)) for t in general_tasks(config.general_tasks, config.seed, "train")]
+    prose = text_examples(tokenizer, general_text("train"), config.max_seq_len)
+    rng.shuffle(prose)
+    prose = prose[: int(config.general_text_share * len(kept))]
+    info = {
+        "demonstrations": {s: sum(r.scenario == s for r in demos) for s in SCENARIOS},
+        "tool_use_examples": len(kept),
+        "dropped_too_long": len(tool_examples) - len(kept),
+        "corrections": sum(
+            len([m for m in c if m["role"] == "assistant"]) - 1 > len(r.meta.get("golden_turns", []))
+            for c, r in zip(conversations, demos, strict=True)
+        ),
+        "general_task_examples": len(task_examples),
+        "general_text_examples": len(prose),
+    }
+    return kept + task_examples + prose, info
+
+
+def train_base(
+    envs_dir: str | Path,
+    out_dir: str | Path,
+    config: SFTConfig,
+    on_step: Callable[[int, float], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Tokenizer + model from scratch, supervised on oracle trajectories; writes base.pt and hf/."""
+    import pandas as pd
+
+    from toolrl_analysis.envs.sandbox import Sandbox
+    from toolrl_analysis.envs.schema import read_envs
+    from toolrl_analysis.errors import EnvFormatError, TrainingDiverged
+    from toolrl_analysis.models.checkpoint import save_hf_dir, save_policy
+    from toolrl_analysis.models.factory import build_model, count_parameters
+    from toolrl_analysis.models.tokenizer import build_policy_tokenizer
+
+    envs_dir, out_dir = Path(envs_dir), Path(out_dir)
+    train_path = envs_dir / "train.jsonl" if envs_dir.is_dir() else envs_dir
+    if not train_path.exists():
+        raise EnvFormatError(f"no training environments at {train_path}")
+    records = read_envs(train_path)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+
+    tokenizer = build_policy_tokenizer(records, vocab_size=config.vocab_size, seed=config.seed)
+    model = build_model(config.preset, family=config.family, tokenizer=tokenizer, seed=config.seed)
+    with Sandbox(workers=2) as sandbox:
+        examples, info = build_examples(tokenizer, records, sandbox, config)
+    log(f"{count_parameters(model):,} parameters; {len(examples)} examples "
+        f"({info['tool_use_examples']} tool use); data ready in {time.perf_counter() - started:.1f}s")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    rng = random.Random(config.seed)
+    pad_id = tokenizer.pad_token_id
+    batches: list[list[int]] = []
+    curve, step, tokens_seen, stopped_early = [], 0, 0, False
+    model.train()
+    train_started = time.perf_counter()
+    while step < config.steps:
+        if not batches:
+            batches = token_budget_batches(examples, config.batch_tokens, rng)
+        batch = collate([examples[i] for i in batches.pop()], pad_id)
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"warm-up loss became {loss.item()} at step {step}; lower config key 'lr'")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        tokens_seen += int(batch["attention_mask"].sum())
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed = time.perf_counter() - train_started
+            curve.append({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                          "tokens": tokens_seen, "seconds": elapsed})
+        if on_step is not None:
+            on_step(step, loss.item())
+        if config.time_limit_s and time.perf_counter() - started > config.time_limit_s:
+            stopped_early = True
+            log(f"time limit reached after {step} steps")
+            break
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    save_policy(model, tokenizer, out_dir / "base.pt")
+    save_hf_dir(model, tokenizer, out_dir / "hf")
+    pd.DataFrame(curve).to_csv(out_dir / "loss.csv", index=False)
+    summary = {
+        "out": str(out_dir), "parameters": count_parameters(model), "steps": step,
+        "stopped_early": stopped_early, "final_loss": curve[-1]["loss"] if curve else None,
+        "first_loss": curve[0]["loss"] if curve else None, "tokens": tokens_seen,
+        "seconds": time.perf_counter() - started, "data": info, "config": asdict(config),
+    }
+    (out_dir / "train_base.json").write_text(json.dumps(summary, indent=2))
+    return summary
+

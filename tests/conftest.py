@@ -6,7 +6,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+# The paper's published 200-environment test set, in FTRL's own format, beside the repository (shared/).
+FTRL_TEST_SET = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftrl-test.jsonl"
+assert FTRL_TEST_SET.is_file(), f"the published FTRL test set is missing: {FTRL_TEST_SET}"
 
 
 @pytest.fixture(autouse=True)

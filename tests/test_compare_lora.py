@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import peft  # noqa: E402
 import pytest
 import torch
 from test_compare_support import random_state_dict, tiny_model, write_checkpoint
@@ -11,8 +12,6 @@ from test_compare_support import random_state_dict, tiny_model, write_checkpoint
 from toolrl_analysis.analysis.checkpoints import LoraCheckpoint, open_checkpoint
 from toolrl_analysis.analysis.diff import SPARSITY_COLUMNS, compare_checkpoints
 from toolrl_analysis.errors import CheckpointError
-
-peft = pytest.importorskip("peft")
 
 METRICS = (
     "update_norm",

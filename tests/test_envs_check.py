@@ -3,17 +3,15 @@
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import pytest
+from conftest import FTRL_TEST_SET as FTRL_TEST
 
 from toolrl_analysis import cli
 from toolrl_analysis.envs.check import check_records, summarize
 from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_envset
 from toolrl_analysis.envs.sandbox import Sandbox
 from toolrl_analysis.envs.schema import SCENARIOS, read_envs, write_envs
-
-FTRL_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ftrl-test.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +67,6 @@ def test_a_broken_tool_is_listed_by_env_id_and_fails_the_command(envset, tmp_pat
     assert "FAILED" in out and broken.env_id in out
 
 
-@pytest.mark.skipif(not FTRL_TEST.is_file(), reason="../shared/data/ftrl-test.jsonl not present")
 def test_imported_ftrl_records_are_reported_as_having_no_golden_calls(tmp_path):
     lines = FTRL_TEST.read_text(encoding="utf-8").splitlines()[::25]
     (tmp_path / "ftrl.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,19 +1,15 @@
 """FTRL import/export round trip on the published test set, parquet import, verl export."""
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import FTRL_TEST_SET as FTRL_TEST
 
 from toolrl_analysis.envs.ftrl_io import export, import_ftrl, load_source
 from toolrl_analysis.envs.schema import read_envs
 from toolrl_analysis.errors import UserError
 
-FTRL_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ftrl-test.jsonl"
-needs_ftrl = pytest.mark.skipif(not FTRL_TEST.is_file(), reason="../shared/data/ftrl-test.jsonl not present")
 
-
-@needs_ftrl
 def test_import_loads_all_200_and_export_round_trips_field_for_field(tmp_path):
     result = import_ftrl(FTRL_TEST, tmp_path / "imported")
     assert result["records"] == 200 and result["files"]["test"]["records"] == 200
@@ -35,7 +31,6 @@ def test_import_loads_all_200_and_export_round_trips_field_for_field(tmp_path):
             assert after[field] == value and type(after[field]) is type(value), field
 
 
-@needs_ftrl
 def test_parquet_ftrl_file_imports_like_the_jsonl(tmp_path):
     import pandas as pd
 
@@ -48,7 +43,6 @@ def test_parquet_ftrl_file_imports_like_the_jsonl(tmp_path):
     assert [json.dumps(r.tools, ensure_ascii=False) for r in records] == [row["tools"] for row in rows]
 
 
-@needs_ftrl
 def test_verl_export_has_verl_columns_and_uniform_types(tmp_path):
     import pyarrow.parquet as pq
 

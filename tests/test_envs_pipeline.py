@@ -4,13 +4,14 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import FTRL_TEST_SET as FTRL_TEST
 
 from toolrl_analysis import cli
 from toolrl_analysis.envs.decompose import FTRL_PROMPT
 from toolrl_analysis.envs.schema import FTRL_FIELDS, SCENARIOS, read_envs
 
 REPO = Path(__file__).resolve().parents[1]
-FTRL_TEST = REPO.parent / "shared" / "data" / "ftrl-test.jsonl"
+
 DEFAULT_CONFIG = str(REPO / "envs" / "default.toml")
 SMALL = ["--set", "train_size=20", "--set", "test_per_scenario=2"]
 

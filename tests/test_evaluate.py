@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import FTRL_TEST_SET as FTRL_TEST
 
 from toolrl_analysis.cli import main
 from toolrl_analysis.envs.schema import EnvRecord, read_envs, write_envs
@@ -20,7 +21,6 @@ from toolrl_analysis.evaluate import (
     summarize_tool_use,
 )
 
-FTRL_TEST = Path("/work/shared/data/ftrl-test.jsonl")
 LOOKUP_CODE = """
 def population_of(city):
     return {"Lyon": "522,250"}.get(city, "unknown city")

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FTRL_TEST_SET
 
 from toolrl_analysis.envs.sandbox import Sandbox
 from toolrl_analysis.envs.schema import read_envs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FTRL_TEST_SET = REPO_ROOT.parent / "shared" / "data" / "ftrl-test.jsonl"
 
 
 def example_value(schema: Any) -> Any:

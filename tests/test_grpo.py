@@ -31,9 +31,20 @@ def setup(tmp_path_factory):
 
 def small_config(**overrides) -> GRPOConfig:
     values = dict(
-        iterations=2, envs_per_iteration=2, group_size=2, max_samples_per_iteration=3, max_turns=2,
-        max_new_tokens=12, max_prompt_tokens=1024, lr=1e-3, eval_every=0, save_every=1, keep_last=2,
-        generation_batch_size=8, mini_batch_size=4, sandbox_workers=1,
+        iterations=2,
+        envs_per_iteration=2,
+        group_size=2,
+        max_samples_per_iteration=3,
+        max_turns=2,
+        max_new_tokens=12,
+        max_prompt_tokens=1024,
+        lr=1e-3,
+        eval_every=0,
+        save_every=1,
+        keep_last=2,
+        generation_batch_size=8,
+        mini_batch_size=4,
+        sandbox_workers=1,
     )
     values.update(overrides)
     config = GRPOConfig(**values)
@@ -63,13 +74,24 @@ def test_resume_reproduces_an_uninterrupted_run(setup, tmp_path):
     root, build = setup
     straight, history = run(root, build, tmp_path / "a", small_config(iterations=3))
     assert [row["iteration"] for row in history] == [1, 2, 3]
-    for key in ("reward_mean", "reward_std", "zero_spread_groups", "kl", "entropy", "clip_fraction",
-                "grad_norm", "samples_per_second", "tokens_per_second"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "zero_spread_groups",
+        "kl",
+        "entropy",
+        "clip_fraction",
+        "grad_norm",
+        "samples_per_second",
+        "tokens_per_second",
+    ):
         assert key in history[0]
     run(root, build, tmp_path / "b", small_config(iterations=2))
     resumed, _ = run(root, build, tmp_path / "b", small_config(iterations=3), resume=True)
     assert resumed.iteration == 3
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert len(list((tmp_path / "b" / "checkpoints").glob("iter-*.pt"))) == 2  # keep_last
 
@@ -86,8 +108,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
     trainer_iteration = [0]
     monkeypatch.setattr(grpo, "clipped_policy_loss", loss_turning_nan_in_iteration_two)
     with pytest.raises(TrainingDiverged, match="loss became nan.*last good checkpoint"):
-        run(root, build, tmp_path, small_config(iterations=4),
-            on_row=lambda row: trainer_iteration.__setitem__(0, row["iteration"]))
+        run(
+            root,
+            build,
+            tmp_path,
+            small_config(iterations=4),
+            on_row=lambda row: trainer_iteration.__setitem__(0, row["iteration"]),
+        )
     checkpoints = sorted((tmp_path / "checkpoints").glob("iter-*.pt"))
     assert [p.name for p in checkpoints] == ["iter-000001.pt"]
     state = torch.load(checkpoints[0], weights_only=True)
@@ -134,7 +161,9 @@ def test_episode_group_advantages_count_each_episode_once():
 
 def test_train_grpo_writes_policy_and_metrics(setup, tmp_path):
     root, _ = setup
-    summary = train_grpo(root / "envs", root / "init.pt", tmp_path, small_config(iterations=1, eval_every=1, eval_envs=2))
+    summary = train_grpo(
+        root / "envs", root / "init.pt", tmp_path, small_config(iterations=1, eval_every=1, eval_envs=2)
+    )
     assert summary["iterations"] == 1 and "heldout_solve_f1" in summary["history"][0]
     load_policy(tmp_path / "trained.pt")
     load_policy(tmp_path / "hf")
@@ -147,10 +176,30 @@ def test_config_errors_name_the_key(setup, tmp_path, capsys):
     with pytest.raises(ConfigError, match="'clip_eps_high'"):
         load_config(GRPOConfig, None, ["clip_eps=0.3", "clip_eps_high=0.2"])
     root, _ = setup
-    code = main(["train-grpo", "--envs", str(root / "envs"), "--init", str(root / "init.pt"),
-                 "--out", str(tmp_path), "--set", "lr=-1"])
+    code = main(
+        [
+            "train-grpo",
+            "--envs",
+            str(root / "envs"),
+            "--init",
+            str(root / "init.pt"),
+            "--out",
+            str(tmp_path),
+            "--set",
+            "lr=-1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "'lr'" in err and "Traceback" not in err
-    code = main(["train-grpo", "--envs", str(root / "envs"), "--init", str(tmp_path / "missing.pt"),
-                 "--out", str(tmp_path)])
+    code = main(
+        [
+            "train-grpo",
+            "--envs",
+            str(root / "envs"),
+            "--init",
+            str(tmp_path / "missing.pt"),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 2 and "Traceback" not in capsys.readouterr().err

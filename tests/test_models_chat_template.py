@@ -147,7 +147,8 @@ def test_assistant_token_mask_covers_the_reply_and_its_end_token(tokenizer):
 
 
 def test_round_trip_through_parse_tool_calls():
-    toolcalls = pytest.importorskip("toolrl_analysis.envs.toolcalls")
+    from toolrl_analysis.envs import toolcalls
+
     calls = [
         _call("weather_now", city="Paris", days=2),
         _call("person_info", person={"name": "Ada Lovelace"}),

@@ -60,8 +60,16 @@ def test_assistant_mask_covers_only_what_the_model_writes(envset):
 def test_short_warm_up_lowers_loss_and_writes_checkpoints(envset, tmp_path):
     envs_dir, _ = envset
     config = SFTConfig(
-        vocab_size=600, steps=30, batch_tokens=2048, max_seq_len=1024, lr=3e-3, warmup_steps=5,
-        general_tasks=64, general_text_share=0.05, log_every=5, threads=1,
+        vocab_size=600,
+        steps=30,
+        batch_tokens=2048,
+        max_seq_len=1024,
+        lr=3e-3,
+        warmup_steps=5,
+        general_tasks=64,
+        general_text_share=0.05,
+        log_every=5,
+        threads=1,
     )
     summary = train_base(envs_dir, tmp_path / "base", config, log=lambda _: None)
     curve = pd.read_csv(tmp_path / "base" / "loss.csv")
@@ -88,5 +96,7 @@ def test_cli_train_base_rejects_bad_input(tmp_path, capsys):
     assert main(["train-base", "--envs", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("toolrl-analyze: error:") and "\n" not in err
-    assert main(["train-base", "--envs", str(tmp_path), "--out", str(tmp_path / "b"), "--set", "lr=-0.1"]) == 2
+    assert (
+        main(["train-base", "--envs", str(tmp_path), "--out", str(tmp_path / "b"), "--set", "lr=-0.1"]) == 2
+    )
     assert "'lr'" in capsys.readouterr().err

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FTRL_TEST_SET as FTRL_TEST
 
 from toolrl_analysis.cli import main as cli_main
 from toolrl_analysis.envs import ftrl_io
@@ -36,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 VERL_DIR = ROOT / "training" / "verl"
 LAUNCHER = VERL_DIR / "run_grpo.sh"
 REINFORCE_LAUNCHER = VERL_DIR / "run_reinforce_pp.sh"
-FTRL_TEST = ROOT.parent / "shared" / "data" / "ftrl-test.jsonl"
 
 # Every key below is in verl's ppo_trainer config (docs/examples/config.rst, _generated_ppo_trainer.yaml) and/or is
 # set by FTRL's launchers; the launcher may set no other key.
@@ -143,12 +143,10 @@ def _render(template: str = CHAT_TEMPLATE):
 
 def _trl_template(name: str) -> str:
     """Real Qwen chat templates, as shipped by trl (an optional extra)."""
-    pytest.importorskip("trl")
     from importlib.resources import files
 
     path = files("trl") / "chat_templates" / name
-    if not path.is_file():
-        pytest.skip(f"trl ships no {name}")
+    assert path.is_file(), f"trl ships no {name}"
     return path.read_text(encoding="utf-8")
 
 
@@ -236,7 +234,8 @@ def test_export_has_every_field_verls_rlhf_dataset_reads(exported, tokenizer_dir
 
 
 def test_export_loads_through_hf_datasets_like_rlhf_dataset(exported, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     dataset = datasets.load_dataset("parquet", data_files=str(exported["parquet"]), cache_dir=str(tmp_path))[
         "train"
     ]
@@ -367,7 +366,6 @@ def test_prepare_refuses_a_template_that_lists_tools_elsewhere(exported):
         prepare.prompt_with_tools(record.messages, record.tools, _render(raising))
 
 
-@pytest.mark.skipif(not FTRL_TEST.is_file(), reason="../shared/data/ftrl-test.jsonl not present")
 def test_prepare_handles_ftrls_published_tool_schemas(tmp_path):
     prepare = _prepare_module()
     render = _render(_trl_template("qwen2_5.jinja"))

@@ -128,19 +128,30 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
     from toolrl_analysis.training.sft import SFTConfig, train_base
 
     config = load_config(SFTConfig, _config_path(args.config, "training/base.toml"), args.set)
-    columns = (TextColumn("warm-up {task.fields[loss]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("warm-up {task.fields[loss]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=progress_console(), transient=True) as progress:
         task = progress.add_task("sft", total=config.steps, loss="")
         summary = train_base(
-            args.envs, args.out, config,
+            args.envs,
+            args.out,
+            config,
             on_step=lambda step, loss: progress.update(task, completed=step, loss=f"loss {loss:.3f}"),
             log=lambda line: progress.console.print(line),
         )
-    emit(args, summary, lambda: console().print(
-        f"base written to {summary['out']}/base.pt and {summary['out']}/hf "
-        f"({summary['parameters']:,} parameters, {summary['steps']} steps, loss "
-        f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, {summary['seconds']:.0f}s)"
-    ))
+    emit(
+        args,
+        summary,
+        lambda: console().print(
+            f"base written to {summary['out']}/base.pt and {summary['out']}/hf "
+            f"({summary['parameters']:,} parameters, {summary['steps']} steps, loss "
+            f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, {summary['seconds']:.0f}s)"
+        ),
+    )
 
 
 def _cmd_train_grpo(args: argparse.Namespace) -> None:
@@ -151,8 +162,12 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
 
     overrides = list(args.set) + ([f"algo={args.algo}"] if args.algo else [])
     config = load_config(GRPOConfig, _config_path(args.config, "training/grpo.toml"), overrides)
-    columns = (TextColumn(f"{config.algo} {{task.fields[status]}}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn(f"{config.algo} {{task.fields[status]}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=progress_console(), transient=True) as progress:
         task = progress.add_task("rl", total=config.iterations, status="")
 
@@ -162,14 +177,25 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
                 status += f" held-out F1 {row['heldout_solve_f1']:.3f}"
             progress.update(task, completed=row["iteration"], status=status)
 
-        summary = train_grpo(args.envs, args.init, args.out, config, resume=args.resume,
-                             on_iteration=on_iteration, log=lambda line: progress.console.print(line))
+        summary = train_grpo(
+            args.envs,
+            args.init,
+            args.out,
+            config,
+            resume=args.resume,
+            on_iteration=on_iteration,
+            log=lambda line: progress.console.print(line),
+        )
     document = {k: v for k, v in summary.items() if k != "history"} | {"metrics": summary["history"]}
-    emit(args, document, lambda: console().print(
-        f"{config.algo}: {summary['iterations']} iterations; trained policy in {summary['out']}/trained.pt "
-        f"and {summary['out']}/hf; metrics in {summary['out']}/metrics.csv"
-        + (" (interrupted; resume with --resume)" if summary["interrupted"] else "")
-    ))
+    emit(
+        args,
+        document,
+        lambda: console().print(
+            f"{config.algo}: {summary['iterations']} iterations; trained policy in {summary['out']}/trained.pt "
+            f"and {summary['out']}/hf; metrics in {summary['out']}/metrics.csv"
+            + (" (interrupted; resume with --resume)" if summary["interrupted"] else "")
+        ),
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -265,7 +291,11 @@ def _cmd_probe(args: argparse.Namespace) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
-    raise UserError("reproduce is not available yet")
+    from toolrl_analysis.reproduce import reproduce
+
+    log = progress_console().print
+    summary = reproduce(args.out, quick=args.quick, force=args.force, log=log)
+    emit(args, summary, lambda: console().print(f"done: {summary['report']}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="arithmetic threads (0: in the main thread)")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("ablate", parents=[common], help="revert/transplant subsets of the update, re-evaluate")
+    p = sub.add_parser(
+        "ablate", parents=[common], help="revert/transplant subsets of the update, re-evaluate"
+    )
     p.add_argument("base")
     p.add_argument("trained")
     p.add_argument("--envs", default=None)
@@ -359,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", parents=[common], help="the whole chain on the embedded default")
     p.add_argument("--out", required=True)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in minutes, not a result")
+    p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     p.set_defaults(func=_cmd_reproduce)
     return parser
 
@@ -374,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("toolrl-analyze: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `toolrl-analyze compare ... --json | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 from toolrl_analysis.errors import ConfigError
 
@@ -58,7 +59,9 @@ def build_config(cls: type[T], values: dict[str, Any], source: str = "config") -
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown config key '{unknown[0]}' in {source} (known: {', '.join(sorted(names))})")
+        raise ConfigError(
+            f"unknown config key '{unknown[0]}' in {source} (known: {', '.join(sorted(names))})"
+        )
     config = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
     validate = getattr(config, "validate", None)
     if validate is not None:

@@ -122,3 +122,52 @@ def plot_band_summary(
     ax.set_title(title or "where the update lies along the depth")
     ax.legend(frameon=False, fontsize=8)
     return figure
+
+
+# -- training and evaluation --------------------------------------------------------------------------
+def plot_policy_scores(
+    table: pd.DataFrame, metric: str = "solve_f1", order: list[str] | None = None
+) -> Figure:
+    """Grouped bars of `metric` per scenario, one bar per policy (base vs trained): the paper's table."""
+    import seaborn as sns
+
+    figure = Figure(figsize=(8, 3.2))
+    ax = figure.subplots()
+    present = [s for s in (order or sorted(table["scenario"].unique())) if s in set(table["scenario"])]
+    sns.barplot(data=table, x="scenario", y=metric, hue="policy", order=present, ax=ax)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel({"solve_p": "Solve-P", "solve_r": "Solve-R", "solve_f1": "Solve-F1"}.get(metric, metric))
+    ax.set_xlabel("")
+    ax.tick_params(axis="x", labelrotation=15)
+    return figure
+
+
+def plot_training_curves(curves: pd.DataFrame) -> Figure:
+    """Mean step reward per iteration and, where measured, held-out Solve-F1, one line per policy."""
+    panels = ["reward_mean"] + (["heldout_solve_f1"] if "heldout_solve_f1" in curves else [])
+    figure = Figure(figsize=(4.2 * len(panels), 3.0))
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, column in zip(axes, panels, strict=True):
+        for policy, frame in curves.groupby("policy"):
+            points = frame[["iteration", column]].dropna()
+            ax.plot(
+                points["iteration"],
+                points[column],
+                marker="o" if column != "reward_mean" else None,
+                label=str(policy),
+            )
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(column.replace("_", " "))
+        ax.legend()
+    return figure
+
+
+def plot_loss_curve(curve: pd.DataFrame) -> Figure:
+    """Warm-up loss (assistant tokens) against optimiser steps."""
+    figure = Figure(figsize=(4.5, 3.0))
+    ax = figure.subplots()
+    ax.plot(curve["step"], curve["loss"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    return figure

@@ -88,14 +88,18 @@ class EnvRecord:
         unsolved = _decode("unsolved_set", data["unsolved_set"], dict)
         if not all(isinstance(v, str) for v in codes.values()):
             raise EnvFormatError("field 'codes' must map tool names to Python source strings")
-        unsolved = {str(k): [str(a) for a in (v if isinstance(v, list) else [v])] for k, v in unsolved.items()}
+        unsolved = {
+            str(k): [str(a) for a in (v if isinstance(v, list) else [v])] for k, v in unsolved.items()
+        }
         meta = data.get("meta") or {}
         if not isinstance(meta, dict):
             raise EnvFormatError("field 'meta' must be an object")
         try:
             solve_rate = float(data.get("solve_rate", 0.0) or 0.0)
         except (TypeError, ValueError):
-            raise EnvFormatError(f"field 'solve_rate' must be a number, got {data.get('solve_rate')!r}") from None
+            raise EnvFormatError(
+                f"field 'solve_rate' must be a number, got {data.get('solve_rate')!r}"
+            ) from None
         known = set(FTRL_FIELDS) | {"meta"}
         return cls(
             messages=messages,
@@ -146,7 +150,9 @@ def read_envs(path: str | Path) -> list[EnvRecord]:
     if not path.exists():
         raise EnvFormatError(f"no such file: {path}")
     if path.is_dir():
-        raise EnvFormatError(f"{path} is a directory; name a .jsonl or .parquet file (e.g. {path}/test.jsonl)")
+        raise EnvFormatError(
+            f"{path} is a directory; name a .jsonl or .parquet file (e.g. {path}/test.jsonl)"
+        )
     if path.suffix == ".parquet":
         import pandas as pd
 

@@ -129,9 +129,9 @@ def read_checkpoint_file(path: str | Path) -> Any:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint readable with weights_only=True") from None
     except EOFError:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (empty or truncated)") from None
-    except KeyError:  # the legacy (non-zip) reader meets a byte that is no pickle opcode
+    except (KeyError, IndexError):  # the legacy (non-zip) reader meets bytes that are no pickle
         raise CheckpointError(f"{path} is not a PyTorch checkpoint") from None
-    except (RuntimeError, OSError, ValueError) as exc:
+    except Exception as exc:  # arbitrary bytes fail in arbitrary ways inside torch.load
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
 
 

@@ -93,15 +93,41 @@ class GRPOConfig:
         require(self.algo in ("grpo", "reinforce++"), "algo", "must be 'grpo' or 'reinforce++'")
         require(self.credit in ("step", "episode"), "credit", "must be 'step' or 'episode'")
         require(self.reward_variant in REWARD_VARIANTS, "reward_variant", f"must be one of {REWARD_VARIANTS}")
-        require(self.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation", f"must be one of {LOSS_AGGREGATIONS}")
-        require(self.schedule in ("constant", "warmup", "cosine"), "schedule", "must be constant, warmup or cosine")
-        for key in ("iterations", "envs_per_iteration", "max_samples_per_iteration", "max_turns",
-                    "max_new_tokens", "max_prompt_tokens", "ppo_epochs", "mini_batch_size",
-                    "generation_batch_size", "keep_last", "sandbox_workers"):
+        require(
+            self.loss_aggregation in LOSS_AGGREGATIONS,
+            "loss_aggregation",
+            f"must be one of {LOSS_AGGREGATIONS}",
+        )
+        require(
+            self.schedule in ("constant", "warmup", "cosine"),
+            "schedule",
+            "must be constant, warmup or cosine",
+        )
+        for key in (
+            "iterations",
+            "envs_per_iteration",
+            "max_samples_per_iteration",
+            "max_turns",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "ppo_epochs",
+            "mini_batch_size",
+            "generation_batch_size",
+            "keep_last",
+            "sandbox_workers",
+        ):
             require(getattr(self, key) >= 1, key, "must be at least 1")
         require(self.group_size >= 2, "group_size", "must be at least 2 (a group of one has no baseline)")
         require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
-        for key in ("weight_decay", "warmup_steps", "kl_coef", "entropy_coef", "eval_every", "save_every", "threads"):
+        for key in (
+            "weight_decay",
+            "warmup_steps",
+            "kl_coef",
+            "entropy_coef",
+            "eval_every",
+            "save_every",
+            "threads",
+        ):
             require(getattr(self, key) >= 0, key, "must not be negative")
         require(self.temperature > 0, "temperature", "must be positive (sampling)")
         require(self.grad_clip > 0, "grad_clip", "must be positive")
@@ -147,8 +173,12 @@ def score_completions(texts: list[str], states: list[StepState], sandbox, varian
     results = execute_calls(sandbox, [state.record.codes for state in states], parsed)
     return [
         step_reward(
-            turn, [r.content for r in turn_results], state.unsolved_set, state.solve_rate,
-            state.record.answer, variant=variant,
+            turn,
+            [r.content for r in turn_results],
+            state.unsolved_set,
+            state.solve_rate,
+            state.record.answer,
+            variant=variant,
         ).score
         for turn, turn_results, state in zip(parsed, results, states, strict=True)
     ]
@@ -215,15 +245,23 @@ class GRPOTrainer:
     def _policy(self, salt: int) -> ModelPolicy:
         c = self.config
         return ModelPolicy(
-            self.model, self.tokenizer, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-            batch_size=c.generation_batch_size, generator=self._generator(salt),
+            self.model,
+            self.tokenizer,
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            batch_size=c.generation_batch_size,
+            generator=self._generator(salt),
         )
 
     def collect_step_samples(self) -> tuple[list[Sample], dict[str, float]]:
         c = self.config
         episodes = run_episodes(
-            self._policy(1), self._iteration_records(), self.sandbox,
-            max_turns=c.max_turns, max_prompt_tokens=c.max_prompt_tokens, reward_variant=c.reward_variant,
+            self._policy(1),
+            self._iteration_records(),
+            self.sandbox,
+            max_turns=c.max_turns,
+            max_prompt_tokens=c.max_prompt_tokens,
+            reward_variant=c.reward_variant,
         )
         states = step_states(episodes)
         rng = random.Random(f"{c.seed}-{self.iteration}")
@@ -234,9 +272,13 @@ class GRPOTrainer:
         generator = self._generator(2)
         for start in range(0, len(prompts), c.generation_batch_size):
             completions += generate(
-                self.model, prompts[start : start + c.generation_batch_size],
-                max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                eos_token_ids=self.stop_ids, pad_token_id=self.pad_id, generator=generator,
+                self.model,
+                prompts[start : start + c.generation_batch_size],
+                max_new_tokens=c.max_new_tokens,
+                temperature=c.temperature,
+                eos_token_ids=self.stop_ids,
+                pad_token_id=self.pad_id,
+                generator=generator,
             )
         texts = [decode_completion(self.tokenizer, comp.ids, self.stop_ids) for comp in completions]
         expanded_states = [state for state in states for _ in range(c.group_size)]
@@ -253,15 +295,26 @@ class GRPOTrainer:
         records = self._iteration_records()
         repeated = [record for record in records for _ in range(c.group_size)]
         episodes = run_episodes(
-            self._policy(1), repeated, self.sandbox,
-            max_turns=c.max_turns, max_prompt_tokens=c.max_prompt_tokens, reward_variant=c.reward_variant,
+            self._policy(1),
+            repeated,
+            self.sandbox,
+            max_turns=c.max_turns,
+            max_prompt_tokens=c.max_prompt_tokens,
+            reward_variant=c.reward_variant,
         )
         samples = []
         for index, episode in enumerate(episodes):
             reward = episode.metrics()["solve_f1"]
             for turn in episode.turns:
                 samples.append(
-                    Sample(turn.prompt_ids, turn.completion_ids, turn.logprobs, reward, index // c.group_size, index)
+                    Sample(
+                        turn.prompt_ids,
+                        turn.completion_ids,
+                        turn.logprobs,
+                        reward,
+                        index // c.group_size,
+                        index,
+                    )
                 )
         f1 = float(np.mean([e.metrics()["solve_f1"] for e in episodes])) if episodes else 0.0
         return samples, {"rollout_solve_f1": f1, "step_states": len(samples)}
@@ -287,7 +340,9 @@ class GRPOTrainer:
             token_kl = (old_logprobs - ref_logprobs) if ref_logprobs is not None else torch.zeros_like(mask)
             advantages = reinforce_pp_advantages(rewards, token_kl, mask, kl_coef=c.kl_coef)
 
-        stats: dict[str, list[float]] = {k: [] for k in ("loss", "kl", "entropy", "clip_fraction", "grad_norm")}
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("loss", "kl", "entropy", "clip_fraction", "grad_norm")
+        }
         order_rng = torch.Generator().manual_seed(c.seed * 7919 + self.iteration)
         self.model.train()
         for _ in range(c.ppo_epochs):
@@ -298,8 +353,13 @@ class GRPOTrainer:
                 logprobs, entropy = completion_logprobs(self.model, sub, with_entropy=True)
                 sub_mask = sub.completion_mask
                 pg_loss, clip_fraction = clipped_policy_loss(
-                    logprobs, old_logprobs[index], advantages[index], sub_mask,
-                    clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, aggregation=c.loss_aggregation,
+                    logprobs,
+                    old_logprobs[index],
+                    advantages[index],
+                    sub_mask,
+                    clip_eps=c.clip_eps,
+                    clip_eps_high=c.clip_eps_high,
+                    aggregation=c.loss_aggregation,
                 )
                 entropy_mean = aggregate_loss(entropy, sub_mask, c.loss_aggregation)
                 loss = pg_loss - c.entropy_coef * entropy_mean
@@ -386,16 +446,28 @@ class GRPOTrainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def evaluate_slice(self) -> float:
-        from toolrl_analysis.evaluate import episode_table, evaluate_tool_use, summarize_tool_use, summary_value
+        from toolrl_analysis.evaluate import (
+            episode_table,
+            evaluate_tool_use,
+            summarize_tool_use,
+            summary_value,
+        )
 
         episodes = evaluate_tool_use(
-            self.model, self.tokenizer, self.eval_records, sandbox=self.sandbox,
-            max_turns=self.config.max_turns, max_new_tokens=self.config.max_new_tokens,
-            max_prompt_tokens=self.config.max_prompt_tokens, batch_size=self.config.generation_batch_size,
+            self.model,
+            self.tokenizer,
+            self.eval_records,
+            sandbox=self.sandbox,
+            max_turns=self.config.max_turns,
+            max_new_tokens=self.config.max_new_tokens,
+            max_prompt_tokens=self.config.max_prompt_tokens,
+            batch_size=self.config.generation_batch_size,
         )
         return summary_value(summarize_tool_use(episode_table(episodes)), "solve_f1")
 
-    def train(self, resume: bool = False, on_iteration: Callable[[dict[str, Any]], None] | None = None) -> list[dict]:
+    def train(
+        self, resume: bool = False, on_iteration: Callable[[dict[str, Any]], None] | None = None
+    ) -> list[dict]:
         c = self.config
         if resume and self.load_latest_checkpoint():
             self.log(f"resumed from iteration {self.iteration}")
@@ -420,10 +492,15 @@ class GRPOTrainer:
                 update_stats = self.update(samples)
                 updated = time.perf_counter()
                 self.iteration += 1
-                row = {"iteration": self.iteration, **rollout_stats, **update_stats,
-                       "sample_seconds": sampled - started, "update_seconds": updated - sampled,
-                       "samples_per_second": len(samples) / (updated - started),
-                       "tokens_per_second": update_stats["tokens"] / (updated - started)}
+                row = {
+                    "iteration": self.iteration,
+                    **rollout_stats,
+                    **update_stats,
+                    "sample_seconds": sampled - started,
+                    "update_seconds": updated - sampled,
+                    "samples_per_second": len(samples) / (updated - started),
+                    "tokens_per_second": update_stats["tokens"] / (updated - started),
+                }
                 if self.eval_records and c.eval_every and self.iteration % c.eval_every == 0:
                     row["heldout_solve_f1"] = self.evaluate_slice()
                 if c.save_every and (self.iteration % c.save_every == 0 or self.iteration == c.iterations):
@@ -442,6 +519,7 @@ class GRPOTrainer:
 @contextlib.contextmanager
 def _sigint_sets_flag(trainer: GRPOTrainer):
     """Ctrl-C finishes the current iteration, saves, and returns instead of dying mid-write."""
+
     def handler(signum, frame):
         trainer.stop_requested = True
 
@@ -460,8 +538,10 @@ def _select(batch, index: torch.Tensor):
     from toolrl_analysis.training.sequences import SequenceBatch
 
     return SequenceBatch(
-        input_ids=batch.input_ids[index], attention_mask=batch.attention_mask[index],
-        position_ids=batch.position_ids[index], completion_mask=batch.completion_mask[index],
+        input_ids=batch.input_ids[index],
+        attention_mask=batch.attention_mask[index],
+        position_ids=batch.position_ids[index],
+        completion_mask=batch.completion_mask[index],
         prompt_length=batch.prompt_length,
     )
 
@@ -522,12 +602,18 @@ def train_grpo(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     with Sandbox(workers=config.sandbox_workers) as sandbox:
-        trainer = GRPOTrainer(config, model, tokenizer, train_records, out_dir, sandbox, eval_records, log=log)
+        trainer = GRPOTrainer(
+            config, model, tokenizer, train_records, out_dir, sandbox, eval_records, log=log
+        )
         history = trainer.train(resume=resume, on_iteration=on_iteration)
     save_policy(model, tokenizer, out_dir / "trained.pt")
     save_hf_dir(model, tokenizer, out_dir / "hf")
     if history or (out_dir / "metrics.jsonl").exists():
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
         pd.DataFrame(rows).to_csv(out_dir / "metrics.csv", index=False)
-    return {"out": str(out_dir), "iterations": trainer.iteration, "history": history,
-            "interrupted": trainer.stop_requested}
+    return {
+        "out": str(out_dir),
+        "iterations": trainer.iteration,
+        "history": history,
+        "interrupted": trainer.stop_requested,
+    }

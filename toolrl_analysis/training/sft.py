@@ -100,7 +100,9 @@ def _corrupt(arguments: dict[str, Any], rng: random.Random) -> dict[str, Any] | 
     return corrupted if visit(corrupted) else None
 
 
-def plan_trajectory(record: EnvRecord, rng: random.Random, correction_prob: float) -> list[list[tuple[str, dict]]]:
+def plan_trajectory(
+    record: EnvRecord, rng: random.Random, correction_prob: float
+) -> list[list[tuple[str, dict]]]:
     """The assistant's calls turn by turn: the golden turns, one of them possibly preceded by a failed call."""
     from toolrl_analysis.envs.check import golden_calls
 
@@ -140,7 +142,9 @@ def oracle_conversations(
     return conversations
 
 
-def demonstration_records(records: Sequence[EnvRecord], config: SFTConfig, rng: random.Random) -> list[EnvRecord]:
+def demonstration_records(
+    records: Sequence[EnvRecord], config: SFTConfig, rng: random.Random
+) -> list[EnvRecord]:
     """All single-hop demonstrations, a `multi_hop_share` of the multi-hop ones (records with golden calls)."""
     usable = [r for r in records if r.meta.get("golden_turns")]
     return [r for r in usable if r.scenario not in MULTI_HOP or rng.random() < config.multi_hop_share]
@@ -214,7 +218,10 @@ def build_examples(tokenizer, records, sandbox, config: SFTConfig) -> tuple[list
     conversations = oracle_conversations(demos, sandbox, rng, config.correction_prob)
     tool_examples = [chat_example(tokenizer, m, r.tools) for m, r in zip(conversations, demos, strict=True)]
     kept = [e for e in tool_examples if len(e[0]) <= config.max_seq_len]
-    task_examples = [chat_example(tokenizer, task_chat(t)) for t in general_tasks(config.general_tasks, config.seed, "train")]
+    task_examples = [
+        chat_example(tokenizer, task_chat(t))
+        for t in general_tasks(config.general_tasks, config.seed, "train")
+    ]
     prose = text_examples(tokenizer, general_text("train"), config.max_seq_len)
     rng.shuffle(prose)
     prose = prose[: int(config.general_text_share * len(kept))]
@@ -263,8 +270,10 @@ def train_base(
     model = build_model(config.preset, family=config.family, tokenizer=tokenizer, seed=config.seed)
     with Sandbox(workers=2) as sandbox:
         examples, info = build_examples(tokenizer, records, sandbox, config)
-    log(f"{count_parameters(model):,} parameters; {len(examples)} examples "
-        f"({info['tool_use_examples']} tool use); data ready in {time.perf_counter() - started:.1f}s")
+    log(
+        f"{count_parameters(model):,} parameters; {len(examples)} examples "
+        f"({info['tool_use_examples']} tool use); data ready in {time.perf_counter() - started:.1f}s"
+    )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
@@ -290,8 +299,15 @@ def train_base(
         tokens_seen += int(batch["attention_mask"].sum())
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - train_started
-            curve.append({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                          "tokens": tokens_seen, "seconds": elapsed})
+            curve.append(
+                {
+                    "step": step,
+                    "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": tokens_seen,
+                    "seconds": elapsed,
+                }
+            )
         if on_step is not None:
             on_step(step, loss.item())
         if config.time_limit_s and time.perf_counter() - started > config.time_limit_s:
@@ -305,11 +321,16 @@ def train_base(
     save_hf_dir(model, tokenizer, out_dir / "hf")
     pd.DataFrame(curve).to_csv(out_dir / "loss.csv", index=False)
     summary = {
-        "out": str(out_dir), "parameters": count_parameters(model), "steps": step,
-        "stopped_early": stopped_early, "final_loss": curve[-1]["loss"] if curve else None,
-        "first_loss": curve[0]["loss"] if curve else None, "tokens": tokens_seen,
-        "seconds": time.perf_counter() - started, "data": info, "config": asdict(config),
+        "out": str(out_dir),
+        "parameters": count_parameters(model),
+        "steps": step,
+        "stopped_early": stopped_early,
+        "final_loss": curve[-1]["loss"] if curve else None,
+        "first_loss": curve[0]["loss"] if curve else None,
+        "tokens": tokens_seen,
+        "seconds": time.perf_counter() - started,
+        "data": info,
+        "config": asdict(config),
     }
     (out_dir / "train_base.json").write_text(json.dumps(summary, indent=2))
     return summary
-

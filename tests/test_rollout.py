@@ -361,9 +361,9 @@ def test_golden_calls_on_generated_environments_solve_everything(tokenizer, sand
     )
 
 
-def test_execute_calls_keeps_order_across_turns_and_answers_unknown_names(records, sandbox):
+def test_execute_turns_keeps_order_across_turns_and_answers_unknown_names(records, sandbox):
+    from toolrl_analysis.envs.reward import execute_turns
     from toolrl_analysis.envs.toolcalls import parse_tool_calls
-    from toolrl_analysis.rollout import execute_calls
 
     parsed = [
         parse_tool_calls(
@@ -374,7 +374,8 @@ def test_execute_calls_keeps_order_across_turns_and_answers_unknown_names(record
         parse_tool_calls("no calls here"),
         parse_tool_calls(_call("capital_lookup", country="Spain")),
     ]
-    results = execute_calls(sandbox, [records[1].codes, records[0].codes, records[0].codes], parsed)
+    codes = [records[1].codes, records[0].codes, records[0].codes]
+    results = execute_turns(sandbox, codes, [turn.calls for turn in parsed])
     assert [[r.content for r in turn] for turn in results] == [
         ["George Orwell", "an error occured when call no_such_tool: 'no_such_tool'", "1775"],
         [],

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from toolrl_analysis.envs.reward import StepReward, episode_metrics, step_reward
-from toolrl_analysis.envs.sandbox import ToolResult, error_result
+from toolrl_analysis.envs.reward import StepReward, episode_metrics, execute_turns, step_reward
+from toolrl_analysis.envs.sandbox import ToolResult
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.envs.toolcalls import ParsedTurn, ToolCall, parse_tool_calls
 
@@ -474,7 +474,9 @@ def run_episodes(
         completions = policy.act(requests)
         texts = [decode_completion(tokenizer, c.ids, stop_ids) for c in completions]
         parsed = [parse_tool_calls(text) for text in texts]
-        results = execute_calls(sandbox, [episodes[r.episode_index].record.codes for r in requests], parsed)
+        results = execute_turns(
+            sandbox, [episodes[r.episode_index].record.codes for r in requests], [p.calls for p in parsed]
+        )
 
         for request, completion, text, turn_parse, turn_results in zip(
             requests, completions, texts, parsed, results, strict=True
@@ -520,25 +522,3 @@ def run_episodes(
         if episode.stop_reason is None:
             episode.stop_reason = STOP_MAX_TURNS
     return episodes
-
-
-def execute_calls(
-    sandbox, codes: Sequence[Mapping[str, str]], parsed: Sequence[ParsedTurn]
-) -> list[list[ToolResult]]:
-    """Run the calls of many turns (turn i against the tool code `codes[i]`) with one concurrent
-    `call_many`, and return one result list per turn, in call order. A name without code gets FTRL's
-    error text without a sandbox round-trip (as `reward.execute_calls` does for a single turn)."""
-    results: list[list[ToolResult | None]] = [[None] * len(turn.calls) for turn in parsed]
-    runnable: list[tuple[int, int]] = []
-    jobs: list[tuple[str, str, dict[str, Any]]] = []
-    for row, (turn_codes, turn) in enumerate(zip(codes, parsed, strict=True)):
-        for column, call in enumerate(turn.calls):
-            code = turn_codes.get(call.name)
-            if code is None:
-                results[row][column] = error_result(call.name, "not_defined", repr(call.name))
-            else:
-                runnable.append((row, column))
-                jobs.append((code, call.name, call.arguments))
-    for (row, column), result in zip(runnable, sandbox.call_many(jobs) if jobs else [], strict=True):
-        results[row][column] = result
-    return results  # type: ignore[return-value]

@@ -114,19 +114,30 @@ def step_reward(
     return reward
 
 
-def execute_calls(calls: Sequence[ToolCall], codes: Mapping[str, str], sandbox: Any) -> list[ToolResult]:
-    """Run parsed calls in the sandbox, concurrently. A name without code gets FTRL's KeyError text, no round-trip."""
-    results: list[ToolResult | None] = [None] * len(calls)
-    runnable = []
-    for index, call in enumerate(calls):
-        if call.name in codes:
-            runnable.append(index)
-        else:
-            results[index] = error_result(call.name, "not_defined", repr(call.name))
-    ran = sandbox.call_many([(codes[calls[i].name], calls[i].name, calls[i].arguments) for i in runnable])
-    for index, result in zip(runnable, ran, strict=True):
-        results[index] = result
+def execute_turns(
+    sandbox: Any, codes_per_turn: Sequence[Mapping[str, str]], calls_per_turn: Sequence[Sequence[ToolCall]]
+) -> list[list[ToolResult]]:
+    """Run the calls of many turns (turn i against tool code `codes_per_turn[i]`) in one concurrent
+    `call_many`; one result list per turn, in call order. A name without code gets FTRL's KeyError text
+    without a sandbox round-trip."""
+    results: list[list[ToolResult | None]] = [[None] * len(calls) for calls in calls_per_turn]
+    runnable: list[tuple[int, int]] = []
+    jobs: list[tuple[str, str, dict[str, Any]]] = []
+    for row, (codes, calls) in enumerate(zip(codes_per_turn, calls_per_turn, strict=True)):
+        for column, call in enumerate(calls):
+            if call.name in codes:
+                runnable.append((row, column))
+                jobs.append((codes[call.name], call.name, call.arguments))
+            else:
+                results[row][column] = error_result(call.name, "not_defined", repr(call.name))
+    for (row, column), result in zip(runnable, sandbox.call_many(jobs) if jobs else [], strict=True):
+        results[row][column] = result
     return results  # type: ignore[return-value]
+
+
+def execute_calls(calls: Sequence[ToolCall], codes: Mapping[str, str], sandbox: Any) -> list[ToolResult]:
+    """Run one turn's parsed calls in the sandbox, concurrently."""
+    return execute_turns(sandbox, [codes], [calls])[0]
 
 
 def score_step(

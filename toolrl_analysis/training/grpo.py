@@ -29,14 +29,13 @@ import numpy as np
 import torch
 
 from toolrl_analysis.config import require
-from toolrl_analysis.envs.reward import REWARD_VARIANTS, step_reward
+from toolrl_analysis.envs.reward import REWARD_VARIANTS, execute_turns, step_reward
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.envs.toolcalls import parse_tool_calls
 from toolrl_analysis.errors import TrainingDiverged
 from toolrl_analysis.rollout import (
     ModelPolicy,
     decode_completion,
-    execute_calls,
     generate,
     pad_token_id_for,
     run_episodes,
@@ -170,7 +169,7 @@ def step_states(episodes) -> list[StepState]:
 def score_completions(texts: list[str], states: list[StepState], sandbox, variant: str) -> list[float]:
     """Step reward of each completion text in its state; all tool calls run in one concurrent batch."""
     parsed = [parse_tool_calls(text) for text in texts]
-    results = execute_calls(sandbox, [state.record.codes for state in states], parsed)
+    results = execute_turns(sandbox, [state.record.codes for state in states], [p.calls for p in parsed])
     return [
         step_reward(
             turn,

@@ -1,6 +1,6 @@
 """GRPO throughput, our trainer against TRL's GRPOTrainer, on the same tiny model, prompts and reward (CPU).
 
-    .venv/bin/python benchmarks/bench_grpo_vs_trl.py [--steps 8] [--rounds 2] [--prompts-per-step 4]
+    .venv/bin/python benchmarks/bench_grpo_vs_trl.py [--steps 10] [--rounds 2] [--prompts-per-step 4]
         [--group-size 8] [--max-completion-length 48] [--beta 0.001] [--threads 2] [--skip-trl] [--json]
 
 Both sides start from identical weights (our `tiny` Qwen2 preset and our tokenizer, built in-process; TRL gets
@@ -371,7 +371,7 @@ def print_side(name: str, runs: list[dict[str, Any]], steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="optimiser steps per run")
+    parser.add_argument("--steps", type=int, default=10, help="optimiser steps per run")
     parser.add_argument(
         "--rounds", type=int, default=2, help="runs per side (alternating order); best is compared"
     )
@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         f"cpus; torch {torch.__version__}, trl {trl_version}; setup {settings['setup_s']:.1f}s; "
         f"load average {settings['load_average_start']}")  # fmt: skip
     say("reward (both sides): our f1 step reward in the initial state, tool calls in one shared Sandbox")
+    if args.threads > 1 and os.getloadavg()[0] + args.threads > (os.cpu_count() or 1) + 0.5:
+        say(f"note: load average {os.getloadavg()[0]:.1f} + {args.threads} torch threads exceeds "
+            f"{os.cpu_count()} cpus; expect noisy, slow steps (try --threads 1)")  # fmt: skip
 
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
     with Sandbox(workers=args.sandbox_workers) as sandbox:

@@ -203,4 +203,16 @@ def test_policy_tokenizer_covers_environments_and_general_tasks():
         our_record().messages, tools=our_record().tools, add_generation_prompt=True, tokenize=False
     )
     assert prompt.endswith("<|im_start|>assistant\n")
-    assert len(tokenizer("Repeat exactly:", add_special_tokens=False)["input_ids"]) <= 3
+    # frequent words are single tokens; spaces are tokens of their own
+    assert len(tokenizer("Repeat exactly:", add_special_tokens=False)["input_ids"]) <= 4
+
+
+def test_a_word_is_the_same_tokens_after_a_space_or_a_quote():
+    # the model copies names from the question into JSON arguments: that must be plain token copying
+    tokenizer = build_policy_tokenizer([our_record(), ftrl_record()] * 5, vocab_size=1024)
+
+    def tokens(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for word in ("Paris", "Zorblat", "founder"):
+        assert tokens(word) == tokens(f" {word}")[1:] == tokens(f'"{word}')[1:] == tokens(f"_{word}")[1:]

@@ -28,8 +28,11 @@ from toolrl_analysis.models.chat_template import (
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END)  # ids 0, 1, 2
 MIN_VOCAB_SIZE = 512  # 256 byte symbols + specials + a few merges
 MODEL_MAX_LENGTH = 4096
-# Qwen2's split pattern: letters runs, single digits, punctuation runs, newlines, spaces.
-QWEN_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Like Qwen2's split (letter runs, single digits, punctuation runs, newlines, spaces), except that a letter
+# run never absorbs the character before it. Qwen turns " Butor" (in a question) and "Butor" (after a JSON
+# quote) into different tokens; a tiny model would then have to learn that mapping before it could copy a
+# name into a tool call. Here a word is the same tokens wherever it stands, so copying is plain induction.
+WORD_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
@@ -53,7 +56,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(WORD_SPLIT_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -73,8 +73,10 @@ def test_short_warm_up_lowers_loss_and_writes_checkpoints(envset, tmp_path):
     )
     summary = train_base(envs_dir, tmp_path / "base", config, log=lambda _: None)
     curve = pd.read_csv(tmp_path / "base" / "loss.csv")
-    assert list(curve.columns) == ["step", "loss", "lr", "tokens", "seconds"]
-    early, late = curve["loss"].iloc[:2].mean(), curve["loss"].iloc[-2:].mean()
+    assert list(curve.columns) == ["step", "phase", "loss", "lr", "tokens", "seconds"]
+    assert curve["phase"].iloc[0] == "copy" and curve["phase"].iloc[-1] == "sft"
+    supervised = curve[curve["phase"] == "sft"]["loss"]
+    early, late = supervised.iloc[:2].mean(), supervised.iloc[-2:].mean()
     assert late < 0.75 * early, (early, late)
     assert summary["data"]["tool_use_examples"] > 0
     model, tokenizer = load_policy(tmp_path / "base" / "base.pt")

@@ -135,7 +135,7 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=progress_console(), transient=True) as progress:
-        task = progress.add_task("sft", total=config.steps, loss="")
+        task = progress.add_task("sft", total=config.copy_warmup_steps + config.steps, loss="")
         summary = train_base(
             args.envs,
             args.out,

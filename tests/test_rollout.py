@@ -382,3 +382,20 @@ def test_execute_turns_keeps_order_across_turns_and_answers_unknown_names(record
         ['{"country": "Spain", "capital": "Madrid"}'],
     ]
     assert results[0][1].error == "not_defined"
+
+
+def test_samples_per_prompt_shares_one_prefill_and_matches_repeated_prompts(tokenizer):
+    model = tiny_random_model(tokenizer, seed=3)
+    prompts = [tokenizer.encode("What is the capital of France?"), tokenizer.encode("Hi")]
+    options = dict(max_new_tokens=8, eos_token_ids=[-7], pad_token_id=0, temperature=1.0)
+    shared = generate(
+        model, prompts, samples_per_prompt=3, generator=torch.Generator().manual_seed(0), **options
+    )
+    repeated = generate(
+        model, [p for p in prompts for _ in range(3)], generator=torch.Generator().manual_seed(0), **options
+    )
+    assert len(shared) == 6
+    assert [c.ids for c in shared] == [c.ids for c in repeated]  # same random stream, same order
+    for a, b in zip(shared, repeated, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert len({tuple(c.ids) for c in shared[:3]}) > 1  # samples of one prompt differ

@@ -54,13 +54,13 @@ class Completion:
     stopped: bool = True
 
 
-def _cache_keyword(model: torch.nn.Module) -> str:
+def cache_keyword(model: torch.nn.Module) -> str:
     """transformers 5 renamed `past_key_values` to `cache`; use whichever the model's forward declares."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _new_cache(model: torch.nn.Module):
+def new_cache(model: torch.nn.Module):
     from transformers import DynamicCache
 
     try:
@@ -85,8 +85,12 @@ def generate(
     pad_token_id: int,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    samples_per_prompt: int = 1,
 ) -> list[Completion]:
     """Complete every prompt in one left-padded batch; `temperature <= 0` means greedy.
+
+    `samples_per_prompt` > 1 returns that many completions per prompt (prompt-major order): each prompt
+    is prefilled once and its KV cache copied, instead of prefilling G identical prompts (GRPO groups).
 
     Each sequence stops at its first token in `eos_token_ids` (kept in `Completion.ids`) or after
     `max_new_tokens`. With `use_cache=False` the full sequence is recomputed at every step (slow; for
@@ -98,7 +102,11 @@ def generate(
         raise ValueError("generate() needs at least one prompt token per sequence")
     stop_ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
     device = next(model.parameters()).device
+    repeats = max(1, samples_per_prompt)
+    if not use_cache and repeats > 1:  # nothing to share without a cache
+        prompt_ids, repeats = [p for p in prompt_ids for _ in range(repeats)], 1
     batch, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+    total = batch * repeats
 
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
     attention = torch.zeros((batch, width), dtype=torch.long, device=device)
@@ -107,14 +115,14 @@ def generate(
         attention[row, width - len(prompt) :] = 1
 
     stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    stopped_at = torch.full((batch,), -1, dtype=torch.long, device=device)
+    finished = torch.zeros(total, dtype=torch.bool, device=device)
+    stopped_at = torch.full((total,), -1, dtype=torch.long, device=device)
     new_tokens: list[torch.Tensor] = []
     new_logprobs: list[torch.Tensor] = []
 
-    cache_kw = _cache_keyword(model)
+    cache_kw = cache_keyword(model)
     keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
-    cache = _new_cache(model) if use_cache else None
+    cache = new_cache(model) if use_cache else None
     step_input = input_ids
     was_training = model.training
     model.eval()
@@ -130,6 +138,11 @@ def generate(
             else:
                 kwargs["position_ids"] = _positions(attention)
                 logits = model(input_ids=input_ids, **kwargs).logits[:, -1, :].float()
+            if step == 0 and repeats > 1:
+                logits = logits.repeat_interleave(repeats, dim=0)
+                attention = attention.repeat_interleave(repeats, dim=0)
+                input_ids = input_ids.repeat_interleave(repeats, dim=0)
+                cache.batch_repeat_interleave(repeats)
 
             logprobs = torch.log_softmax(logits, dim=-1)
             if temperature <= 0:
@@ -154,11 +167,11 @@ def generate(
         model.train(was_training)
 
     if not new_tokens:
-        return [Completion([], [], False) for _ in range(batch)]
+        return [Completion([], [], False) for _ in range(total)]
     tokens = torch.stack(new_tokens, dim=1).tolist()
     token_logprobs = torch.stack(new_logprobs, dim=1).tolist()
     completions = []
-    for row in range(batch):
+    for row in range(total):
         end = int(stopped_at[row]) + 1 if stopped_at[row] >= 0 else len(tokens[row])
         completions.append(
             Completion(tokens[row][:end], token_logprobs[row][:end], bool(stopped_at[row] >= 0))

@@ -266,19 +266,21 @@ class GRPOTrainer:
         rng = random.Random(f"{c.seed}-{self.iteration}")
         if len(states) > c.max_samples_per_iteration:
             states = rng.sample(states, c.max_samples_per_iteration)
-        prompts = [state.prompt_ids for state in states for _ in range(c.group_size)]
         completions = []
         generator = self._generator(2)
-        for start in range(0, len(prompts), c.generation_batch_size):
+        per_batch = max(1, c.generation_batch_size // c.group_size)
+        for start in range(0, len(states), per_batch):
             completions += generate(
                 self.model,
-                prompts[start : start + c.generation_batch_size],
+                [state.prompt_ids for state in states[start : start + per_batch]],
                 max_new_tokens=c.max_new_tokens,
                 temperature=c.temperature,
                 eos_token_ids=self.stop_ids,
                 pad_token_id=self.pad_id,
                 generator=generator,
+                samples_per_prompt=c.group_size,
             )
+        prompts = [state.prompt_ids for state in states for _ in range(c.group_size)]
         texts = [decode_completion(self.tokenizer, comp.ids, self.stop_ids) for comp in completions]
         expanded_states = [state for state in states for _ in range(c.group_size)]
         rewards = score_completions(texts, expanded_states, self.sandbox, c.reward_variant)
@@ -324,9 +326,11 @@ class GRPOTrainer:
         rewards = torch.tensor([s.reward for s in samples])
         groups = torch.tensor([s.group for s in samples])
         episodes = torch.tensor([s.episode for s in samples])
-        batch = pack_sequences(
-            [s.prompt_ids for s in samples], [s.completion_ids for s in samples], self.pad_id
-        )
+        # Step credit: samples come in blocks of G completions of one prompt, which runs through the model
+        # once per block. Episode credit: every turn has its own prompt.
+        share = c.group_size if c.credit == "step" else 1
+        prompts = [samples[i].prompt_ids for i in range(0, len(samples), share)]
+        batch = pack_sequences(prompts, [s.completion_ids for s in samples], self.pad_id, repeats=share)
         mask = batch.completion_mask
         old_logprobs = torch.zeros_like(mask)
         for row, sample in enumerate(samples):
@@ -344,11 +348,13 @@ class GRPOTrainer:
         }
         order_rng = torch.Generator().manual_seed(c.seed * 7919 + self.iteration)
         self.model.train()
+        prompts_per_step = max(1, c.mini_batch_size // share)
         for _ in range(c.ppo_epochs):
-            order = torch.randperm(len(samples), generator=order_rng)
-            for start in range(0, len(samples), c.mini_batch_size):
-                index = order[start : start + c.mini_batch_size]
-                sub = _select(batch, index)
+            order = torch.randperm(len(prompts), generator=order_rng)
+            for start in range(0, len(prompts), prompts_per_step):
+                units = order[start : start + prompts_per_step]
+                index = batch.completion_rows(units)
+                sub = batch.select_prompts(units)
                 logprobs, entropy = completion_logprobs(self.model, sub, with_entropy=True)
                 sub_mask = sub.completion_mask
                 pg_loss, clip_fraction = clipped_policy_loss(
@@ -404,9 +410,13 @@ class GRPOTrainer:
     @torch.no_grad()
     def _reference_logprobs(self, batch) -> torch.Tensor:
         out = torch.zeros_like(batch.completion_mask)
-        for start in range(0, len(batch), self.config.mini_batch_size):
-            index = torch.arange(start, min(len(batch), start + self.config.mini_batch_size))
-            out[index] = completion_logprobs(self.reference, _select(batch, index))[0]
+        n_prompts = batch.prompt_ids.shape[0]
+        step = max(1, self.config.mini_batch_size // batch.repeats)
+        for start in range(0, n_prompts, step):
+            units = torch.arange(start, min(n_prompts, start + step))
+            out[batch.completion_rows(units)] = completion_logprobs(
+                self.reference, batch.select_prompts(units)
+            )[0]
         return out
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -531,18 +541,6 @@ def _sigint_sets_flag(trainer: GRPOTrainer):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _select(batch, index: torch.Tensor):
-    from toolrl_analysis.training.sequences import SequenceBatch
-
-    return SequenceBatch(
-        input_ids=batch.input_ids[index],
-        attention_mask=batch.attention_mask[index],
-        position_ids=batch.position_ids[index],
-        completion_mask=batch.completion_mask[index],
-        prompt_length=batch.prompt_length,
-    )
 
 
 # -- the command ---------------------------------------------------------------------------------------

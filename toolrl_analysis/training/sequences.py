@@ -1,8 +1,10 @@
-"""Batches of (prompt, completion) token sequences and their per-token log-probabilities.
+"""Batches of (prompt, completions) and the per-token log-probabilities of the completions.
 
-Layout: prompts are left-padded to a common length P and completions right-padded to T, so every
-completion starts at column P. The language-model head then runs on the T completion positions only,
-which keeps the [B, T, vocab] logits small even when prompts are long.
+GRPO samples G completions of one prompt, and the prompt is most of every sequence. So a batch holds each
+distinct prompt once (left-padded to P) with its `repeats` completions (right-padded to T): the prompt
+runs through the model once, its KV cache is copied for each completion, and gradients from all G
+completions flow back through the one shared prompt pass. The language-model head runs on the T
+completion positions only, so the [B, T, vocab] logits stay small even when prompts are long.
 """
 
 from __future__ import annotations
@@ -11,69 +13,92 @@ from dataclasses import dataclass
 
 import torch
 
+from toolrl_analysis.rollout import cache_keyword, new_cache
 from toolrl_analysis.training.advantages import entropy_from_logits
 
 
 @dataclass
 class SequenceBatch:
-    input_ids: torch.Tensor  # [B, P + T]
-    attention_mask: torch.Tensor  # [B, P + T]
-    position_ids: torch.Tensor  # [B, P + T]
-    completion_mask: torch.Tensor  # [B, T]: 1 on tokens the policy produced and is trained on
-    prompt_length: int  # P
-
-    @property
-    def completion_ids(self) -> torch.Tensor:
-        return self.input_ids[:, self.prompt_length :]
+    prompt_ids: torch.Tensor  # [U, P], left-padded
+    prompt_attention: torch.Tensor  # [U, P]
+    completion_ids: torch.Tensor  # [U * repeats, T], right-padded; rows of one prompt are consecutive
+    completion_attention: torch.Tensor  # [U * repeats, T]: 1 on real tokens
+    completion_mask: torch.Tensor  # [U * repeats, T]: 1 on tokens the loss covers
+    repeats: int = 1
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.completion_ids.shape[0]
+
+    def completion_rows(self, prompt_index: torch.Tensor) -> torch.Tensor:
+        """Rows of `completion_ids` that belong to these prompts."""
+        return (prompt_index[:, None] * self.repeats + torch.arange(self.repeats)).flatten()
+
+    def select_prompts(self, prompt_index: torch.Tensor) -> SequenceBatch:
+        """The sub-batch of these prompts with all their completions."""
+        rows = self.completion_rows(prompt_index)
+        return SequenceBatch(
+            self.prompt_ids[prompt_index], self.prompt_attention[prompt_index], self.completion_ids[rows],
+            self.completion_attention[rows], self.completion_mask[rows], self.repeats,
+        )  # fmt: skip
 
 
 def pack_sequences(
     prompts: list[list[int]],
     completions: list[list[int]],
     pad_token_id: int,
+    repeats: int = 1,
     completion_masks: list[list[int]] | None = None,
 ) -> SequenceBatch:
-    """Left-pad prompts, right-pad completions. `completion_masks` can exclude tokens (e.g. tool output
-    inside a whole-episode completion) from the loss; by default every completion token counts."""
-    if len(prompts) != len(completions):
-        raise ValueError("prompts and completions differ in number")
-    prompt_length = max(len(p) for p in prompts)
-    completion_length = max(1, max(len(c) for c in completions))
-    rows, attention, loss_mask = [], [], []
-    for index, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        left = prompt_length - len(prompt)
-        right = completion_length - len(completion)
-        rows.append([pad_token_id] * left + list(prompt) + list(completion) + [pad_token_id] * right)
-        attention.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
-        mask = completion_masks[index] if completion_masks is not None else [1] * len(completion)
-        loss_mask.append(list(mask) + [0] * right)
-    attention_mask = torch.tensor(attention, dtype=torch.long)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    """`prompts` are distinct; `completions` holds `repeats` consecutive completions per prompt.
+    `completion_masks` can exclude tokens from the loss; by default every completion token counts."""
+    if len(completions) != len(prompts) * repeats:
+        raise ValueError(f"{len(completions)} completions for {len(prompts)} prompts x {repeats}")
+    width = max(len(p) for p in prompts)
+    length = max(1, max(len(c) for c in completions))
+    prompt_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    prompt_attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        prompt_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        prompt_attention[row, width - len(prompt) :] = 1
+    completion_ids = torch.full((len(completions), length), pad_token_id, dtype=torch.long)
+    completion_attention = torch.zeros((len(completions), length), dtype=torch.long)
+    completion_mask = torch.zeros((len(completions), length), dtype=torch.float32)
+    for row, completion in enumerate(completions):
+        completion_ids[row, : len(completion)] = torch.tensor(completion, dtype=torch.long)
+        completion_attention[row, : len(completion)] = 1
+        mask = completion_masks[row] if completion_masks is not None else [1] * len(completion)
+        completion_mask[row, : len(completion)] = torch.tensor(mask, dtype=torch.float32)
     return SequenceBatch(
-        input_ids=torch.tensor(rows, dtype=torch.long),
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        completion_mask=torch.tensor(loss_mask, dtype=torch.float32),
-        prompt_length=prompt_length,
+        prompt_ids, prompt_attention, completion_ids, completion_attention, completion_mask, repeats
     )
 
 
 def completion_logprobs(
-    model: torch.nn.Module, batch: SequenceBatch, with_entropy: bool = False, temperature: float = 1.0
+    model: torch.nn.Module, batch: SequenceBatch, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities [B, T] of the completion tokens (and optionally the per-token entropy)."""
+    """Log-probabilities [N, T] of the completion tokens (and optionally the per-token entropy)."""
     decoder = model.get_decoder()
-    hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-    ).last_hidden_state
-    start = batch.prompt_length - 1  # the hidden state at position i predicts token i + 1
-    completion_hidden = hidden[:, start : start + batch.completion_ids.shape[1]]
-    logits = model.get_output_embeddings()(completion_hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    cache = new_cache(model)
+    cache_kw = cache_keyword(decoder)
+    prompt_positions = (batch.prompt_attention.cumsum(dim=1) - 1).clamp(min=0)
+    prompt_hidden = decoder(
+        input_ids=batch.prompt_ids, attention_mask=batch.prompt_attention, position_ids=prompt_positions,
+        use_cache=True, **{cache_kw: cache},
+    ).last_hidden_state  # fmt: skip
+    # The last prompt position predicts the first completion token.
+    first = prompt_hidden[:, -1:].repeat_interleave(batch.repeats, dim=0)
+    if batch.repeats > 1:
+        cache.batch_repeat_interleave(batch.repeats)
+    attention = torch.cat(
+        [batch.prompt_attention.repeat_interleave(batch.repeats, dim=0), batch.completion_attention], dim=1
+    )
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, batch.prompt_ids.shape[1] :]
+    completion_hidden = decoder(
+        input_ids=batch.completion_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+        **{cache_kw: cache},
+    ).last_hidden_state  # fmt: skip
+    hidden = torch.cat([first, completion_hidden[:, :-1]], dim=1)
+    logits = model.get_output_embeddings()(hidden).float()
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
     entropy = entropy_from_logits(logits) if with_entropy else None
     return logprobs, entropy

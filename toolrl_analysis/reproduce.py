@@ -18,7 +18,7 @@ from typing import Any
 from toolrl_analysis.config import load_config
 
 QUICK_ENVS = ["train_size=160", "test_per_scenario=6"]
-QUICK_BASE = ["steps=40", "batch_tokens=4096", "general_tasks=200"]
+QUICK_BASE = ["copy_warmup_steps=10", "steps=40", "batch_tokens=4096", "general_tasks=200"]
 QUICK_RL = [
     "iterations=2",
     "envs_per_iteration=4",
@@ -79,13 +79,15 @@ def reproduce(
         policies[run_name] = run_dir / "trained.pt"
 
     limit = 24 if quick else None
+    # Our policy's turns are ~40 tokens; a budget of 128 keeps a rambling model from costing 512 per turn.
+    eval_options = {"max_new_tokens": 128, "batch_size": 32}
     for name, policy in policies.items():
         target = out / "eval" / name
         stage(
             f"evaluate {name}",
             target / "evaluation.json",
             lambda policy=policy, target=target: evaluate_checkpoint(
-                policy, envs / "test.jsonl", limit=limit
+                policy, envs / "test.jsonl", limit=limit, **eval_options
             ).save(target),
         )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import FTRL_TEST_SET as FTRL_TEST
+from conftest import tiny_random_qwen2
 
 from toolrl_analysis.cli import main
 from toolrl_analysis.envs.schema import EnvRecord, read_envs, write_envs
@@ -61,8 +62,6 @@ def _records(n: int = 4) -> list[EnvRecord]:
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2 saved as a Hugging Face directory with our tokenizer."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from toolrl_analysis.models.chat_template import render_chat
     from toolrl_analysis.models.general import general_text
@@ -72,20 +71,9 @@ def hf_dir(tmp_path_factory) -> Path:
         "train", max_chars=20_000
     )
     tokenizer = train_tokenizer(corpus, vocab_size=700)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("tiny-qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(directory)
+    model = tiny_random_qwen2(tokenizer, max_positions=512)
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

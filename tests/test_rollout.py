@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_random_qwen2
 
 from toolrl_analysis.envs.sandbox import Sandbox
 from toolrl_analysis.envs.schema import EnvRecord
@@ -105,24 +106,6 @@ def tokenizer(records):
 def sandbox():
     with Sandbox(workers=2, timeout=10.0) as box:
         yield box
-
-
-def tiny_random_model(tokenizer, seed: int = 0, max_positions: int = 1024):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).eval()
 
 
 # -- scripted episodes --------------------------------------------------------------------------------------------
@@ -248,7 +231,7 @@ def test_max_turns_bounds_an_episode_that_keeps_calling(records, tokenizer, sand
 
 # -- model policies -----------------------------------------------------------------------------------------------
 def test_policy_token_mask_covers_exactly_the_generated_tokens(records, tokenizer, sandbox):
-    model = tiny_random_model(tokenizer)
+    model = tiny_random_qwen2(tokenizer)
     policy = ModelPolicy(model, tokenizer, max_new_tokens=12)
     episodes = run_episodes(policy, records, sandbox, max_turns=2)
     for episode in episodes:
@@ -271,7 +254,7 @@ def test_policy_token_mask_covers_exactly_the_generated_tokens(records, tokenize
 
 
 def test_cached_and_uncached_rollouts_agree(records, tokenizer, sandbox):
-    model = tiny_random_model(tokenizer, seed=1)
+    model = tiny_random_qwen2(tokenizer, seed=1)
     runs = [
         run_episodes(ModelPolicy(model, tokenizer, max_new_tokens=16, use_cache=use_cache), records, sandbox)
         for use_cache in (True, False)
@@ -281,7 +264,7 @@ def test_cached_and_uncached_rollouts_agree(records, tokenizer, sandbox):
 
 
 def test_generate_is_padding_invariant_and_logprobs_match_a_full_forward(tokenizer):
-    model = tiny_random_model(tokenizer, seed=2)
+    model = tiny_random_qwen2(tokenizer, seed=2)
     prompts = [
         tokenizer.encode("What is the capital of France?"),
         tokenizer.encode("Hi"),
@@ -299,7 +282,7 @@ def test_generate_is_padding_invariant_and_logprobs_match_a_full_forward(tokeniz
 
 
 def test_generate_stops_each_sequence_at_its_own_stop_token(tokenizer):
-    model = tiny_random_model(tokenizer, seed=3)
+    model = tiny_random_qwen2(tokenizer, seed=3)
     prompts = [[5, 6, 7], [8, 9]]
     free = generate(model, prompts, max_new_tokens=8, eos_token_ids=[-7], pad_token_id=0)
     stop = free[0].ids[2]  # the first sequence's third token becomes a stop token
@@ -310,7 +293,7 @@ def test_generate_stops_each_sequence_at_its_own_stop_token(tokenizer):
 
 
 def test_sampling_is_reproducible_with_a_generator(tokenizer):
-    model = tiny_random_model(tokenizer, seed=4)
+    model = tiny_random_qwen2(tokenizer, seed=4)
     prompts = [[5, 6, 7]] * 4
 
     def sample(seed):
@@ -385,7 +368,7 @@ def test_execute_turns_keeps_order_across_turns_and_answers_unknown_names(record
 
 
 def test_samples_per_prompt_shares_one_prefill_and_matches_repeated_prompts(tokenizer):
-    model = tiny_random_model(tokenizer, seed=3)
+    model = tiny_random_qwen2(tokenizer, seed=3)
     prompts = [tokenizer.encode("What is the capital of France?"), tokenizer.encode("Hi")]
     options = dict(max_new_tokens=8, eos_token_ids=[-7], pad_token_id=0, temperature=1.0)
     shared = generate(

@@ -203,9 +203,11 @@ def run_ours(args, fixture, sandbox) -> dict[str, Any]:
             ]
             prompts = [fixture["prompt_ids"][i] for i in env_indices]
             started = time.perf_counter()
+            # one prefill per distinct prompt, G samples from copies of its KV cache (as the trainer does)
             completions = generate(
-                model, prompts, max_new_tokens=args.max_completion_length, temperature=1.0,
-                eos_token_ids=trainer.stop_ids, pad_token_id=trainer.pad_id, generator=generator,
+                model, prompts[:: args.group_size], max_new_tokens=args.max_completion_length,
+                temperature=1.0, eos_token_ids=trainer.stop_ids, pad_token_id=trainer.pad_id,
+                generator=generator, samples_per_prompt=args.group_size,
             )  # fmt: skip
             generated = time.perf_counter()
             rewards = reward([c.ids for c in completions], env_indices)

@@ -330,6 +330,8 @@ class GRPOTrainer:
         # once per block. Episode credit: every turn has its own prompt.
         share = c.group_size if c.credit == "step" else 1
         prompts = [samples[i].prompt_ids for i in range(0, len(samples), share)]
+        if any(s.prompt_ids != prompts[i // share] for i, s in enumerate(samples)):
+            raise ValueError(f"step-credit samples must come in blocks of {share} completions of one prompt")
         batch = pack_sequences(prompts, [s.completion_ids for s in samples], self.pad_id, repeats=share)
         mask = batch.completion_mask
         old_logprobs = torch.zeros_like(mask)

@@ -333,10 +333,15 @@ def torch_load_safely(path: Path) -> Any:
             # Legacy (non-zip) serialization cannot be memory-mapped; it is still unpickled safely.
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # junk bytes, not a pickle that names a callable
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
         raise CheckpointError(f"refusing to load {path}: {_unsafe_pickle_reason(exc)}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, struct.error) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
+    except Exception as exc:  # arbitrary bytes fail in arbitrary ways inside torch.load
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _unsafe_pickle_reason(exc: Exception) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -115,24 +114,10 @@ def load_policy(path: str | Path, attn_implementation: str | None = None) -> tup
 
 
 def read_checkpoint_file(path: str | Path) -> Any:
-    """torch.load with weights_only=True, its failures turned into one-line CheckpointErrors."""
-    import torch
+    """torch.load with weights_only=True (memory-mapped where possible); failures are one-line CheckpointErrors."""
+    from toolrl_analysis.analysis.checkpoints import torch_load_safely
 
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "GLOBAL" in str(exc):  # the pickle names a callable or class: loading it could run code
-            raise CheckpointError(
-                f"{path} holds objects other than tensors and plain data; refusing to unpickle it (weights_only)"
-            ) from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint readable with weights_only=True") from None
-    except EOFError:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (empty or truncated)") from None
-    except (KeyError, IndexError):  # the legacy (non-zip) reader meets bytes that are no pickle
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint") from None
-    except Exception as exc:  # arbitrary bytes fail in arbitrary ways inside torch.load
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+    return torch_load_safely(Path(path))
 
 
 def _load_policy_file(path: Path, attn_implementation: str | None) -> tuple[Any, Any]:

@@ -203,3 +203,13 @@ def test_config_errors_name_the_key(setup, tmp_path, capsys):
         ]
     )
     assert code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_cosine_schedule_runs_over_iterations(setup, tmp_path):
+    root, build = setup
+    trainer, history = run(
+        root, build, tmp_path, small_config(iterations=3, schedule="cosine", warmup_steps=1, lr=1e-3)
+    )
+    assert [round(row["lr"], 6) for row in history] == [
+        pytest.approx(1e-3 * f) for f in (1.0, 0.1 + 0.9 * 0.75, 0.1 + 0.9 * 0.25)
+    ]

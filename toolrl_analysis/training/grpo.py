@@ -67,8 +67,8 @@ class GRPOConfig:
     reward_variant: str = "f1"
     lr: float = 5e-5
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | warmup | cosine (cosine warms up first too)
-    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | warmup | cosine (cosine warms up first too); per iteration
+    warmup_steps: int = 0  # iterations of linear warm-up
     grad_clip: float = 1.0
     clip_eps: float = 0.2
     clip_eps_high: float = 0.28
@@ -227,8 +227,7 @@ class GRPOTrainer:
         warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps > 0 else 1.0
         if c.schedule == "warmup":
             return warm
-        total = max(1, c.iterations * c.ppo_epochs * 4)  # rough update count; cosine decays towards 10%
-        progress = min(1.0, step / total)
+        progress = min(1.0, step / max(1, c.iterations))  # cosine decays towards 10% by the last iteration
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     # -- sampling ----------------------------------------------------------------------------------
@@ -391,12 +390,13 @@ class GRPOTrainer:
                         f"last good checkpoint kept in {self.out_dir / 'checkpoints'}"
                     )
                 self.optimizer.step()
-                self.scheduler.step()
                 stats["loss"].append(loss.item())
                 stats["kl"].append(kl_value.item())
                 stats["entropy"].append(entropy_mean.item())
                 stats["clip_fraction"].append(clip_fraction.item())
                 stats["grad_norm"].append(grad_norm.item())
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()  # the schedule runs over iterations
         summary = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
         spreads = [rewards[groups == g] for g in torch.unique(groups)]
         summary.update(
@@ -405,7 +405,7 @@ class GRPOTrainer:
             zero_spread_groups=float(np.mean([float(r.max() == r.min()) for r in spreads])),
             samples=len(samples),
             tokens=int(mask.sum().item()),
-            lr=self.scheduler.get_last_lr()[0],
+            lr=lr,
         )
         return summary
 

@@ -334,14 +334,16 @@ def torch_load_safely(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" not in str(exc):  # junk bytes, not a pickle that names a callable
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first_line(exc)})") from None
         raise CheckpointError(f"refusing to load {path}: {_unsafe_pickle_reason(exc)}") from None
     except Exception as exc:  # arbitrary bytes fail in arbitrary ways inside torch.load
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first_line(exc)})") from None
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line (its class name when it has none), for one-line user errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _unsafe_pickle_reason(exc: Exception) -> str:

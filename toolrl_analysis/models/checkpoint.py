@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from toolrl_analysis.analysis.checkpoints import first_line
 from toolrl_analysis.errors import CheckpointError
 
 POLICY_FORMAT = "toolrl-analysis.policy/1"
@@ -195,7 +196,7 @@ def _tokenizer_from_files(path: Path, files: dict[str, Any]) -> Any:
         try:
             return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{path}: its tokenizer files do not load ({_first_line(exc)})") from None
+            raise CheckpointError(f"{path}: its tokenizer files do not load ({first_line(exc)})") from None
 
 
 def _load_hf_dir(directory: Path, attn_implementation: str | None) -> tuple[Any, Any]:
@@ -212,11 +213,11 @@ def _load_hf_dir(directory: Path, attn_implementation: str | None) -> tuple[Any,
         with _no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{directory}: the model does not load ({_first_line(exc)})") from None
+        raise CheckpointError(f"{directory}: the model does not load ({first_line(exc)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{directory}: the tokenizer does not load ({_first_line(exc)})") from None
+        raise CheckpointError(f"{directory}: the tokenizer does not load ({first_line(exc)})") from None
     return model.eval(), tokenizer
 
 
@@ -232,8 +233,3 @@ def _no_progress_bars():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -7,12 +7,13 @@ import pytest
 
 from toolrl_analysis.cli import main
 from toolrl_analysis.config import load_config
+from toolrl_analysis.envs.oracle import oracle_conversations
 from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_envset
 from toolrl_analysis.envs.sandbox import Sandbox
 from toolrl_analysis.errors import ConfigError
 from toolrl_analysis.models.checkpoint import load_policy
 from toolrl_analysis.models.tokenizer import build_policy_tokenizer
-from toolrl_analysis.training.sft import SFTConfig, chat_example, oracle_conversations, train_base
+from toolrl_analysis.training.sft import SFTConfig, chat_example, train_base
 
 
 @pytest.fixture(scope="module")

@@ -356,6 +356,9 @@ class EvaluationReport:
     hops: pd.DataFrame  # multi-hop scenarios x hop (hop_breakdown)
     general: pd.DataFrame | None  # suite x metric (evaluate_general), None when skipped
     info: dict[str, Any] = field(default_factory=dict)
+    # role x context NLL table of the context-reading meter (context_meter.meter_frame); None when the
+    # environments have no golden calls to build oracle trajectories from (e.g. FTRL's files)
+    roles: pd.DataFrame | None = None
 
     def metric(self, metric: str, scenario: str = OVERALL) -> float:
         return summary_value(self.tool_use, metric, scenario)
@@ -369,11 +372,13 @@ class EvaluationReport:
             "tool_use": records(self.tool_use),
             "hops": records(self.hops),
             "general": records(self.general),
+            "roles": records(self.roles),
             "episodes": records(self.episodes),
         }
 
     def save(self, out_dir: str | Path) -> list[Path]:
-        """`tool_use.csv`, `hops.csv`, `episodes.csv`, `general.csv` (when run) and `evaluation.json`."""
+        """`tool_use.csv`, `hops.csv`, `episodes.csv`, `general.csv` and `roles.csv` (when run), and
+        `evaluation.json`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = []
@@ -382,6 +387,7 @@ class EvaluationReport:
             ("hops", self.hops),
             ("episodes", self.episodes),
             ("general", self.general),
+            ("roles", self.roles),
         ):
             if frame is not None:
                 frame.to_csv(out / f"{name}.csv", index=False)
@@ -397,6 +403,7 @@ def evaluate(
     records: Sequence[EnvRecord],
     *,
     general: bool = True,
+    roles: bool = True,
     sandbox=None,
     max_turns: int = DEFAULT_MAX_TURNS,
     max_new_tokens: int = DEFAULT_EVAL_MAX_NEW_TOKENS,
@@ -405,7 +412,19 @@ def evaluate(
     n_general_tasks: int = GENERAL_TASKS,
     on_turn: Callable[[int, list[Episode]], None] | None = None,
 ) -> EvaluationReport:
-    """Tool-use evaluation on `records` and (unless `general=False`) the general suite."""
+    """Tool-use evaluation on `records`, the context-reading meter on their oracle trajectories (unless
+    `roles=False`; skipped for records without golden calls) and (unless `general=False`) the general suite."""
+    if sandbox is None:
+        from toolrl_analysis.envs.sandbox import Sandbox
+
+        with Sandbox(workers=max(2, min(4, os.cpu_count() or 2))) as own_sandbox:
+            return evaluate(
+                model, tokenizer, records, general=general, roles=roles, sandbox=own_sandbox,
+                max_turns=max_turns, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                batch_size=batch_size, n_general_tasks=n_general_tasks, on_turn=on_turn,
+            )  # fmt: skip
+    from toolrl_analysis.context_meter import measure_roles
+
     episodes = evaluate_tool_use(
         model,
         tokenizer,
@@ -423,6 +442,7 @@ def evaluate(
         tool_use=summarize_tool_use(table),
         hops=hop_breakdown(episodes),
         general=evaluate_general(model, tokenizer, n_tasks=n_general_tasks) if general else None,
+        roles=measure_roles(model, tokenizer, records, sandbox) if roles else None,
         info={
             "environments": len(records),
             "max_turns": max_turns,
@@ -515,3 +535,32 @@ def render_report(report: EvaluationReport, console) -> None:
         for row in report.general.itertuples():
             general.add_row(row.suite, row.metric, f"{row.value:.4g}")
         console.print(general)
+
+    if report.roles is not None:
+        render_role_table(report.roles, console)
+
+
+def render_role_table(
+    frame: pd.DataFrame, console, title: str = "Context reading: NLL per token role"
+) -> None:
+    """The meter's table: real-context NLL, NLL with another environment's context, their gap, top-1."""
+    from rich import box
+    from rich.table import Table
+
+    from toolrl_analysis.context_meter import role_table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for column in ("role", "tokens", "NLL", "NLL swapped", "gap", "top-1"):
+        table.add_column(column, justify="left" if column == "role" else "right", no_wrap=True)
+    for row in role_table(frame).itertuples():
+        if row.tokens:
+            table.add_row(
+                row.role,
+                str(row.tokens),
+                f"{row.nll_real:.3f}",
+                f"{row.nll_replaced:.3f}",
+                f"{row.gap:+.3f}",
+                f"{row.top1_real:.2f}",
+                style="bold" if row.role == "all" else None,
+            )
+    console.print(table)

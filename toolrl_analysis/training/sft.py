@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from toolrl_analysis.config import require
+from toolrl_analysis.envs.oracle import oracle_conversations
 from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord
 
 MULTI_HOP = ("multi_hop", "parallel_multi_hop")
@@ -87,74 +88,7 @@ class SFTConfig:
         require(self.time_limit_s >= 0, "time_limit_s", "must not be negative")
 
 
-# -- oracle trajectories ---------------------------------------------------------------------------
-def _corrupt(arguments: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
-    """The golden arguments with their first string value misspelled (a plausible failed call)."""
-    corrupted = json.loads(json.dumps(arguments))
-
-    def visit(node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if isinstance(value, str) and len(value) > 3:
-                    cut = rng.randrange(1, len(value) - 1)
-                    node[key] = value[:cut] + value[cut + 1 :]
-                    return True
-                if visit(value):
-                    return True
-        if isinstance(node, list):
-            for index, value in enumerate(node):
-                if isinstance(value, str) and len(value) > 3:
-                    node[index] = value[:-1]
-                    return True
-                if visit(value):
-                    return True
-        return False
-
-    return corrupted if visit(corrupted) else None
-
-
-def plan_trajectory(
-    record: EnvRecord, rng: random.Random, correction_prob: float
-) -> list[list[tuple[str, dict]]]:
-    """The assistant's calls turn by turn: the golden turns, one of them possibly preceded by a failed call."""
-    from toolrl_analysis.envs.check import golden_calls
-
-    turns = [[(name, args) for _, name, args in turn] for turn in golden_calls(record)]
-    if turns and rng.random() < correction_prob:
-        at = rng.randrange(len(turns))
-        name, args = rng.choice(turns[at])
-        wrong = _corrupt(args, rng)
-        if wrong is not None:
-            turns.insert(at, [(name, wrong)])
-    return turns
-
-
-def oracle_conversations(
-    records: Sequence[EnvRecord], sandbox, rng: random.Random, correction_prob: float
-) -> list[list[dict[str, Any]]]:
-    """Full conversations (question, calls, real tool output, final answer). All calls of all
-    trajectories run in one batched `call_many`: golden arguments never depend on live output."""
-    plans = [plan_trajectory(record, rng, correction_prob) for record in records]
-    flat = [
-        (record.codes.get(name, ""), name, args)
-        for record, plan in zip(records, plans, strict=True)
-        for turn in plan
-        for name, args in turn
-    ]
-    results = iter(sandbox.call_many(flat) if flat else [])
-    conversations = []
-    for record, plan in zip(records, plans, strict=True):
-        messages = [dict(m) for m in record.messages]
-        for turn in plan:
-            calls = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in turn]
-            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
-            for name, _ in turn:
-                messages.append({"role": "tool", "name": name, "content": next(results).content})
-        messages.append({"role": "assistant", "content": f"The answer is {record.answer}."})
-        conversations.append(messages)
-    return conversations
-
-
+# -- demonstrations ------------------------------------------------------------------------------
 def demonstration_records(
     records: Sequence[EnvRecord], config: SFTConfig, rng: random.Random
 ) -> list[EnvRecord]:

@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import pickle
 import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,7 +29,9 @@ from typing import Any
 
 import torch
 
-from toolrl_analysis.errors import CheckpointError
+from toolrl_analysis.errors import CheckpointError, first_names
+from toolrl_analysis.io import torch_load_safely
+from toolrl_analysis.models.checkpoint import POLICY_FORMAT
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -49,7 +50,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U32": torch.uint32,
     "U64": torch.uint64,
 }
-POLICY_FORMAT = "toolrl-analysis.policy/1"
 # Prefixes that wrappers add to every key (DDP, torch.compile); stripped so checkpoints line up.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 PEFT_PREFIX = "base_model.model."
@@ -321,42 +321,6 @@ class SafetensorsCheckpoint(Checkpoint):
 # ---------------------------------------------------------------------------------------------
 # torch pickles (.pt, pytorch_model.bin)
 # ---------------------------------------------------------------------------------------------
-def torch_load_safely(path: Path) -> Any:
-    """`torch.load(weights_only=True)`, memory-mapped when the file allows; never runs pickled code."""
-    path = Path(path)
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # Legacy (non-zip) serialization cannot be memory-mapped; it is still unpickled safely.
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "GLOBAL" not in str(exc):  # junk bytes, not a pickle that names a callable
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first_line(exc)})") from None
-        raise CheckpointError(f"refusing to load {path}: {_unsafe_pickle_reason(exc)}") from None
-    except Exception as exc:  # arbitrary bytes fail in arbitrary ways inside torch.load
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first_line(exc)})") from None
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message on one line (its class name when it has none), for one-line user errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _unsafe_pickle_reason(exc: Exception) -> str:
-    """torch's weights-only message is a paragraph; keep the line that names the offending global."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), None)
-    if detail is None:
-        detail = next(
-            (line for line in lines if "weights_only" not in line.lower()), "it is not a plain state dict"
-        )
-    return f"its pickle asks to run code or build non-tensor objects ({detail.rstrip('.')})"
-
-
 def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The tensors of a loaded `.pt`: a plain state dict or one wrapped under `state_dict` / `model`."""
     config = None
@@ -501,7 +465,7 @@ class LoraCheckpoint(Checkpoint):
         unknown = sorted(({m.target for m in self.modules.values()} | set(self.replaced)) - set(infos))
         if unknown:
             raise CheckpointError(
-                f"{path}: the adapter updates tensors the base lacks: {_first(unknown)} (wrong base checkpoint?)"
+                f"{path}: the adapter updates tensors the base lacks: {first_names(unknown)} (wrong base checkpoint?)"
             )
         for module in self.modules.values():
             self._check_shapes(path, module, infos[module.target].shape)
@@ -722,7 +686,7 @@ def _shard_files(path: Path, index_name: str) -> list[Path]:
     files = [path / name for name in dict.fromkeys(weight_map.values())]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise CheckpointError(f"{path}: shards named in {index_name} are missing: {_first(missing)}")
+        raise CheckpointError(f"{path}: shards named in {index_name} are missing: {first_names(missing)}")
     return files
 
 
@@ -736,8 +700,3 @@ def _read_json(path: Path) -> dict:
     if not isinstance(document, dict):
         raise CheckpointError(f"{path} is not a JSON object")
     return document
-
-
-def _first(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -36,7 +36,7 @@ from toolrl_analysis.analysis.components import (
     map_parameters,
     parse_selector,
 )
-from toolrl_analysis.errors import CheckpointError
+from toolrl_analysis.errors import CheckpointError, first_names
 
 SPARSITY_TOLERANCES = (0.0, 1e-6, 1e-5)  # increasing: UpdateStats.add relies on it
 # 2**19 float32 elements = 2 MiB per operand: the chunk's raw bytes, float32 copies and scratch stay in
@@ -349,10 +349,10 @@ def plan_comparison(
             )
         problems = []
         if only_in_base:
-            problems.append(f"trained lacks {len(only_in_base)} tensors of base: {_first(only_in_base)}")
+            problems.append(f"trained lacks {len(only_in_base)} tensors of base: {first_names(only_in_base)}")
         if only_in_trained:
             problems.append(
-                f"base lacks {len(only_in_trained)} tensors of trained: {_first(only_in_trained)}"
+                f"base lacks {len(only_in_trained)} tensors of trained: {first_names(only_in_trained)}"
             )
         raise CheckpointError("; ".join(problems) + " (--allow-missing compares the tensors they share)")
 
@@ -380,7 +380,7 @@ def plan_comparison(
             )
         )
     if mismatched:
-        raise CheckpointError(f"shape mismatch for {len(mismatched)} tensors: {_first(mismatched, 4)}")
+        raise CheckpointError(f"shape mismatch for {len(mismatched)} tensors: {first_names(mismatched, 4)}")
     if not tensors:
         raise CheckpointError(f"{base.path} and {trained.path} share no tensors to compare")
     return ComparisonPlan(tensors, mapping, only_in_base, only_in_trained, aliases, select, tied_both)
@@ -413,11 +413,6 @@ def _tied_heads(
             if source is not None:
                 aliases[side][head] = source
     return aliases
-
-
-def _first(names: Sequence[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1024,9 +1019,11 @@ def render_comparison(comparison: Comparison, console, top: int = 15) -> None:
     )
     for key, label in (("only_in_base", "only in base"), ("only_in_trained", "only in trained")):
         if summary[key]:
-            console.print(f"[yellow]skipped {len(summary[key])} tensors {label}:[/] {_first(summary[key])}")
+            console.print(
+                f"[yellow]skipped {len(summary[key])} tensors {label}:[/] {first_names(summary[key])}"
+            )
     if summary["unmapped"]:
-        console.print(f"unmapped (component 'other'): {_first(summary['unmapped'])}")
+        console.print(f"unmapped (component 'other'): {first_names(summary['unmapped'])}")
 
     table = Table(title=f"most-changed components (top {top})")
     for column in ("layer", "component", "numel", "rel.change", "share", "mean|dW|", "max|dW|", "cosine"):

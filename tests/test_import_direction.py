@@ -72,3 +72,13 @@ def test_the_check_sees_function_local_and_relative_imports(tmp_path, monkeypatc
         "toolrl_analysis/models/bad.py:5 imports toolrl_analysis.training",
         "toolrl_analysis/models/bad.py:6 imports toolrl_analysis.cli",
     ]
+
+
+def test_the_sandbox_worker_needs_nothing_from_the_package():
+    """Workers run sandbox_worker.py by path in a bare interpreter: it may import only the standard library,
+    and never subprocess (its fork_exec raises no audit event)."""
+    modules = [m for _, m in imported_modules(PACKAGE / "envs" / "sandbox_worker.py")]
+    assert not [m for m in modules if m.startswith("toolrl_analysis")]
+    assert not [
+        m for m in modules if m.split(".")[0] in ("subprocess", "_posixsubprocess", "multiprocessing")
+    ]

@@ -72,10 +72,6 @@ class ParameterPart:
     stop: int | None = None
 
     @property
-    def is_bias(self) -> bool:
-        return self.role == "bias"
-
-    @property
     def label(self) -> str:
         return f"{self.name}[{self.part}]" if self.part else self.name
 
@@ -244,9 +240,6 @@ class ParameterMap:
     @property
     def names(self) -> list[str]:
         return list(dict.fromkeys(part.name for part in self.parts))
-
-    def parts_of(self, name: str) -> list[ParameterPart]:
-        return [part for part in self.parts if part.name == name]
 
     def select(self, selector: Selector | str) -> list[ParameterPart]:
         """The parts a selector names; SelectorError when it names none."""

@@ -65,6 +65,7 @@ class StepReward:
     case: str  # one of STEP_CASES
     n_calls: int = 0
     n_solved: int = 0
+    # Counts of sub-answers still unsolved before and after the turn (Turn.unsolved_set_* are the dicts).
     unsolved_before: int = 0
     unsolved_after: int = 0
     solved_flags: list[bool] = field(default_factory=list)

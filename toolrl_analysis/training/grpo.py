@@ -207,7 +207,7 @@ def step_states(episodes) -> list[StepState]:
     """Every state an episode passed through before an assistant turn: the history so far, what is
     still unsolved, and the solved fraction."""
     return [
-        StepState(episode.record, turn.prompt_ids, turn.unsolved_before, turn.solve_rate_before)
+        StepState(episode.record, turn.prompt_ids, turn.unsolved_set_before, turn.solve_rate_before)
         for episode in episodes
         for turn in episode.turns
     ]

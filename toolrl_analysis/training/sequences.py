@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toolrl_analysis.rollout import cache_keyword, new_cache
+from toolrl_analysis.rollout import cache_keyword, new_cache, position_ids
 from toolrl_analysis.training.advantages import entropy_from_logits
 
 
@@ -80,7 +80,7 @@ def completion_logprobs(
     decoder = model.get_decoder()
     cache = new_cache(model)
     cache_kw = cache_keyword(decoder)
-    prompt_positions = (batch.prompt_attention.cumsum(dim=1) - 1).clamp(min=0)
+    prompt_positions = position_ids(batch.prompt_attention)
     prompt_hidden = decoder(
         input_ids=batch.prompt_ids, attention_mask=batch.prompt_attention, position_ids=prompt_positions,
         use_cache=True, **{cache_kw: cache},
@@ -92,7 +92,7 @@ def completion_logprobs(
     attention = torch.cat(
         [batch.prompt_attention.repeat_interleave(batch.repeats, dim=0), batch.completion_attention], dim=1
     )
-    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, batch.prompt_ids.shape[1] :]
+    positions = position_ids(attention)[:, batch.prompt_ids.shape[1] :]
     completion_hidden = decoder(
         input_ids=batch.completion_ids, attention_mask=attention, position_ids=positions, use_cache=True,
         **{cache_kw: cache},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_compare_support import plant_update, random_state_dict, tiny_model, write_checkpoint
+from test_compare_support import planted_qwen2_pair, write_checkpoint
 
 from toolrl_analysis.analysis.checkpoints import open_checkpoint
 from toolrl_analysis.analysis.diff import iter_pairs, plan_pairs
@@ -13,15 +13,10 @@ from toolrl_analysis.errors import CheckpointError
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    model = tiny_model("qwen2")
-    base = random_state_dict(model)
-    trained = plant_update("qwen2", base)
-    paths = (
-        write_checkpoint(base, "safetensors", root / "base.safetensors", model),
-        write_checkpoint(trained, "pt", root / "trained.pt", model),
+    base, trained, base_path, trained_path = planted_qwen2_pair(
+        tmp_path_factory.mktemp("pairs"), "safetensors", "pt"
     )
-    return base, trained, paths
+    return base, trained, (base_path, trained_path)
 
 
 def test_plan_pairs_matches_selected_tensors_in_base_storage_order(pair):

@@ -371,7 +371,7 @@ class Episode:
         return sum(t.reward.score for t in self.turns)
 
     def metrics(self) -> dict[str, float]:
-        """Solve-P, Solve-R, Solve-F1 (DESIGN §5) of this episode."""
+        """Solve-P, Solve-R, Solve-F1 of this episode (docs/architecture.md, "Reward and metrics")."""
         return episode_metrics(self.n_calls, self.n_solved, self.n_subquestions)
 
 

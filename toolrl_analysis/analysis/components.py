@@ -1,4 +1,5 @@
-"""Parameter name -> (layer, component), and the selectors that name sets of parameters (DESIGN §8).
+"""Parameter name -> (layer, component), and the selectors that name sets of parameters
+(docs/architecture.md, "Components and selectors").
 
 Canonical components inside a block: attn.q attn.k attn.v attn.o mlp.gate mlp.up mlp.down norm.attn
 norm.mlp (plus norm.q / norm.k for Qwen3's per-head norms, and attn.qkv / mlp.gate_up for fused

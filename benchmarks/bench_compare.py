@@ -241,9 +241,9 @@ def worker_naive(base: str, trained: str) -> dict:
 def worker_read_only(base: str, trained: str) -> dict:
     """Our reader at the diff's chunk size, no arithmetic: the cost of getting bytes into memory."""
     from toolrl_analysis.analysis.checkpoints import open_checkpoint
-    from toolrl_analysis.analysis.diff import DEFAULT_CHUNK_ELEMENTS, _Buffers
+    from toolrl_analysis.analysis.diff import DEFAULT_CHUNK_ELEMENTS, ScratchBuffers
 
-    buffers = _Buffers()
+    buffers = ScratchBuffers()
     started = time.perf_counter()
     for key, path in (("base", base), ("trained", trained)):
         with open_checkpoint(path) as checkpoint:
@@ -266,10 +266,10 @@ def worker_compute_only(numel: int, dtype_name: str) -> dict:
 
     from toolrl_analysis.analysis.diff import (
         DEFAULT_CHUNK_ELEMENTS,
+        ScratchBuffers,
         UpdateStats,
-        _Buffers,
-        _torch_threads,
         default_workers,
+        torch_threads,
     )
 
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -280,7 +280,7 @@ def worker_compute_only(numel: int, dtype_name: str) -> dict:
     chunks = max(1, numel // chunk)
 
     def run(count: int) -> None:
-        buffers, raw = _Buffers(), trained.clone()
+        buffers, raw = ScratchBuffers(), trained.clone()
         for _ in range(count):
             if dtype == torch.float32:
                 raw.copy_(trained)  # the streaming path reads into a buffer it may overwrite; so do we
@@ -289,7 +289,7 @@ def worker_compute_only(numel: int, dtype_name: str) -> dict:
             )
 
     started = time.perf_counter()
-    with _torch_threads(1):
+    with torch_threads(1):
         if threads == 1:
             run(chunks)
         else:

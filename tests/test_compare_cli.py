@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_compare_support import plant_update, random_state_dict, tiny_model, write_checkpoint
+from test_compare_support import planted_qwen2_pair, random_state_dict, tiny_model, write_checkpoint
 
 from toolrl_analysis.cli import main
 
@@ -22,14 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model = tiny_model("qwen2")
-    base = random_state_dict(model)
-    trained = plant_update("qwen2", base)
-    paths = {
-        "base": write_checkpoint(base, "pt", root / "base.pt"),
-        "trained": write_checkpoint(trained, "safetensors", root / "trained.safetensors"),
-        "root": root,
-    }
+    _, trained, base_path, trained_path = planted_qwen2_pair(root, "pt", "safetensors")
+    paths = {"base": base_path, "trained": trained_path, "root": root}
     gpt2 = tiny_model("gpt2")
     paths["gpt2"] = write_checkpoint(random_state_dict(gpt2), "safetensors", root / "gpt2.safetensors")
     reshaped = dict(trained)

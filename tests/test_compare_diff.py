@@ -227,7 +227,7 @@ def test_spectral_metrics_of_a_rank_one_update():
 
 
 def test_spectral_lowrank_path_matches_exact(monkeypatch):
-    from toolrl_analysis.analysis import diff
+    from toolrl_analysis.analysis.diff import metrics
 
     generator = torch.Generator().manual_seed(0)
     # A weight with a decaying spectrum and a rank-3 update: the randomised path must find both.
@@ -236,7 +236,7 @@ def test_spectral_lowrank_path_matches_exact(monkeypatch):
     weight = (left * torch.logspace(1, -2, 200)) @ right.T
     update = torch.randn(300, 3, generator=generator) @ torch.randn(3, 200, generator=generator) * 0.01
     exact, _ = spectral_metrics(weight, update, top_k=4)
-    monkeypatch.setattr(diff, "EXACT_SVD_MAX_ELEMENTS", 100)
+    monkeypatch.setattr(metrics, "EXACT_SVD_MAX_ELEMENTS", 100)
     approximate, values = spectral_metrics(weight, update, top_k=4)
     assert approximate["spectral_method"].startswith("lowrank")
     for key in ("update_spectral_norm", "update_stable_rank", "update_effective_rank"):

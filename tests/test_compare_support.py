@@ -153,6 +153,17 @@ def write_checkpoint(state: dict[str, torch.Tensor], fmt: str, path: Path, model
     return path
 
 
+def planted_qwen2_pair(root: Path, base_format: str, trained_format: str) -> tuple[dict, dict, Path, Path]:
+    """A tiny Qwen2 state dict and its planted update, written as root/base and root/trained in the given
+    formats: (base state, trained state, base path, trained path)."""
+    model = tiny_model("qwen2")
+    base = random_state_dict(model)
+    trained = plant_update("qwen2", base)
+    base_path = write_checkpoint(base, base_format, root / f"base{suffix(base_format)}", model)
+    trained_path = write_checkpoint(trained, trained_format, root / f"trained{suffix(trained_format)}", model)
+    return base, trained, base_path, trained_path
+
+
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage; a tied copy is just another tensor on disk.
     seen, out = set(), {}

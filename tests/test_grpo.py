@@ -14,8 +14,9 @@ from toolrl_analysis.errors import ConfigError, TrainingDiverged
 from toolrl_analysis.models.checkpoint import load_policy, save_policy
 from toolrl_analysis.models.factory import build_model
 from toolrl_analysis.models.tokenizer import build_policy_tokenizer
-from toolrl_analysis.training import grpo
-from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer, episode_group_advantages, train_grpo
+from toolrl_analysis.training import advantages
+from toolrl_analysis.training.commands import train_grpo
+from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer, episode_group_advantages
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_resume_reproduces_an_uninterrupted_run(setup, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
     root, build = setup
-    real_loss, calls = grpo.clipped_policy_loss, []
+    real_loss, calls = advantages.clipped_policy_loss, []
 
     def loss_turning_nan_in_iteration_two(*args, **kwargs):
         loss, clip_fraction = real_loss(*args, **kwargs)
@@ -106,7 +107,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
         return (loss * float("nan") if trainer_iteration[0] >= 1 else loss), clip_fraction
 
     trainer_iteration = [0]
-    monkeypatch.setattr(grpo, "clipped_policy_loss", loss_turning_nan_in_iteration_two)
+    monkeypatch.setattr(advantages, "clipped_policy_loss", loss_turning_nan_in_iteration_two)
     with pytest.raises(TrainingDiverged, match="loss became nan.*last good checkpoint"):
         run(
             root,

@@ -163,7 +163,7 @@ def test_turn_records_carry_history_unsolved_sets_and_tool_messages(scripted_epi
     capital, orwell = scripted_episodes
     first, second = capital.turns
     assert first.messages == records[0].messages  # what the policy saw
-    assert first.unsolved_before == {"capital_lookup": ["Paris"]} and first.unsolved_after == {
+    assert first.unsolved_set_before == {"capital_lookup": ["Paris"]} and first.unsolved_set_after == {
         "capital_lookup": []
     }
     assert [r.ok for r in first.results] == [True, True]
@@ -181,8 +181,8 @@ def test_turn_records_carry_history_unsolved_sets_and_tool_messages(scripted_epi
     # A turn without calls goes into the history as its raw text.
     assert capital.messages[-1] == {"role": "assistant", "content": "The capital is Paris."}
     # orwell's wrong first call left everything unsolved; the second solved hop 1 only.
-    assert orwell.turns[0].unsolved_after == records[1].unsolved_set
-    assert orwell.turns[1].unsolved_after == {"author_of": [], "birth_year": ["1903"]}
+    assert orwell.turns[0].unsolved_set_after == records[1].unsolved_set
+    assert orwell.turns[1].unsolved_set_after == {"author_of": [], "birth_year": ["1903"]}
     assert orwell.turns[2].solve_rate_before == pytest.approx(0.5)
     assert records[1].unsolved_set == {
         "author_of": ["George Orwell"],
@@ -230,18 +230,14 @@ def test_max_turns_bounds_an_episode_that_keeps_calling(records, tokenizer, sand
 
 
 # -- model policies -----------------------------------------------------------------------------------------------
-def test_policy_token_mask_covers_exactly_the_generated_tokens(records, tokenizer, sandbox):
+def test_policy_turns_hold_the_rendered_prompt_and_the_generated_tokens(records, tokenizer, sandbox):
     model = tiny_random_qwen2(tokenizer)
     policy = ModelPolicy(model, tokenizer, max_new_tokens=12)
     episodes = run_episodes(policy, records, sandbox, max_turns=2)
     for episode in episodes:
         for turn in episode.turns:
-            ids, mask = turn.sequence()
-            assert ids[: len(turn.prompt_ids)] == render_prompt(
-                tokenizer, turn.messages, episode.record.tools
-            )
-            assert [i for i, m in zip(ids, mask, strict=True) if m] == turn.completion_ids
-            assert len(turn.logprobs) == len(turn.completion_ids) == sum(mask) > 0
+            assert turn.prompt_ids == render_prompt(tokenizer, turn.messages, episode.record.tools)
+            assert len(turn.logprobs) == len(turn.completion_ids) > 0
             (direct,) = generate(
                 model,
                 [turn.prompt_ids],

@@ -158,7 +158,8 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from toolrl_analysis.config import load_config
-    from toolrl_analysis.training.grpo import GRPOConfig, train_grpo
+    from toolrl_analysis.training.commands import train_grpo
+    from toolrl_analysis.training.grpo import GRPOConfig
 
     overrides = list(args.set) + ([f"algo={args.algo}"] if args.algo else [])
     config = load_config(GRPOConfig, _config_path(args.config, "training/grpo.toml"), overrides)

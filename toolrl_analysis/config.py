@@ -97,7 +97,3 @@ def require(condition: bool, key: str, message: str) -> None:
     """Validation helper for `validate()` methods: raise a ConfigError naming `key`."""
     if not condition:
         raise ConfigError(f"config key '{key}' {message}")
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

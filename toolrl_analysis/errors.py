@@ -23,3 +23,15 @@ class ConfigError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or Inf; training stops and the last good checkpoint is kept."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line (its class name when it has none), for one-line user errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def first_names(names: list[str], limit: int = 6) -> str:
+    """The first `limit` names, comma-separated, and how many more there are: lists in one-line errors."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -39,6 +39,7 @@ from toolrl_analysis.rollout import (
     ModelPolicy,
     decode_completion,
     generate,
+    model_max_positions,
     pad_token_id_for,
     render_prompt,
     run_episodes,
@@ -231,10 +232,6 @@ def hop_breakdown(episodes: Sequence[Episode]) -> pd.DataFrame:
 # =============================================================================================
 # General capability
 # =============================================================================================
-def model_max_positions(model: torch.nn.Module, fallback: int = 2048) -> int:
-    return int(getattr(model.config, "max_position_embeddings", None) or fallback)
-
-
 @torch.no_grad()
 def heldout_lm_loss(
     model: torch.nn.Module, tokenizer, texts: Sequence[str], *, max_length: int = 512, batch_size: int = 8

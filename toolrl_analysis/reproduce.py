@@ -40,7 +40,8 @@ def reproduce(
 ) -> dict[str, Any]:
     from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_envset
     from toolrl_analysis.evaluate import evaluate_checkpoint
-    from toolrl_analysis.training.grpo import GRPOConfig, train_grpo
+    from toolrl_analysis.training.commands import train_grpo
+    from toolrl_analysis.training.grpo import GRPOConfig
     from toolrl_analysis.training.sft import SFTConfig, train_base
 
     out = Path(out)

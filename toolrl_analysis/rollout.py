@@ -69,8 +69,9 @@ def new_cache(model: torch.nn.Module):
         return DynamicCache()
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Left padding: count only real tokens, so every sequence starts at position 0.
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token counting real tokens only ([B, L] -> [B, L]): with left padding every
+    sequence still starts at position 0."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
@@ -133,10 +134,10 @@ def generate(
                 kwargs["logits_to_keep"] = 1  # only the last position's logits are needed
             if use_cache:
                 kwargs[cache_kw] = cache
-                kwargs["position_ids"] = _positions(attention)[:, -step_input.shape[1] :]
+                kwargs["position_ids"] = position_ids(attention)[:, -step_input.shape[1] :]
                 logits = model(input_ids=step_input, **kwargs).logits[:, -1, :].float()
             else:
-                kwargs["position_ids"] = _positions(attention)
+                kwargs["position_ids"] = position_ids(attention)
                 logits = model(input_ids=input_ids, **kwargs).logits[:, -1, :].float()
             if step == 0 and repeats > 1:
                 logits = logits.repeat_interleave(repeats, dim=0)
@@ -295,7 +296,12 @@ class ScriptedPolicy:
 # =============================================================================================
 @dataclass
 class Turn:
-    """One assistant turn and what followed it."""
+    """One assistant turn and what followed it.
+
+    A training sample is one turn (prompt_ids, then completion_ids, the policy's own tokens), not one
+    concatenated episode: the chat template re-renders the history every turn, so earlier completions need not
+    reappear token for token in later prompts.
+    """
 
     index: int
     messages: list[dict[str, Any]]  # the conversation the policy saw (before this turn); read-only
@@ -306,8 +312,8 @@ class Turn:
     parsed: ParsedTurn
     results: list[ToolResult]  # one per parsed call, same order
     reward: StepReward
-    unsolved_before: dict[str, list[str]]
-    unsolved_after: dict[str, list[str]]
+    unsolved_set_before: dict[str, list[str]]  # what was still unsolved before this turn
+    unsolved_set_after: dict[str, list[str]]  # and after it (reward.unsolved_before/after count them)
     solve_rate_before: float  # solved fraction of the initial sub-questions before this turn
     stopped: bool = True  # False: the completion hit max_new_tokens
 
@@ -319,17 +325,6 @@ class Turn:
     def format_error(self) -> bool:
         """The turn contained tool-call markup that failed to parse."""
         return bool(self.parsed.malformed)
-
-    def sequence(self) -> tuple[list[int], list[int]]:
-        """Prompt + completion ids and a mask that is 1 exactly on the policy's own (generated) tokens.
-
-        Samples are per turn, not one concatenated episode: the history is re-rendered by the chat
-        template every turn, so earlier completions need not reappear token for token in later prompts.
-        """
-        return (
-            self.prompt_ids + self.completion_ids,
-            [0] * len(self.prompt_ids) + [1] * len(self.completion_ids),
-        )
 
 
 @dataclass
@@ -376,12 +371,8 @@ class Episode:
         return sum(t.reward.score for t in self.turns)
 
     def metrics(self) -> dict[str, float]:
-        """Solve-P, Solve-R, Solve-F1 (DESIGN §5) of this episode."""
+        """Solve-P, Solve-R, Solve-F1 of this episode (docs/architecture.md, "Reward and metrics")."""
         return episode_metrics(self.n_calls, self.n_solved, self.n_subquestions)
-
-    def samples(self) -> list[tuple[list[int], list[int]]]:
-        """`Turn.sequence()` for every turn: the per-step training samples."""
-        return [turn.sequence() for turn in self.turns]
 
 
 # =============================================================================================
@@ -434,11 +425,15 @@ def _solve_rate(record: EnvRecord, unsolved: dict[str, list[str]]) -> float:
     return (total - sum(len(v) for v in unsolved.values())) / total if total else 0.0
 
 
+def model_max_positions(model: torch.nn.Module | None, fallback: int = 2048) -> int:
+    """The model's position limit (`config.max_position_embeddings`), or `fallback` where it states none."""
+    return int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or fallback)
+
+
 def default_max_prompt_tokens(policy: Policy, fallback: int = 32768) -> int:
     """Room left for the prompt: the model's position limit minus the completion budget."""
-    model = getattr(policy, "model", None)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or fallback
-    return max(1, int(limit) - int(getattr(policy, "max_new_tokens", 0)))
+    limit = model_max_positions(getattr(policy, "model", None), fallback)
+    return max(1, limit - int(getattr(policy, "max_new_tokens", 0)))
 
 
 def run_episodes(
@@ -516,8 +511,8 @@ def run_episodes(
                     parsed=turn_parse,
                     results=turn_results,
                     reward=reward,
-                    unsolved_before=copy.deepcopy(episode.unsolved_set),
-                    unsolved_after=copy.deepcopy(reward.remaining),
+                    unsolved_set_before=copy.deepcopy(episode.unsolved_set),
+                    unsolved_set_after=copy.deepcopy(reward.remaining),
                     solve_rate_before=solve_rate_before,
                     stopped=completion.stopped,
                 )

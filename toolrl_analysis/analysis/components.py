@@ -1,4 +1,5 @@
-"""Parameter name -> (layer, component), and the selectors that name sets of parameters (DESIGN §8).
+"""Parameter name -> (layer, component), and the selectors that name sets of parameters
+(docs/architecture.md, "Components and selectors").
 
 Canonical components inside a block: attn.q attn.k attn.v attn.o mlp.gate mlp.up mlp.down norm.attn
 norm.mlp (plus norm.q / norm.k for Qwen3's per-head norms, and attn.qkv / mlp.gate_up for fused
@@ -70,10 +71,6 @@ class ParameterPart:
     dim: int | None = None
     start: int = 0
     stop: int | None = None
-
-    @property
-    def is_bias(self) -> bool:
-        return self.role == "bias"
 
     @property
     def label(self) -> str:
@@ -244,9 +241,6 @@ class ParameterMap:
     @property
     def names(self) -> list[str]:
         return list(dict.fromkeys(part.name for part in self.parts))
-
-    def parts_of(self, name: str) -> list[ParameterPart]:
-        return [part for part in self.parts if part.name == name]
 
     def select(self, selector: Selector | str) -> list[ParameterPart]:
         """The parts a selector names; SelectorError when it names none."""

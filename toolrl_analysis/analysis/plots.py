@@ -1,5 +1,5 @@
-"""Plots as plain functions of the analysis DataFrames (DESIGN §10): notebooks, figures/ and the CLI
-share them. Each returns a matplotlib Figure built without pyplot, so no global state or GUI backend
+"""Plots as plain functions of the analysis DataFrames (docs/architecture.md, "Analysis"): notebooks,
+figures/ and the CLI share them. Each returns a matplotlib Figure built without pyplot, so no global state or GUI backend
 is involved; callers save it (`fig.savefig(path)`) or display it.
 """
 

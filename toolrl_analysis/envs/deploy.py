@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from toolrl_analysis.envs.documents import ToolSpec
-from toolrl_analysis.envs.world import World, relation
+from toolrl_analysis.envs.world import World
 
 
 def lookup_records(
@@ -165,10 +165,3 @@ def _extra_check(extra) -> list[str]:
         f"    if type({n}) is not int or not {extra.minimum} <= {n} <= {extra.maximum}:",
         f"        return \"Error: '{n}' must be an integer between {extra.minimum} and {extra.maximum}.\"",
     ]
-
-
-def sentence_for(spec: ToolSpec, subject: str, relation_key: str, value: str) -> str:
-    """What a correct call prints (used by tests and by the pipeline's self-check)."""
-    article = "the " if spec.kind == "artefact" else ""
-    text = relation(spec.kind, relation_key).sentence.format(subject=article + subject, value=value)
-    return text[0].upper() + text[1:]

@@ -29,7 +29,6 @@ _SUBJECT_WORDS = {
     "organisation": "name of the organisation",
     "artefact": "name of the artefact",
 }
-_PLURAL = {"person": "persons", "place": "places", "organisation": "organisations", "artefact": "artefacts"}
 
 
 @dataclass(frozen=True)
@@ -152,10 +151,6 @@ class ToolSpec:
 
 def _article(kind: str) -> str:
     return "an" if kind[0] in "aeiou" else "a"
-
-
-def plural(kind: str) -> str:
-    return _PLURAL[kind]
 
 
 def document(kind: str, relation_key: str, role: str = "golden") -> ToolSpec:

@@ -1,6 +1,6 @@
 """FTRL's verifiable reward: answer verification, the step reward of one assistant turn, and episode metrics.
 
-Step reward (DESIGN §5), with p = parsed calls in the turn and q = sub-questions they newly solve:
+Step reward (docs/architecture.md, "Reward and metrics"), with p = parsed calls in the turn and q = sub-questions they newly solve:
 `f1 = 2q/(p+1)` (default), `precision = q/p`, `rate = q`, `pr = q²/p`. A turn without calls scores
 -0.5 when empty, -0.3 when it holds tool-call markup that did not parse, 1/(1+t) when it contains the gold answer
 (t = sub-questions still unsolved), 0.5 when everything was already solved, and 0 otherwise.
@@ -65,6 +65,7 @@ class StepReward:
     case: str  # one of STEP_CASES
     n_calls: int = 0
     n_solved: int = 0
+    # Counts of sub-answers still unsolved before and after the turn (Turn.unsolved_set_* are the dicts).
     unsolved_before: int = 0
     unsolved_after: int = 0
     solved_flags: list[bool] = field(default_factory=list)

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from toolrl_analysis.analysis.checkpoints import first_line
-from toolrl_analysis.errors import CheckpointError
+from toolrl_analysis.errors import CheckpointError, first_line
+from toolrl_analysis.io import torch_load_safely
 
 POLICY_FORMAT = "toolrl-analysis.policy/1"
 
@@ -116,8 +116,6 @@ def load_policy(path: str | Path, attn_implementation: str | None = None) -> tup
 
 def read_checkpoint_file(path: str | Path) -> Any:
     """torch.load with weights_only=True (memory-mapped where possible); failures are one-line CheckpointErrors."""
-    from toolrl_analysis.analysis.checkpoints import torch_load_safely
-
     return torch_load_safely(Path(path))
 
 

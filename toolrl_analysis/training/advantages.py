@@ -1,11 +1,13 @@
 """The RL algorithm, top to bottom: advantages, the clipped policy loss, KL, entropy, loss aggregation.
 
-Shapes: `rewards` is [B] (one scalar per completion), everything per-token is [B, T] with a 0/1 `mask`
+Shapes: `rewards` is [N] (one scalar per completion), everything per-token is [N, T] with a 0/1 `mask`
 over the completion tokens the policy produced. Conventions follow verl, the engine FTRL trained with,
 so that numbers mean the same thing here and there.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -22,11 +24,11 @@ def group_advantages(
     A group of one has no baseline to compare against, so its advantage is 0, as is every member of a
     group whose rewards are all equal (no learning signal).
     """
-    rewards = rewards.float()
-    advantages = torch.zeros_like(rewards)
+    rewards = rewards.float()  # [N]
+    advantages = torch.zeros_like(rewards)  # [N]
     for group in torch.unique(group_ids):
-        members = group_ids == group
-        group_rewards = rewards[members]
+        members = group_ids == group  # [N] bool
+        group_rewards = rewards[members]  # [G]
         if group_rewards.numel() < 2:
             continue
         centred = group_rewards - group_rewards.mean()
@@ -42,16 +44,16 @@ def reinforce_pp_advantages(
     """Reinforce++: the KL penalty is paid per token inside the return, then advantages are whitened over
     the whole batch (not per group), which is what makes it a batch-normalised REINFORCE.
 
-    token_kl: per-token KL estimate of the policy to the reference ([B, T]).
+    token_kl: per-token KL estimate of the policy to the reference ([N, T]).
     """
-    token_rewards = -kl_coef * token_kl * mask
-    lengths = mask.sum(dim=1).long()
-    last = (lengths - 1).clamp(min=0)
+    token_rewards = -kl_coef * token_kl * mask  # [N, T]
+    lengths = mask.sum(dim=1).long()  # [N]
+    last = (lengths - 1).clamp(min=0)  # [N]: the outcome reward lands on the last completion token
     rows = torch.arange(rewards.shape[0])
     has_tokens = lengths > 0
     token_rewards[rows[has_tokens], last[has_tokens]] += rewards.float()[has_tokens]
-    returns = torch.zeros_like(token_rewards)
-    running = torch.zeros(rewards.shape[0], dtype=token_rewards.dtype)
+    returns = torch.zeros_like(token_rewards)  # [N, T]
+    running = torch.zeros(rewards.shape[0], dtype=token_rewards.dtype)  # [N]
     for t in reversed(range(token_rewards.shape[1])):
         running = token_rewards[:, t] + gamma * running * mask[:, t]
         returns[:, t] = running
@@ -59,7 +61,7 @@ def reinforce_pp_advantages(
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    count = mask.sum()
+    count = mask.sum()  # []
     if count < 2:
         return torch.zeros_like(values)
     mean = (values * mask).sum() / count
@@ -74,20 +76,20 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, clamp: float = 10.
     k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased and low-variance; the log-ratio is clamped
     to +-20 before exp and the result to [-clamp, clamp] so one outlier token cannot blow up the loss.
     """
-    log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
-    kl = torch.exp(log_ratio) - log_ratio - 1.0
+    log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)  # [N, T]
+    kl = torch.exp(log_ratio) - log_ratio - 1.0  # [N, T]
     return kl.clamp(-clamp, clamp)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-token entropy of the categorical distribution given by `logits` ([B, T, V] -> [B, T])."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    """Per-token entropy of the categorical distribution given by `logits` ([N, T, V] -> [N, T])."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # [N, T, V]
     return -(log_probs.exp() * log_probs).sum(dim=-1)
 
 
 # -- aggregation and the policy loss ---------------------------------------------------------------
 def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
-    """Reduce a per-token loss [B, T] to a scalar.
+    """Reduce a per-token loss [N, T] to a scalar.
 
     token-mean: every token weighs the same (long answers weigh more).
     seq-mean-token-mean: every sequence weighs the same (original GRPO).
@@ -97,7 +99,7 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-me
     if mode == "token-mean":
         return (loss * mask).sum() / mask.sum().clamp(min=1.0)
     if mode == "seq-mean-token-mean":
-        per_sequence = (loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        per_sequence = (loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [N]
         return per_sequence.mean()
     if mode == "seq-mean-token-sum-norm":
         return (loss * mask).sum() / (loss.shape[0] * loss.shape[1])
@@ -113,18 +115,67 @@ def clipped_policy_loss(
     clip_eps_high: float | None = None,
     aggregation: str = "token-mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate. `advantages` is [B] (broadcast over tokens) or [B, T].
+    """PPO's clipped surrogate. `advantages` is [N] (broadcast over tokens) or [N, T].
 
     clip_eps_high > clip_eps is DAPO's clip-higher: low-probability tokens may grow further, which keeps
     entropy from collapsing. Returns (loss, clip_fraction).
     """
     if advantages.dim() == 1:
-        advantages = advantages[:, None].expand_as(logprobs)
+        advantages = advantages[:, None].expand_as(logprobs)  # [N] -> [N, T]
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
-    per_token = torch.maximum(unclipped, clipped)
-    clipped_tokens = (clipped > unclipped).to(logprobs.dtype)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))  # [N, T]
+    unclipped = -advantages * ratio  # [N, T]
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)  # [N, T]
+    per_token = torch.maximum(unclipped, clipped)  # [N, T]
+    clipped_tokens = (clipped > unclipped).to(logprobs.dtype)  # [N, T]
     clip_fraction = (clipped_tokens * mask).sum() / mask.sum().clamp(min=1.0)
     return aggregate_loss(per_token, mask, aggregation), clip_fraction.detach()
+
+
+# -- the objective ----------------------------------------------------------------------------------
+class ObjectiveConfig(Protocol):
+    """The fields of `GRPOConfig` the objective reads."""
+
+    algo: str
+    clip_eps: float
+    clip_eps_high: float
+    loss_aggregation: str
+    entropy_coef: float
+    kl_coef: float
+    kl_clamp: float
+
+
+def policy_objective(
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: ObjectiveConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss one optimiser step minimises, and its logged parts (kl, entropy, clip_fraction).
+
+    loss = clipped policy loss - entropy_coef * entropy, plus kl_coef * k3 KL to the reference for GRPO;
+    Reinforce++ pays its KL inside the return instead (`reinforce_pp_advantages`). Every per-token input is
+    [N, T]; `ref_logprobs` is None when there is no reference model (then kl is logged as 0).
+    """
+    pg_loss, clip_fraction = clipped_policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_eps=config.clip_eps,
+        clip_eps_high=config.clip_eps_high,
+        aggregation=config.loss_aggregation,
+    )  # [], []
+    entropy_mean = aggregate_loss(entropy, mask, config.loss_aggregation)  # []
+    loss = pg_loss - config.entropy_coef * entropy_mean
+    kl = torch.zeros(())
+    if ref_logprobs is not None:
+        kl = aggregate_loss(
+            k3_kl(logprobs, ref_logprobs, clamp=config.kl_clamp), mask, config.loss_aggregation
+        )
+        if config.algo == "grpo":
+            loss = loss + config.kl_coef * kl
+    return loss, {"kl": kl, "entropy": entropy_mean, "clip_fraction": clip_fraction}

@@ -43,50 +43,97 @@ from toolrl_analysis.rollout import (
 )
 from toolrl_analysis.training.advantages import (
     LOSS_AGGREGATIONS,
-    aggregate_loss,
-    clipped_policy_loss,
     group_advantages,
-    k3_kl,
+    policy_objective,
     reinforce_pp_advantages,
 )
+from toolrl_analysis.training.schedules import cosine_under_warmup, linear_warmup
 from toolrl_analysis.training.sequences import completion_logprobs, pack_sequences
 
 
 @dataclass
 class GRPOConfig:
-    algo: str = "grpo"  # grpo | reinforce++
-    credit: str = "step"  # step (FTRL: per-turn samples, step reward) | episode (outcome reward)
+    """One `train-grpo` run (training/grpo.toml; every field can be set with `--set key=value`).
+
+    Each field's comment says what it does, its unit, and the paper or reference it follows. References:
+    GRPO (Shao et al. 2024, DeepSeekMath), Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"),
+    DAPO (Yu et al. 2025), Reinforce++ (Hu 2025), PPO (Schulman et al. 2017), FTRL (Ye et al. 2025), and verl,
+    the engine FTRL trained with, whose conventions advantages.py follows.
+    """
+
+    # Advantage estimator: "grpo" (rewards centred, and by default scaled, within each group; GRPO) or
+    # "reinforce++" (KL paid per token inside the return, advantages whitened over the batch; Reinforce++).
+    algo: str = "grpo"
+    # What one sample is: "step" (FTRL: each state an episode passed through, G next turns scored by the step
+    # reward) or "episode" (G whole episodes per environment, every turn scored by the episode's Solve-F1).
+    credit: str = "step"
+    # Iterations (sample, then update) of the run; the learning-rate schedule runs over them.
     iterations: int = 40
+    # Training environments played per iteration (a seeded draw without replacement).
     envs_per_iteration: int = 16
-    group_size: int = 8  # G completions per sample (or episodes per environment)
+    # G: completions per state (episodes per environment with episode credit); the group is the baseline.
+    group_size: int = 8
+    # States kept per iteration (a seeded random subset when there are more); each gets G completions.
     max_samples_per_iteration: int = 48
+    # Assistant turns before an episode stops (FTRL: 20).
     max_turns: int = 20
+    # Tokens sampled per assistant turn.
     max_new_tokens: int = 96
+    # Tokens; an episode whose next prompt is longer stops (`prompt_too_long`).
     max_prompt_tokens: int = 1536
+    # Sampling temperature of rollouts and completions (behaviour log-probs are always at temperature 1).
     temperature: float = 1.0
+    # Step reward with p calls and q newly solved sub-questions: "f1" 2q/(p+1) (FTRL's), "precision" q/p,
+    # "rate" q, "pr" q^2/p (envs/reward.py).
     reward_variant: str = "f1"
+    # AdamW peak learning rate (betas 0.9, 0.999).
     lr: float = 5e-5
+    # AdamW decoupled weight decay (Loshchilov & Hutter 2019).
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | warmup | cosine (cosine warms up first too); per iteration
-    warmup_steps: int = 0  # iterations of linear warm-up
+    # Learning-rate multiplier per iteration: "constant", "warmup" (linear ramp over warmup_steps), or
+    # "cosine" (down to 10% over `iterations`, times the warm-up ramp; training/schedules.py).
+    schedule: str = "constant"
+    # Iterations of linear warm-up ("warmup" and "cosine" schedules).
+    warmup_steps: int = 0
+    # Maximum global L2 norm of the gradient per optimiser step.
     grad_clip: float = 1.0
+    # PPO ratio clip, lower side: the ratio is clipped at 1 - clip_eps (PPO).
     clip_eps: float = 0.2
+    # Upper side, 1 + clip_eps_high; above clip_eps it is DAPO's clip-higher (keeps entropy from collapsing).
     clip_eps_high: float = 0.28
+    # Weight of the k3 KL estimate to the frozen initial policy (verl's low_var_kl, as in FTRL's scripts):
+    # added to the loss for GRPO, paid per token in the return for Reinforce++; 0 keeps no reference model.
     kl_coef: float = 0.001
+    # Per-token k3 values are clamped to [-kl_clamp, kl_clamp] (verl).
     kl_clamp: float = 10.0
+    # Weight of the entropy bonus (subtracted from the loss).
     entropy_coef: float = 0.001
+    # Per-token loss to scalar: "token-mean" (every token alike; DAPO), "seq-mean-token-mean" (every
+    # sequence alike; original GRPO), "seq-mean-token-sum-norm" (sums over a constant horizon; Dr.GRPO).
     loss_aggregation: str = "token-mean"
-    normalize_std: bool = True  # False: Dr.GRPO
+    # Divide group-centred rewards by the group's std (GRPO); False leaves them unscaled (Dr.GRPO).
+    normalize_std: bool = True
+    # Passes over one iteration's samples (PPO epochs).
     ppo_epochs: int = 1
+    # Completions per optimiser step, rounded down to whole groups in step credit (at least one group).
     mini_batch_size: int = 64
+    # Sequences sampled together in one batched generate() call.
     generation_batch_size: int = 64
+    # Iterations between held-out Solve-F1 evaluations; 0 never evaluates.
     eval_every: int = 10
+    # Held-out environments in that evaluation (a scenario-balanced slice of test.jsonl).
     eval_envs: int = 64
+    # Iterations between checkpoints (and one at the last iteration); 0 saves only on Ctrl-C.
     save_every: int = 10
+    # Newest checkpoints kept in out/checkpoints.
     keep_last: int = 2
+    # Every random draw (environments, sampling, mini-batch order) derives from (seed, iteration), so a
+    # resumed run replays an uninterrupted one.
     seed: int = 0
+    # Sandbox worker processes that run tool calls.
     sandbox_workers: int = 2
-    threads: int = 0  # torch threads; 0 = torch's default
+    # torch intra-op threads; 0 keeps torch's default.
+    threads: int = 0
 
     def validate(self) -> None:
         require(self.algo in ("grpo", "reinforce++"), "algo", "must be 'grpo' or 'reinforce++'")
@@ -160,7 +207,7 @@ def step_states(episodes) -> list[StepState]:
     """Every state an episode passed through before an assistant turn: the history so far, what is
     still unsolved, and the solved fraction."""
     return [
-        StepState(episode.record, turn.prompt_ids, turn.unsolved_before, turn.solve_rate_before)
+        StepState(episode.record, turn.prompt_ids, turn.unsolved_set_before, turn.solve_rate_before)
         for episode in episodes
         for turn in episode.turns
     ]
@@ -224,11 +271,9 @@ class GRPOTrainer:
         c = self.config
         if c.schedule == "constant":
             return 1.0
-        warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps > 0 else 1.0
         if c.schedule == "warmup":
-            return warm
-        progress = min(1.0, step / max(1, c.iterations))  # cosine decays towards 10% by the last iteration
-        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            return linear_warmup(step, c.warmup_steps)
+        return cosine_under_warmup(step, c.warmup_steps, c.iterations)
 
     # -- sampling ----------------------------------------------------------------------------------
     def _generator(self, salt: int) -> torch.Generator:
@@ -321,28 +366,25 @@ class GRPOTrainer:
 
     # -- the update --------------------------------------------------------------------------------
     def update(self, samples: list[Sample]) -> dict[str, float]:
+        """Policy-gradient steps on one iteration's samples. Shapes: N completions of U distinct prompts,
+        T completion tokens (padded)."""
         c = self.config
-        rewards = torch.tensor([s.reward for s in samples])
-        groups = torch.tensor([s.group for s in samples])
-        episodes = torch.tensor([s.episode for s in samples])
+        rewards = torch.tensor([s.reward for s in samples])  # [N]
+        groups = torch.tensor([s.group for s in samples])  # [N]
+        episodes = torch.tensor([s.episode for s in samples])  # [N]
         # Step credit: samples come in blocks of G completions of one prompt, which runs through the model
         # once per block. Episode credit: every turn has its own prompt.
         share = c.group_size if c.credit == "step" else 1
-        prompts = [samples[i].prompt_ids for i in range(0, len(samples), share)]
+        prompts = [samples[i].prompt_ids for i in range(0, len(samples), share)]  # U = N / share
         if any(s.prompt_ids != prompts[i // share] for i, s in enumerate(samples)):
             raise ValueError(f"step-credit samples must come in blocks of {share} completions of one prompt")
         batch = pack_sequences(prompts, [s.completion_ids for s in samples], self.pad_id, repeats=share)
-        mask = batch.completion_mask
-        old_logprobs = torch.zeros_like(mask)
+        mask = batch.completion_mask  # [N, T]
+        old_logprobs = torch.zeros_like(mask)  # [N, T]: the behaviour policy's, from sampling
         for row, sample in enumerate(samples):
             old_logprobs[row, : len(sample.behaviour_logprobs)] = torch.tensor(sample.behaviour_logprobs)
-        ref_logprobs = self._reference_logprobs(batch) if self.reference is not None else None
-
-        if c.algo == "grpo":
-            advantages = episode_group_advantages(rewards, groups, episodes, c.normalize_std)[:, None] * mask
-        else:
-            token_kl = (old_logprobs - ref_logprobs) if ref_logprobs is not None else torch.zeros_like(mask)
-            advantages = reinforce_pp_advantages(rewards, token_kl, mask, kl_coef=c.kl_coef)
+        ref_logprobs = self._reference_logprobs(batch) if self.reference is not None else None  # [N, T]
+        advantages = self._advantages(rewards, groups, episodes, old_logprobs, ref_logprobs, mask)  # [N, T]
 
         stats: dict[str, list[float]] = {
             k: [] for k in ("loss", "kl", "entropy", "clip_fraction", "grad_norm")
@@ -351,31 +393,21 @@ class GRPOTrainer:
         self.model.train()
         prompts_per_step = max(1, c.mini_batch_size // share)
         for _ in range(c.ppo_epochs):
-            order = torch.randperm(len(prompts), generator=order_rng)
+            order = torch.randperm(len(prompts), generator=order_rng)  # [U]
             for start in range(0, len(prompts), prompts_per_step):
-                units = order[start : start + prompts_per_step]
-                index = batch.completion_rows(units)
+                units = order[start : start + prompts_per_step]  # [u] prompts of this mini-batch
+                index = batch.completion_rows(units)  # [n = u * share] their completions
                 sub = batch.select_prompts(units)
-                logprobs, entropy = completion_logprobs(self.model, sub, with_entropy=True)
-                sub_mask = sub.completion_mask
-                pg_loss, clip_fraction = clipped_policy_loss(
+                logprobs, entropy = completion_logprobs(self.model, sub, with_entropy=True)  # [n, T], [n, T]
+                loss, parts = policy_objective(
                     logprobs,
+                    entropy,
                     old_logprobs[index],
+                    None if ref_logprobs is None else ref_logprobs[index],
                     advantages[index],
-                    sub_mask,
-                    clip_eps=c.clip_eps,
-                    clip_eps_high=c.clip_eps_high,
-                    aggregation=c.loss_aggregation,
+                    sub.completion_mask,
+                    c,
                 )
-                entropy_mean = aggregate_loss(entropy, sub_mask, c.loss_aggregation)
-                loss = pg_loss - c.entropy_coef * entropy_mean
-                kl_value = torch.zeros(())
-                if ref_logprobs is not None:
-                    kl_value = aggregate_loss(
-                        k3_kl(logprobs, ref_logprobs[index], clamp=c.kl_clamp), sub_mask, c.loss_aggregation
-                    )
-                    if c.algo == "grpo":  # Reinforce++ pays its KL inside the return instead
-                        loss = loss + c.kl_coef * kl_value
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at iteration {self.iteration}; stopped, last good "
@@ -391,9 +423,8 @@ class GRPOTrainer:
                     )
                 self.optimizer.step()
                 stats["loss"].append(loss.item())
-                stats["kl"].append(kl_value.item())
-                stats["entropy"].append(entropy_mean.item())
-                stats["clip_fraction"].append(clip_fraction.item())
+                for key, value in parts.items():
+                    stats[key].append(value.item())
                 stats["grad_norm"].append(grad_norm.item())
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()  # the schedule runs over iterations
@@ -408,6 +439,15 @@ class GRPOTrainer:
             lr=lr,
         )
         return summary
+
+    def _advantages(self, rewards, groups, episodes, old_logprobs, ref_logprobs, mask) -> torch.Tensor:
+        """[N, T] advantages: GRPO's group-normalised episode reward on every token, or Reinforce++'s
+        whitened returns with the KL to the reference paid per token."""
+        c = self.config
+        if c.algo == "grpo":
+            return episode_group_advantages(rewards, groups, episodes, c.normalize_std)[:, None] * mask
+        token_kl = (old_logprobs - ref_logprobs) if ref_logprobs is not None else torch.zeros_like(mask)
+        return reinforce_pp_advantages(rewards, token_kl, mask, kl_coef=c.kl_coef)
 
     @torch.no_grad()
     def _reference_logprobs(self, batch) -> torch.Tensor:
@@ -543,76 +583,3 @@ def _sigint_sets_flag(trainer: GRPOTrainer):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-# -- the command ---------------------------------------------------------------------------------------
-def balanced_slice(records: Sequence[EnvRecord], count: int) -> list[EnvRecord]:
-    """The first `count` records taken round-robin over scenarios: a fixed, balanced held-out slice."""
-    by_scenario: dict[str, list[EnvRecord]] = {}
-    for record in records:
-        by_scenario.setdefault(record.scenario, []).append(record)
-    out: list[EnvRecord] = []
-    queues = [list(v) for _, v in sorted(by_scenario.items())]
-    while len(out) < count and any(queues):
-        for queue in queues:
-            if queue and len(out) < count:
-                out.append(queue.pop(0))
-    return out
-
-
-def resolve_policy_path(path: str | Path) -> Path:
-    """A run directory (holding trained.pt or base.pt), a .pt file, or an HF model directory."""
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").exists():
-        for name in ("trained.pt", "base.pt"):
-            if (path / name).exists():
-                return path / name
-    return path
-
-
-def train_grpo(
-    envs_dir: str | Path,
-    init: str | Path,
-    out_dir: str | Path,
-    config: GRPOConfig,
-    resume: bool = False,
-    on_iteration: Callable[[dict[str, Any]], None] | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Load the environments and the initial policy, train, and write `trained.pt` plus an HF directory."""
-    import pandas as pd
-
-    from toolrl_analysis.envs.sandbox import Sandbox
-    from toolrl_analysis.envs.schema import read_envs
-    from toolrl_analysis.errors import EnvFormatError
-    from toolrl_analysis.models.checkpoint import load_policy, save_hf_dir, save_policy
-
-    envs_dir, out_dir = Path(envs_dir), Path(out_dir)
-    train_path = envs_dir / "train.jsonl" if envs_dir.is_dir() else envs_dir
-    if not train_path.exists():
-        raise EnvFormatError(f"no training environments at {train_path}")
-    train_records = read_envs(train_path)
-    test_path = envs_dir / "test.jsonl"
-    eval_records = balanced_slice(read_envs(test_path), config.eval_envs) if test_path.exists() else []
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_policy(resolve_policy_path(init))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    with Sandbox(workers=config.sandbox_workers) as sandbox:
-        trainer = GRPOTrainer(
-            config, model, tokenizer, train_records, out_dir, sandbox, eval_records, log=log
-        )
-        history = trainer.train(resume=resume, on_iteration=on_iteration)
-    save_policy(model, tokenizer, out_dir / "trained.pt")
-    save_hf_dir(model, tokenizer, out_dir / "hf")
-    if history or (out_dir / "metrics.jsonl").exists():
-        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
-        pd.DataFrame(rows).to_csv(out_dir / "metrics.csv", index=False)
-    return {
-        "out": str(out_dir),
-        "iterations": trainer.iteration,
-        "history": history,
-        "interrupted": trainer.stop_requested,
-    }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toolrl_analysis.rollout import cache_keyword, new_cache
+from toolrl_analysis.rollout import cache_keyword, new_cache, position_ids
 from toolrl_analysis.training.advantages import entropy_from_logits
 
 
@@ -76,29 +76,31 @@ def pack_sequences(
 def completion_logprobs(
     model: torch.nn.Module, batch: SequenceBatch, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities [N, T] of the completion tokens (and optionally the per-token entropy)."""
+    """Log-probabilities [N, T] of the completion tokens (and optionally the per-token entropy [N, T]).
+    Shapes: U prompts of P tokens, N = U * repeats completions of T tokens, hidden size H, vocabulary V."""
     decoder = model.get_decoder()
     cache = new_cache(model)
     cache_kw = cache_keyword(decoder)
-    prompt_positions = (batch.prompt_attention.cumsum(dim=1) - 1).clamp(min=0)
+    prompt_positions = position_ids(batch.prompt_attention)  # [U, P]
     prompt_hidden = decoder(
         input_ids=batch.prompt_ids, attention_mask=batch.prompt_attention, position_ids=prompt_positions,
         use_cache=True, **{cache_kw: cache},
-    ).last_hidden_state  # fmt: skip
+    ).last_hidden_state  # [U, P, H]  # fmt: skip
     # The last prompt position predicts the first completion token.
-    first = prompt_hidden[:, -1:].repeat_interleave(batch.repeats, dim=0)
+    first = prompt_hidden[:, -1:].repeat_interleave(batch.repeats, dim=0)  # [N, 1, H]
     if batch.repeats > 1:
         cache.batch_repeat_interleave(batch.repeats)
     attention = torch.cat(
         [batch.prompt_attention.repeat_interleave(batch.repeats, dim=0), batch.completion_attention], dim=1
-    )
-    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, batch.prompt_ids.shape[1] :]
+    )  # [N, P + T]
+    positions = position_ids(attention)[:, batch.prompt_ids.shape[1] :]  # [N, T]
     completion_hidden = decoder(
         input_ids=batch.completion_ids, attention_mask=attention, position_ids=positions, use_cache=True,
         **{cache_kw: cache},
-    ).last_hidden_state  # fmt: skip
-    hidden = torch.cat([first, completion_hidden[:, :-1]], dim=1)
-    logits = model.get_output_embeddings()(hidden).float()
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    ).last_hidden_state  # [N, T, H]  # fmt: skip
+    hidden = torch.cat([first, completion_hidden[:, :-1]], dim=1)  # [N, T, H]: position t predicts token t
+    logits = model.get_output_embeddings()(hidden).float()  # [N, T, V]
+    token_ids = batch.completion_ids.unsqueeze(-1)  # [N, T, 1]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, token_ids).squeeze(-1)  # [N, T]
     entropy = entropy_from_logits(logits) if with_entropy else None
     return logprobs, entropy

@@ -33,32 +33,60 @@ import torch
 from toolrl_analysis.config import require
 from toolrl_analysis.envs.oracle import oracle_conversations
 from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord
+from toolrl_analysis.training.schedules import warmup_then_cosine
 
 MULTI_HOP = ("multi_hop", "parallel_multi_hop")
 
 
 @dataclass
 class SFTConfig:
+    """One `train-base` run (training/base.toml; every field can be set with `--set key=value`).
+
+    Each field's comment says what it does, its unit, and where it comes from. The data recipe follows FTRL's
+    environments (Ye et al. 2025); the copying warm-up is the induction-head task (Olsson et al. 2022).
+    """
+
+    # Model size from models/factory.PRESETS: "tiny" (about 1.1M parameters) or "small" (about 5M).
     preset: str = "tiny"
+    # Architecture (parameter names and layout): "qwen2", "qwen3" or "llama".
     family: str = "qwen2"
+    # Tokens in the byte-level BPE vocabulary trained on the environments and general text.
     vocab_size: int = 4096
-    multi_hop_share: float = 0.35  # fraction of multi-hop / parallel multi-hop demonstrations kept
-    correction_prob: float = 0.2  # trajectories with one failed call followed by its correction
-    general_text_share: float = 0.1  # general-text sequences, as a fraction of tool-use ones
-    general_tasks: int = 1500  # short general tasks (arithmetic, copying, reversing)
-    copy_warmup_steps: int = 100  # synthetic copying before the supervised steps (see the module docstring)
-    copy_length: int = 32  # tokens per copied sequence
+    # Fraction of multi-hop / parallel multi-hop demonstrations kept (fewer keeps the base imperfect).
+    multi_hop_share: float = 0.35
+    # Probability that a trajectory has one failed call (a misspelled argument) followed by its correction.
+    correction_prob: float = 0.2
+    # General-text sequences, as a fraction of the tool-use examples (plain language modelling).
+    general_text_share: float = 0.1
+    # Short general tasks (arithmetic, copying, reversing) added as chat examples.
+    general_tasks: int = 1500
+    # Optimiser steps of synthetic copying before the supervised steps (see the module docstring).
+    copy_warmup_steps: int = 100
+    # Tokens per copied sequence (each copy example is 2 * copy_length tokens).
+    copy_length: int = 32
+    # Optimiser steps of supervised training after the copying warm-up.
     steps: int = 300
+    # Padded tokens per batch (examples of similar length are batched together).
     batch_tokens: int = 8192
+    # Tokens; longer tool-use examples are dropped and general text is cut into windows of this length.
     max_seq_len: int = 1280
+    # AdamW peak learning rate.
     lr: float = 3e-3
+    # AdamW decoupled weight decay (Loshchilov & Hutter 2019).
     weight_decay: float = 0.01
+    # Optimiser steps of linear warm-up, counted from the first copying step; then a cosine to 10% of lr over
+    # the remaining copy_warmup_steps + steps (training/schedules.py, warmup_then_cosine).
     warmup_steps: int = 30
+    # Maximum global L2 norm of the gradient per optimiser step.
     grad_clip: float = 1.0
+    # Seed of the tokenizer, the model's initialisation, the data mix and the batch order.
     seed: int = 0
+    # torch intra-op threads; 0 keeps torch's default.
     threads: int = 2
+    # Optimiser steps between rows of the loss curve (loss.csv).
     log_every: int = 10
-    time_limit_s: float = 0.0  # 0 = no limit; otherwise stop early (and say so) after this many seconds
+    # Seconds; 0 = no limit, otherwise stop early (and say so) after this long.
+    time_limit_s: float = 0.0
 
     def validate(self) -> None:
         from toolrl_analysis.models.factory import FAMILIES, PRESETS
@@ -161,14 +189,6 @@ def copy_batch(
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
-def _lr_factor(step: int, config: SFTConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    total = config.copy_warmup_steps + config.steps
-    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 # -- the command -----------------------------------------------------------------------------------
 def build_examples(tokenizer, records, sandbox, config: SFTConfig) -> tuple[list, dict[str, Any]]:
     from toolrl_analysis.models.general import general_tasks, general_text, task_chat
@@ -210,20 +230,14 @@ def train_base(
     import pandas as pd
 
     from toolrl_analysis.envs.sandbox import Sandbox
-    from toolrl_analysis.envs.schema import read_envs
-    from toolrl_analysis.errors import EnvFormatError, TrainingDiverged
-    from toolrl_analysis.models.checkpoint import save_hf_dir, save_policy
+    from toolrl_analysis.errors import TrainingDiverged
     from toolrl_analysis.models.factory import build_model, count_parameters
     from toolrl_analysis.models.tokenizer import build_policy_tokenizer
+    from toolrl_analysis.training.commands import save_trained_policy, seed_torch, training_records
 
-    envs_dir, out_dir = Path(envs_dir), Path(out_dir)
-    train_path = envs_dir / "train.jsonl" if envs_dir.is_dir() else envs_dir
-    if not train_path.exists():
-        raise EnvFormatError(f"no training environments at {train_path}")
-    records = read_envs(train_path)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
+    out_dir = Path(out_dir)
+    records = training_records(envs_dir)
+    seed_torch(config.seed, config.threads)
     started = time.perf_counter()
 
     tokenizer = build_policy_tokenizer(records, vocab_size=config.vocab_size, seed=config.seed)
@@ -236,7 +250,10 @@ def train_base(
     )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: warmup_then_cosine(s, config.warmup_steps, config.copy_warmup_steps + config.steps),
+    )
     rng = random.Random(config.seed)
     pad_id = tokenizer.pad_token_id
     batches: list[list[int]] = []
@@ -284,8 +301,7 @@ def train_base(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    save_policy(model, tokenizer, out_dir / "base.pt")
-    save_hf_dir(model, tokenizer, out_dir / "hf")
+    save_trained_policy(model, tokenizer, out_dir, "base.pt")
     pd.DataFrame(curve).to_csv(out_dir / "loss.csv", index=False)
     sft_curve = [row for row in curve if row["phase"] == "sft"]
     summary = {

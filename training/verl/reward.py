@@ -6,8 +6,8 @@ verl loads this file by path (`custom_reward_function.path`), takes the function
 row's `extra_info` column from `toolrl-analyze envs export --format verl` (tool code, unsolved set, solve
 rate). The turn's tool calls run in our sandbox (worker processes, never in verl's process).
 
-The reward variant (DESIGN §5: f1 = 2q/(p+1), precision = q/p, rate = q, pr = q²/p) is chosen by name,
-which every verl version supports, as FTRL's own scripts do (`compute_solve_f1`, ...):
+The reward variant (f1 = 2q/(p+1), precision = q/p, rate = q, pr = q²/p; docs/architecture.md, "Reward and
+metrics") is chosen by name, which every verl version supports, as FTRL's own scripts do (`compute_solve_f1`, ...):
 `compute_score` / `compute_score_f1`, `compute_score_precision`, `compute_score_rate`, `compute_score_pr`.
 `compute_score` also takes `variant=...`, so verl's `custom_reward_function.reward_kwargs` can pick one.
 """

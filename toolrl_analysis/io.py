@@ -1,0 +1,45 @@
+"""Reading checkpoint files safely: shared by the policy loader (models/) and the diff readers (analysis/).
+
+`torch.load(weights_only=True)` never unpickles code; every failure a user can cause becomes a one-line
+`CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+from toolrl_analysis.errors import CheckpointError, first_line
+
+
+def torch_load_safely(path: str | Path) -> Any:
+    """`torch.load(weights_only=True)`, memory-mapped when the file allows; never runs pickled code."""
+    import torch
+
+    path = Path(path)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # Legacy (non-zip) serialization cannot be memory-mapped; it is still unpickled safely.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # junk bytes, not a pickle that names a callable
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first_line(exc)})") from None
+        raise CheckpointError(f"refusing to load {path}: {_unsafe_pickle_reason(exc)}") from None
+    except Exception as exc:  # arbitrary bytes fail in arbitrary ways inside torch.load
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first_line(exc)})") from None
+
+
+def _unsafe_pickle_reason(exc: Exception) -> str:
+    """torch's weights-only message is a paragraph; keep the line that names the offending global."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), None)
+    if detail is None:
+        detail = next(
+            (line for line in lines if "weights_only" not in line.lower()), "it is not a plain state dict"
+        )
+    return f"its pickle asks to run code or build non-tensor objects ({detail.rstrip('.')})"

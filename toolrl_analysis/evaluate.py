@@ -462,13 +462,14 @@ def evaluate_checkpoint(
     from toolrl_analysis.envs.schema import read_envs
     from toolrl_analysis.errors import CheckpointError, ConfigError
     from toolrl_analysis.models.checkpoint import load_policy
+    from toolrl_analysis.models.embedded import is_embedded
 
     if limit is not None and limit < 1:
         raise ConfigError("--limit must be a positive number of environments")
     for name in ("max_turns", "max_new_tokens", "batch_size"):
         if name in options and int(options[name]) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}")
-    if not Path(model_path).exists():
+    if not is_embedded(model_path) and not Path(model_path).exists():
         raise CheckpointError(f"no such checkpoint: {model_path}")
     records = read_envs(envs_path)[:limit]
     model, tokenizer = load_policy(model_path)

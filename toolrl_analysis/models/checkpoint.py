@@ -15,6 +15,7 @@ from typing import Any
 
 from toolrl_analysis.errors import CheckpointError, first_line
 from toolrl_analysis.io import torch_load_safely
+from toolrl_analysis.models.embedded import resolve_model
 
 POLICY_FORMAT = "toolrl-analysis.policy/1"
 
@@ -99,8 +100,9 @@ def save_hf_dir(model: Any, tokenizer: Any, directory: str | Path) -> Path:
 
 
 def load_policy(path: str | Path, attn_implementation: str | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) from a save_policy .pt, an HF directory, or a .safetensors inside one."""
-    path = Path(path)
+    """(model in eval mode, tokenizer) from a save_policy .pt, an HF directory, or a .safetensors inside one;
+    `embedded` is the shipped base."""
+    path = resolve_model(path)
     if not path.exists():
         raise CheckpointError(f"no such checkpoint: {path}")
     if path.is_dir():

@@ -15,6 +15,7 @@ from toolrl_analysis.envs.sandbox import Sandbox
 from toolrl_analysis.envs.schema import EnvRecord, read_envs
 from toolrl_analysis.errors import EnvFormatError
 from toolrl_analysis.models.checkpoint import load_policy, save_hf_dir, save_policy
+from toolrl_analysis.models.embedded import resolve_model
 from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer
 
 
@@ -55,8 +56,8 @@ def balanced_slice(records: Sequence[EnvRecord], count: int) -> list[EnvRecord]:
 
 
 def resolve_policy_path(path: str | Path) -> Path:
-    """A run directory (holding trained.pt or base.pt), a .pt file, or an HF model directory."""
-    path = Path(path)
+    """A run directory (holding trained.pt or base.pt), a .pt file, an HF model directory, or `embedded`."""
+    path = resolve_model(path)
     if path.is_dir() and not (path / "config.json").exists():
         for name in ("trained.pt", "base.pt"):
             if (path / name).exists():

@@ -10,6 +10,7 @@ from toolrl_analysis.analysis.checkpoints.lora import LoraCheckpoint
 from toolrl_analysis.analysis.checkpoints.safetensors_files import SafetensorsCheckpoint
 from toolrl_analysis.analysis.checkpoints.torch_files import TorchCheckpoint
 from toolrl_analysis.errors import CheckpointError, first_names
+from toolrl_analysis.models.embedded import resolve_model
 
 
 def is_lora_adapter(path: str | os.PathLike) -> bool:
@@ -56,8 +57,9 @@ def detect_format(path: str | os.PathLike) -> str:
 def open_checkpoint(
     path: str | os.PathLike, *, lora_base: str | os.PathLike | Checkpoint | None = None
 ) -> Checkpoint:
-    """Open any accepted checkpoint lazily. A PEFT adapter directory needs `lora_base` (path or checkpoint)."""
-    path = Path(path)
+    """Open any accepted checkpoint lazily (`embedded` is the shipped base). A PEFT adapter directory needs
+    `lora_base` (path or checkpoint)."""
+    path = resolve_model(path)
     kind = detect_format(path)
     if kind == "pt":
         return TorchCheckpoint(path, [path])
@@ -86,6 +88,7 @@ def open_pair(
 ) -> tuple[Checkpoint, Checkpoint]:
     """Open the two sides of a comparison. An adapter directory on either side is applied to `lora_base`
     when given, otherwise to the other side (the usual `compare BASE ADAPTER_DIR`)."""
+    base, trained = resolve_model(base), resolve_model(trained)
     base_is_adapter, trained_is_adapter = is_lora_adapter(base), is_lora_adapter(trained)
     if base_is_adapter and trained_is_adapter and lora_base is None:
         raise CheckpointError(

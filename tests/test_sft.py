@@ -13,7 +13,8 @@ from toolrl_analysis.envs.sandbox import Sandbox
 from toolrl_analysis.errors import ConfigError
 from toolrl_analysis.models.checkpoint import load_policy
 from toolrl_analysis.models.tokenizer import build_policy_tokenizer
-from toolrl_analysis.training.sft import SFTConfig, chat_example, train_base
+from toolrl_analysis.training.base_data import chat_example
+from toolrl_analysis.training.sft import SFTConfig, train_base
 
 
 @pytest.fixture(scope="module")
@@ -58,39 +59,91 @@ def test_assistant_mask_covers_only_what_the_model_writes(envset):
     assert "<tool_response>" in context and "Question:" in context
 
 
-def test_short_warm_up_lowers_loss_and_writes_checkpoints(envset, tmp_path):
+FAST = [
+    "vocab_size=600", "tokenizer_envs=60", "stream_envs=120", "envs_per_world=60", "general_tasks=40",
+    "batch_tokens=2048", "max_seq_len=1024", "warmup_steps=5", "val_meter_envs=2", "val_solve_envs=1",
+    "val_max_new_tokens=24", "threads=1", "log_every=5",
+]  # fmt: skip
+
+
+def _fast(*overrides):
+    return load_config(SFTConfig, None, FAST + list(overrides))
+
+
+def test_fast_recipe_lowers_role_nlls_and_writes_the_run(envset, tmp_path):
     envs_dir, _ = envset
-    config = SFTConfig(
-        vocab_size=600,
-        steps=30,
-        batch_tokens=2048,
-        max_seq_len=1024,
-        lr=3e-3,
-        warmup_steps=5,
-        general_tasks=64,
-        general_text_share=0.05,
-        log_every=5,
-        threads=1,
-    )
+    config = _fast("steps=40", "eval_every=20", "curriculum_steps=10", "curriculum_envs=30")
     summary = train_base(envs_dir, tmp_path / "base", config, log=lambda _: None)
     curve = pd.read_csv(tmp_path / "base" / "loss.csv")
-    assert list(curve.columns) == ["step", "phase", "loss", "lr", "tokens", "seconds"]
-    assert curve["phase"].iloc[0] == "copy" and curve["phase"].iloc[-1] == "sft"
-    supervised = curve[curve["phase"] == "sft"]["loss"]
-    early, late = supervised.iloc[:2].mean(), supervised.iloc[-2:].mean()
-    assert late < 0.75 * early, (early, late)
-    assert summary["data"]["tool_use_examples"] > 0
+    assert list(curve["step"]) == list(range(5, 45, 5))
+    assert set(curve["pool"]) == {"curriculum", "main"}
+    assert curve["loss"].iloc[-2:].mean() < curve["loss"].iloc[0] - 0.5
+    validation = pd.read_csv(tmp_path / "base" / "validation.csv")
+    assert list(validation["step"]) == [0, 20, 40]  # 0: the untrained model
+    # The meter moves: format tokens and the tool's entity kind get measurably cheaper.
+    for role in ("format", "tool_kind", "arg_key"):
+        first, last = validation[f"nll_{role}"].iloc[0], validation[f"nll_{role}"].iloc[-1]
+        assert last < first - 0.3, (role, first, last)
+    assert {"val_f1_overall", "gap_tool_kind", "top1_format"} <= set(validation.columns)
+    assert (tmp_path / "base" / "validation.png").stat().st_size > 0
+    # Solve-F1 stays 0 in 40 steps: nothing is in the band, so the closest checkpoint is chosen, and why is said.
+    assert (
+        summary["chosen_step"] in (20, 40) and "no checkpoint reached the band" in summary["chosen_because"]
+    )
+    assert (
+        summary["data"]["main"]["examples"] > 0
+        and summary["data"]["curriculum"]["scenarios"]["multi_hop"] == 0
+    )
     model, tokenizer = load_policy(tmp_path / "base" / "base.pt")
-    assert model.config.num_hidden_layers == 4
+    assert model.config.num_hidden_layers == 4 and tokenizer.eos_token == "<|im_end|>"
     assert (tmp_path / "base" / "hf" / "config.json").exists()
-    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_resume_continues_to_the_same_weights(envset, tmp_path):
+    import torch
+
+    envs_dir, _ = envset
+    config = _fast("steps=12", "eval_every=6", "val_solve_envs=0")
+    train_base(envs_dir, tmp_path / "whole", config, log=lambda _: None)
+    # The same run, stopped by its time limit after its first step, then resumed (the limit may change).
+    lines = []
+    first = train_base(envs_dir, tmp_path / "parts", _fast("steps=12", "eval_every=6", "val_solve_envs=0",
+                                                            "time_limit_s=0.001"), log=lines.append)  # fmt: skip
+    assert first["stopped_early"] and first["steps"] < 12 and "--resume" in lines[-1]
+    train_base(envs_dir, tmp_path / "parts", config, resume=True, log=lambda _: None)
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "step-000012.pt", weights_only=True)["state_dict"]
+    parts = torch.load(tmp_path / "parts" / "checkpoints" / "step-000012.pt", weights_only=True)["state_dict"]
+    assert whole.keys() == parts.keys()
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert (
+        pd.read_csv(tmp_path / "whole" / "loss.csv")["loss"].tolist()
+        == pd.read_csv(tmp_path / "parts" / "loss.csv")["loss"].tolist()
+    )
+
+
+def test_resume_refuses_a_changed_recipe_and_a_missing_run(envset, tmp_path):
+    envs_dir, _ = envset
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train_base(envs_dir, tmp_path / "none", _fast("steps=4"), resume=True)
+    train_base(envs_dir, tmp_path / "run", _fast("steps=2", "eval_every=2", "val_solve_envs=0"), log=print)
+    with pytest.raises(ConfigError, match="already holds a train-base run"):
+        train_base(envs_dir, tmp_path / "run", _fast("steps=2"))
+    with pytest.raises(ConfigError, match="changed: lr"):
+        train_base(envs_dir, tmp_path / "run", _fast("steps=2", "eval_every=2", "val_solve_envs=0", "lr=1e-3"),
+                   resume=True)  # fmt: skip
 
 
 def test_bad_config_values_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="'lr'"):
         load_config(SFTConfig, None, ["lr=-1"])
-    with pytest.raises(ConfigError, match="'multi_hop_share'"):
-        load_config(SFTConfig, None, ["multi_hop_share=2"])
+    with pytest.raises(ConfigError, match="'mix'"):
+        load_config(SFTConfig, None, ["mix=1,1,1"])
+    with pytest.raises(ConfigError, match="'curriculum_steps'"):
+        load_config(SFTConfig, None, ["steps=10", "curriculum_steps=20"])
+    with pytest.raises(ConfigError, match="'band'"):
+        load_config(SFTConfig, None, ["band=0.6,0.2"])
+    with pytest.raises(ConfigError, match="'loss_on'"):
+        load_config(SFTConfig, None, ["loss_on=everything"])
     with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
         load_config(SFTConfig, None, ["learning_rate=1"])
 
@@ -103,3 +156,17 @@ def test_cli_train_base_rejects_bad_input(tmp_path, capsys):
         main(["train-base", "--envs", str(tmp_path), "--out", str(tmp_path / "b"), "--set", "lr=-0.1"]) == 2
     )
     assert "'lr'" in capsys.readouterr().err
+    assert main(["train-base", "--envs", str(tmp_path), "--out", str(tmp_path / "b"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_cli_prints_plain_progress_lines_without_a_terminal(envset, tmp_path, capsys):
+    envs_dir, _ = envset
+    args = ["train-base", "--envs", str(envs_dir), "--out", str(tmp_path / "b")]
+    for item in [*FAST, "steps=10", "eval_every=5", "val_solve_envs=0"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["5/10", "10/10"]
+    assert "loss" in lines[0] and "tok/s" in lines[0] and "ETA" in lines[0]
+    assert "NLL kind" in lines[1]  # the validation at step 5 reports its role NLLs

@@ -121,6 +121,20 @@ def _config_path(given: str | None, default: str) -> str | None:
     return default if Path(default).is_file() else None
 
 
+def _base_progress_line(progress) -> str:
+    """One plain line for logs: step, loss, the latest validation (Solve-F1 and the key role NLLs), speed, ETA."""
+    line = f"step {progress.step}/{progress.total} loss {progress.loss:.3f}"
+    row = progress.validation or {}
+    if "val_f1_overall" in row:
+        line += f" | val F1 {row['val_f1_overall']:.3f}"
+    roles = [("kind", "tool_kind"), ("rel", "tool_relation"), ("q-value", "value_from_question"),
+             ("r-value", "value_from_response")]  # fmt: skip
+    shown = [f"{label} {row[f'nll_{role}']:.2f}" for label, role in roles if f"nll_{role}" in row]
+    if shown:
+        line += f" | NLL {' '.join(shown)} (@{row['step']})"
+    return line + f" | {progress.tokens_per_s:,.0f} tok/s | ETA {progress.eta_s / 60:.0f} min"
+
+
 def _cmd_train_base(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -128,20 +142,30 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
     from toolrl_analysis.training.sft import SFTConfig, train_base
 
     config = load_config(SFTConfig, _config_path(args.config, "training/base.toml"), args.set)
+    stderr = progress_console()
     columns = (
-        TextColumn("warm-up {task.fields[loss]}"),
+        TextColumn("warm-up {task.fields[status]}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=progress_console(), transient=True) as progress:
-        task = progress.add_task("sft", total=config.copy_warmup_steps + config.steps, loss="")
+    # In a terminal a live bar; in a log file (not a TTY) a plain line every log_every steps.
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+        task = progress.add_task("sft", total=config.steps, status="")
+
+        def on_step(state) -> None:
+            if stderr.is_terminal:
+                progress.update(task, completed=state.step, status=f"loss {state.loss:.3f}")
+            elif state.step % config.log_every == 0 or state.step == state.total:
+                print(_base_progress_line(state), file=sys.stderr, flush=True)
+
         summary = train_base(
             args.envs,
             args.out,
             config,
-            on_step=lambda step, loss: progress.update(task, completed=step, loss=f"loss {loss:.3f}"),
-            log=lambda line: progress.console.print(line),
+            resume=args.resume,
+            on_step=on_step,
+            log=lambda line: stderr.print(line),
         )
     emit(
         args,
@@ -149,7 +173,8 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
         lambda: console().print(
             f"base written to {summary['out']}/base.pt and {summary['out']}/hf "
             f"({summary['parameters']:,} parameters, {summary['steps']} steps, loss "
-            f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, {summary['seconds']:.0f}s)"
+            f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, {summary['seconds']:.0f}s); "
+            f"chose step {summary['chosen_step']}: {summary['chosen_because']}"
         ),
     )
 
@@ -334,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envs", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_train_base)
 

@@ -18,7 +18,10 @@ from typing import Any
 from toolrl_analysis.config import load_config
 
 QUICK_ENVS = ["train_size=160", "test_per_scenario=6"]
-QUICK_BASE = ["copy_warmup_steps=10", "steps=40", "batch_tokens=4096", "general_tasks=200"]
+QUICK_BASE = [
+    "steps=40", "stream_envs=240", "general_tasks=200", "eval_every=40", "val_meter_envs=3",
+    "val_solve_envs=2", "val_max_new_tokens=48",
+]  # fmt: skip
 QUICK_RL = [
     "iterations=2",
     "envs_per_iteration=4",

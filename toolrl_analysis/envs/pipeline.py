@@ -16,7 +16,7 @@ import json
 import random
 import statistics
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,38 @@ def build_envsets(config: EnvBuildConfig, progress: Callable[[int], None] | None
         if progress:
             progress(1)
     return EnvSetBuild(train=train, test=test, manifest=manifest(train, test, config, world))
+
+
+def stream_environments(
+    config: EnvBuildConfig,
+    stream: str,
+    worlds: Sequence[int],
+    per_world: int,
+    mix: Sequence[float] | None = None,
+) -> list[EnvRecord]:
+    """Environments from an endless stream of fresh worlds: world k of `stream` (seeded by the string
+    `stream/k`, never by a build's integer seed) gives `per_world` environments, with scenarios drawn by the
+    weights `mix` (default `config.train_mix`). Entity names rarely repeat across worlds, so a model trained
+    on the stream can only fill arguments by reading them from its context, never by recalling them."""
+    weights = list(mix if mix is not None else config.train_mix)
+    if len(weights) != len(SCENARIOS) or min(weights) < 0 or sum(weights) <= 0:
+        raise ConfigError(f"a scenario mix needs {len(SCENARIOS)} weights >= 0 with a positive sum")
+    records: list[EnvRecord] = []
+    for k in worlds:
+        tag = f"{stream}/{k}"
+        world = build_world(
+            tag,  # type: ignore[arg-type]  # a string seed keeps stream worlds apart from any build's
+            config.world_people,
+            config.world_places,
+            config.world_organisations,
+            config.world_artefacts,
+        )
+        rng = random.Random(f"toolrl-stream-mix/{tag}")
+        taken: set[tuple] = set()
+        for index in range(per_world):
+            scenario = rng.choices(SCENARIOS, weights=weights)[0]
+            records.append(build_environment(world, scenario, tag, index, config, taken))
+    return records
 
 
 def write_envset(build: EnvSetBuild, out_dir: str | Path) -> dict[str, Path]:

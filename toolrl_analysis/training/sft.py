@@ -1,20 +1,18 @@
-"""Supervised warm-up of the embedded base: teach a from-scratch tiny model the tool-call format.
+"""Supervised warm-up of the embedded base: a from-scratch tiny model that reads its context.
 
-The data are oracle trajectories on the training environments (golden calls from `meta`, tool output
-from really running the tools in the sandbox, then a final answer), mixed with general text and short
-general tasks. The loss covers assistant tokens only (the chat template's `{% generation %}` marks them),
-except for general text, which is plain language modelling.
+The data are oracle trajectories (golden calls, the real tools' output from the sandbox, a final answer) on
+a stream of fresh worlds (`base_data`), with general tasks and prose mixed in. Reading the question comes as
+a phase change after a few hundred focused steps: first the entity kind of the tool, then the relation, and
+last (and slowest) copying the entity name into the argument. The context-reading meter (`context_meter`)
+measures each of these every `eval_every` steps on a validation slice, beside greedy Solve-F1.
 
-The base must be competent but clearly imperfect, so that RL has room to show gains (target held-out
-Solve-F1 0.2-0.6 with multi-hop weaker). This is controlled deliberately, not by accident:
-  * `multi_hop_share` keeps only a fraction of the multi-hop demonstrations;
-  * `correction_prob` inserts failed calls followed by their correction, as FTRL's environments produce;
-  * `steps` bounds the training itself.
+The base must be competent but clearly imperfect, so that RL has room to show gains (held-out Solve-F1
+0.2-0.6, multi-hop weaker). `select = "band"` keeps every evaluated checkpoint and ships the last one whose
+validation Solve-F1 is inside `band` with multi-hop below single-hop; the curriculum (`curriculum_steps` of
+`curriculum_mix` first, then `mix`) and `mix` itself (fewer multi-hop demonstrations) shape what it can do.
 
-Before the supervised steps, `copy_warmup_steps` of synthetic copying (a random token sequence, then the
-same sequence again; loss on the repeat) give the from-scratch model induction heads within about a
-minute. Without them a 1M-parameter model does not learn to copy a name from the question into a tool
-argument within the time budget: it learns the format and writes a generic name.
+A run checkpoints its whole state every `eval_every` steps (`checkpoints/state.pt`), and `resume=True`
+continues it to the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -23,19 +21,23 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from toolrl_analysis.config import require
-from toolrl_analysis.envs.oracle import oracle_conversations
-from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord
+from toolrl_analysis.envs.schema import SCENARIOS
+from toolrl_analysis.training.base_data import Example
 from toolrl_analysis.training.schedules import warmup_then_cosine
 
-MULTI_HOP = ("multi_hop", "parallel_multi_hop")
+LOSS_ON = ("all", "assistant")
+DATA_SOURCES = ("stream", "envs")
+SELECTIONS = ("band", "last")
+# Keys that say how a run is driven, not what it computes: a resumed run may change them.
+RUN_CONTROL = ("log_every", "time_limit_s")
 
 
 @dataclass
@@ -43,47 +45,68 @@ class SFTConfig:
     """One `train-base` run (training/base.toml; every field can be set with `--set key=value`).
 
     Each field's comment says what it does, its unit, and where it comes from. The data recipe follows FTRL's
-    environments (Ye et al. 2025); the copying warm-up is the induction-head task (Olsson et al. 2022).
+    environments (Ye et al. 2025); what each lever did on the embedded model is in training/base.toml.
     """
 
     # Model size from models/factory.PRESETS: "tiny" (about 1.1M parameters) or "small" (about 5M).
     preset: str = "tiny"
     # Architecture (parameter names and layout): "qwen2", "qwen3" or "llama".
     family: str = "qwen2"
-    # Tokens in the byte-level BPE vocabulary trained on the environments and general text.
+    # Tokens in the byte-level BPE vocabulary, and environments in its training corpus (with stdlib prose).
     vocab_size: int = 4096
-    # Fraction of multi-hop / parallel multi-hop demonstrations kept (fewer keeps the base imperfect).
-    multi_hop_share: float = 0.35
+    tokenizer_envs: int = 2000
+    # Where demonstrations come from: "stream" (fresh worlds from a training-only seed stream) or "envs"
+    # (the build's train.jsonl minus the validation slice). See training/base_data.py.
+    data: str = "stream"
+    # Stream: environments in the main pool, and environments per fresh world.
+    stream_envs: int = 16000
+    envs_per_world: int = 300
+    # Relative weights of single_hop, parallel_single_hop, multi_hop, parallel_multi_hop demonstrations
+    # after the curriculum (fewer multi-hop ones keep the base weaker there).
+    mix: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.5, 0.5])
+    # Optimiser steps at the start drawn from a pool of `curriculum_envs` with `curriculum_mix` weights.
+    curriculum_steps: int = 0
+    curriculum_envs: int = 8000
+    curriculum_mix: list[float] = field(default_factory=lambda: [1.0, 0.0, 0.0, 0.0])
     # Probability that a trajectory has one failed call (a misspelled argument) followed by its correction.
     correction_prob: float = 0.2
-    # General-text sequences, as a fraction of the tool-use examples (plain language modelling).
-    general_text_share: float = 0.1
+    # Which tokens are targets: "all" (plain language modelling over the whole conversation) or
+    # "assistant" (only what the model writes). General text is always plain language modelling.
+    loss_on: str = "all"
+    # General-text windows, as a fraction of the tool-use examples.
+    general_text_share: float = 0.05
     # Short general tasks (arithmetic, copying, reversing) added as chat examples.
     general_tasks: int = 1500
-    # Optimiser steps of synthetic copying before the supervised steps (see the module docstring).
-    copy_warmup_steps: int = 100
-    # Tokens per copied sequence (each copy example is 2 * copy_length tokens).
-    copy_length: int = 32
-    # Optimiser steps of supervised training after the copying warm-up.
-    steps: int = 300
+    # Optimiser steps in all.
+    steps: int = 3000
     # Padded tokens per batch (examples of similar length are batched together).
-    batch_tokens: int = 8192
+    batch_tokens: int = 4096
     # Tokens; longer tool-use examples are dropped and general text is cut into windows of this length.
     max_seq_len: int = 1280
-    # AdamW peak learning rate.
+    # AdamW peak learning rate and decoupled weight decay (Loshchilov & Hutter 2019).
     lr: float = 3e-3
-    # AdamW decoupled weight decay (Loshchilov & Hutter 2019).
     weight_decay: float = 0.01
-    # Optimiser steps of linear warm-up, counted from the first copying step; then a cosine to 10% of lr over
-    # the remaining copy_warmup_steps + steps (training/schedules.py, warmup_then_cosine).
-    warmup_steps: int = 30
+    # Linear warm-up steps; then "cosine" (to 10% of lr at the last step) or "constant".
+    warmup_steps: int = 50
+    schedule: str = "cosine"
     # Maximum global L2 norm of the gradient per optimiser step.
     grad_clip: float = 1.0
-    # Seed of the tokenizer, the model's initialisation, the data mix and the batch order.
+    # Validation every this many steps (and at the end): the role-NLL meter on `val_meter_envs` per scenario
+    # and greedy Solve-F1 on `val_solve_envs` per scenario, from the end of the build's train.jsonl.
+    eval_every: int = 250
+    val_meter_envs: int = 25
+    val_solve_envs: int = 20
+    # Tokens per generated assistant turn in the validation episodes.
+    val_max_new_tokens: int = 128
+    # Which checkpoint becomes base.pt: "band" (the last evaluated one whose overall validation Solve-F1 is
+    # inside `band` with multi-hop below single-hop; the closest one if none is) or "last".
+    select: str = "band"
+    band: list[float] = field(default_factory=lambda: [0.2, 0.6])
+    # Seed of the tokenizer, the data stream, the model's initialisation and the batch order.
     seed: int = 0
-    # torch intra-op threads; 0 keeps torch's default.
+    # torch intra-op threads; 0 keeps torch's default. Results are bit-identical for the same value.
     threads: int = 2
-    # Optimiser steps between rows of the loss curve (loss.csv).
+    # Optimiser steps between rows of the loss curve (loss.csv) and plain progress lines.
     log_every: int = 10
     # Seconds; 0 = no limit, otherwise stop early (and say so) after this long.
     time_limit_s: float = 0.0
@@ -93,62 +116,54 @@ class SFTConfig:
 
         require(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}")
         require(self.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}")
-        require(256 <= self.vocab_size <= 65536, "vocab_size", "must be between 256 and 65536")
-        for key in ("multi_hop_share", "correction_prob"):
-            require(0.0 <= getattr(self, key) <= 1.0, key, "must be between 0 and 1")
+        require(512 <= self.vocab_size <= 65536, "vocab_size", "must be between 512 and 65536")
+        require(self.tokenizer_envs >= 1, "tokenizer_envs", "must be at least 1")
+        require(self.data in DATA_SOURCES, "data", f"must be one of {', '.join(DATA_SOURCES)}")
+        require(self.stream_envs >= 1, "stream_envs", "must be at least 1")
+        require(self.envs_per_world >= 1, "envs_per_world", "must be at least 1")
+        for key in ("mix", "curriculum_mix"):
+            weights = getattr(self, key)
+            require(
+                len(weights) == len(SCENARIOS) and min(weights) >= 0 and sum(weights) > 0,
+                key,
+                f"must list {len(SCENARIOS)} weights >= 0 with a positive sum",
+            )
+        require(0 <= self.curriculum_steps <= self.steps, "curriculum_steps", "must be between 0 and steps")
+        require(self.curriculum_envs >= 1, "curriculum_envs", "must be at least 1")
+        require(0.0 <= self.correction_prob <= 1.0, "correction_prob", "must be between 0 and 1")
+        require(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}")
         require(self.general_text_share >= 0, "general_text_share", "must not be negative")
         require(self.general_tasks >= 0, "general_tasks", "must not be negative")
         require(self.steps >= 1, "steps", "must be at least 1")
-        require(self.copy_warmup_steps >= 0, "copy_warmup_steps", "must not be negative")
-        require(
-            4 <= self.copy_length <= self.max_seq_len // 2,
-            "copy_length",
-            "must be between 4 and max_seq_len/2",
-        )
-        require(self.batch_tokens >= self.max_seq_len, "batch_tokens", "must be at least max_seq_len")
         require(self.max_seq_len >= 64, "max_seq_len", "must be at least 64")
+        require(self.batch_tokens >= self.max_seq_len, "batch_tokens", "must be at least max_seq_len")
         require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         require(self.weight_decay >= 0, "weight_decay", "must not be negative")
         require(self.warmup_steps >= 0, "warmup_steps", "must not be negative")
+        require(self.schedule in ("cosine", "constant"), "schedule", "must be cosine or constant")
         require(self.grad_clip > 0, "grad_clip", "must be positive")
+        require(self.eval_every >= 1, "eval_every", "must be at least 1")
+        require(self.val_meter_envs >= 0, "val_meter_envs", "must not be negative")
+        require(self.val_solve_envs >= 0, "val_solve_envs", "must not be negative")
+        require(self.val_max_new_tokens >= 8, "val_max_new_tokens", "must be at least 8")
+        require(self.select in SELECTIONS, "select", f"must be one of {', '.join(SELECTIONS)}")
+        require(
+            len(self.band) == 2 and 0 <= self.band[0] <= self.band[1] <= 1,
+            "band",
+            "must be two Solve-F1 values [low, high] with 0 <= low <= high <= 1",
+        )
         require(self.threads >= 0, "threads", "must not be negative")
         require(self.log_every >= 1, "log_every", "must be at least 1")
         require(self.time_limit_s >= 0, "time_limit_s", "must not be negative")
 
-
-# -- demonstrations ------------------------------------------------------------------------------
-def demonstration_records(
-    records: Sequence[EnvRecord], config: SFTConfig, rng: random.Random
-) -> list[EnvRecord]:
-    """All single-hop demonstrations, a `multi_hop_share` of the multi-hop ones (records with golden calls)."""
-    usable = [r for r in records if r.meta.get("golden_turns")]
-    return [r for r in usable if r.scenario not in MULTI_HOP or rng.random() < config.multi_hop_share]
+    def lr_factor(self, step: int) -> float:
+        if self.schedule == "constant":
+            return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        return warmup_then_cosine(step, self.warmup_steps, self.steps)
 
 
-# -- tokenised examples ----------------------------------------------------------------------------
-def chat_example(tokenizer, messages, tools=None) -> tuple[list[int], list[int]]:
-    """Token ids and the assistant-token mask (1 on what the model must learn to write)."""
-    out = tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return list(out["input_ids"]), list(out["assistant_masks"])
-
-
-def text_examples(tokenizer, texts: Sequence[str], max_len: int) -> list[tuple[list[int], list[int]]]:
-    """General text, chunked to `max_len` tokens; every token is a target."""
-    examples = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        for start in range(0, len(ids), max_len):
-            chunk = ids[start : start + max_len]
-            if len(chunk) > 8:
-                examples.append((chunk, [1] * len(chunk)))
-    return examples
-
-
-def token_budget_batches(
-    examples: Sequence[tuple[list[int], list[int]]], batch_tokens: int, rng: random.Random
-) -> list[list[int]]:
+# -- batches ---------------------------------------------------------------------------------------
+def token_budget_batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> list[list[int]]:
     """Batches of similar length (little padding) holding at most `batch_tokens` padded tokens, shuffled."""
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
     batches, current, longest = [], [], 0
@@ -165,11 +180,11 @@ def token_budget_batches(
     return batches
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # [B, T]
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)  # [B, T], -100 = not a target
+    attention = torch.zeros((len(examples), width), dtype=torch.long)  # [B, T]
     for row, (ids, mask) in enumerate(examples):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention[row, : len(ids)] = 1
@@ -177,143 +192,272 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dic
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def copy_batch(
-    vocab_size: int, first_id: int, config: SFTConfig, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """Random sequences followed by themselves; only the repeat is a target, so the model must copy."""
-    rows = max(1, config.batch_tokens // (2 * config.copy_length))
-    first = torch.randint(first_id, vocab_size, (rows, config.copy_length), generator=generator)
-    input_ids = torch.cat([first, first], dim=1)
-    labels = input_ids.clone()
-    labels[:, : config.copy_length] = -100
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+class BatchStream:
+    """Epochs of shuffled token-budget batches over one pool; its position is part of the saved state."""
+
+    def __init__(self, examples: list[Example], batch_tokens: int, seed: str):
+        self.examples, self.batch_tokens = examples, batch_tokens
+        self.rng = random.Random(seed)
+        self.pending: list[list[int]] = []
+
+    def next(self, pad_id: int) -> dict[str, torch.Tensor]:
+        if not self.pending:
+            self.pending = token_budget_batches(self.examples, self.batch_tokens, self.rng)
+        return collate([self.examples[i] for i in self.pending.pop()], pad_id)
+
+    def state(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "pending": self.pending}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.pending = state["pending"]
 
 
 # -- the command -----------------------------------------------------------------------------------
-def build_examples(tokenizer, records, sandbox, config: SFTConfig) -> tuple[list, dict[str, Any]]:
-    from toolrl_analysis.models.general import general_tasks, general_text, task_chat
+@dataclass
+class Progress:
+    """What a progress display needs after each step (the last validation row may be older)."""
 
-    rng = random.Random(config.seed)
-    demos = demonstration_records(records, config, rng)
-    conversations = oracle_conversations(demos, sandbox, rng, config.correction_prob)
-    tool_examples = [chat_example(tokenizer, m, r.tools) for m, r in zip(conversations, demos, strict=True)]
-    kept = [e for e in tool_examples if len(e[0]) <= config.max_seq_len]
-    task_examples = [
-        chat_example(tokenizer, task_chat(t))
-        for t in general_tasks(config.general_tasks, config.seed, "train")
-    ]
-    prose = text_examples(tokenizer, general_text("train"), config.max_seq_len)
-    rng.shuffle(prose)
-    prose = prose[: int(config.general_text_share * len(kept))]
-    info = {
-        "demonstrations": {s: sum(r.scenario == s for r in demos) for s in SCENARIOS},
-        "tool_use_examples": len(kept),
-        "dropped_too_long": len(tool_examples) - len(kept),
-        "corrections": sum(
-            len([m for m in c if m["role"] == "assistant"]) - 1 > len(r.meta.get("golden_turns", []))
-            for c, r in zip(conversations, demos, strict=True)
-        ),
-        "general_task_examples": len(task_examples),
-        "general_text_examples": len(prose),
-    }
-    return kept + task_examples + prose, info
+    step: int
+    total: int
+    loss: float
+    tokens_per_s: float
+    eta_s: float
+    validation: dict[str, Any] | None = None
+
+
+def build_settings(envs_dir: Path):
+    """The environment-build config the stream follows: the build's own (manifest.json), else the defaults."""
+    from toolrl_analysis.config import build_config
+    from toolrl_analysis.envs.pipeline import EnvBuildConfig
+
+    manifest = envs_dir / "manifest.json" if envs_dir.is_dir() else envs_dir.parent / "manifest.json"
+    if manifest.is_file():
+        values = json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}
+        return build_config(EnvBuildConfig, values, source=str(manifest))
+    return EnvBuildConfig()
+
+
+def base_tokenizer(config: SFTConfig, build, records):
+    """The policy tokenizer: trained on stream worlds (the `tokenizer` stream), or on the build's records."""
+    from toolrl_analysis.models.tokenizer import build_policy_tokenizer
+    from toolrl_analysis.training.base_data import stream_records
+
+    if config.data == "stream":
+        corpus = stream_records(
+            build, config.seed, config.tokenizer_envs, 100, [1.0] * len(SCENARIOS), "tokenizer"
+        )
+    else:
+        corpus = list(records)
+    return build_policy_tokenizer(corpus, vocab_size=config.vocab_size, seed=config.seed)
+
+
+def _pools(config: SFTConfig, build, records, validation_ids, tokenizer, sandbox) -> tuple[dict, dict]:
+    """The example pools (`main`, and `curriculum` when used), each with general material mixed in."""
+    from toolrl_analysis.training.base_data import general_examples, stream_records, tool_use_examples
+
+    def demonstrations(count: int, mix: list[float], purpose: str) -> list:
+        if config.data == "stream":
+            return stream_records(build, config.seed, count, config.envs_per_world, mix, purpose)
+        pool = [r for r in records if id(r) not in validation_ids and r.meta.get("golden_turns")]
+        rng = random.Random(f"{purpose}/{config.seed}")
+        weights = dict(zip(SCENARIOS, mix, strict=True))
+        return [r for r in pool if rng.random() < weights.get(r.scenario, 0) / max(mix)]
+
+    options = {"seed": config.seed, "correction_prob": config.correction_prob, "loss_on": config.loss_on}
+    pools, info = {}, {}
+    plan = [("main", config.stream_envs, config.mix)]
+    if config.curriculum_steps:
+        plan.append(("curriculum", config.curriculum_envs, config.curriculum_mix))
+    for name, count, mix in plan:
+        examples, info[name] = tool_use_examples(
+            tokenizer,
+            demonstrations(count, mix, f"sft-{name}"),
+            sandbox,
+            max_len=config.max_seq_len,
+            **options,
+        )
+        general = general_examples(
+            tokenizer,
+            tasks=config.general_tasks,
+            text_count=int(config.general_text_share * len(examples)),
+            seed=config.seed,
+            max_len=config.max_seq_len,
+        )
+        info[name]["general_examples"] = len(general)
+        pools[name] = examples + general
+    return pools, info
 
 
 def train_base(
     envs_dir: str | Path,
     out_dir: str | Path,
     config: SFTConfig,
-    on_step: Callable[[int, float], None] | None = None,
+    resume: bool = False,
+    on_step: Callable[[Progress], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Tokenizer + model from scratch, supervised on oracle trajectories; writes base.pt and hf/."""
+    """Tokenizer + model from scratch, supervised on oracle trajectories; writes base.pt, hf/, loss.csv,
+    validation.csv and validation.png, and train_base.json (the recipe, the chosen checkpoint and why)."""
     import pandas as pd
 
     from toolrl_analysis.envs.sandbox import Sandbox
-    from toolrl_analysis.errors import TrainingDiverged
+    from toolrl_analysis.errors import ConfigError, TrainingDiverged
+    from toolrl_analysis.models.checkpoint import load_policy, read_checkpoint_file, save_policy
+    from toolrl_analysis.models.embedded import tokenizer_fingerprint
     from toolrl_analysis.models.factory import build_model, count_parameters
-    from toolrl_analysis.models.tokenizer import build_policy_tokenizer
+    from toolrl_analysis.training.base_validation import Validation, choose_checkpoint, plot_validation
     from toolrl_analysis.training.commands import save_trained_policy, seed_torch, training_records
 
-    out_dir = Path(out_dir)
+    envs_dir, out_dir = Path(envs_dir), Path(out_dir)
+    state_path = out_dir / "checkpoints" / "state.pt"
+    if resume and not state_path.is_file():
+        raise ConfigError(f"nothing to resume: {state_path} does not exist")
+    if not resume and state_path.is_file():
+        raise ConfigError(
+            f"{out_dir} already holds a train-base run; continue it with --resume or pick another --out"
+        )
     records = training_records(envs_dir)
+    build = build_settings(envs_dir)
     seed_torch(config.seed, config.threads)
     started = time.perf_counter()
 
-    tokenizer = build_policy_tokenizer(records, vocab_size=config.vocab_size, seed=config.seed)
-    model = build_model(config.preset, family=config.family, tokenizer=tokenizer, seed=config.seed)
+    state: dict[str, Any] = {}
+    if resume:
+        saved = read_checkpoint_file(state_path)["train_state"]
+        changed = sorted(
+            k for k, v in asdict(config).items() if k not in RUN_CONTROL and saved["config"].get(k) != v
+        )
+        if changed:
+            raise ConfigError(f"--resume with a different config (changed: {', '.join(changed)})")
+        model, tokenizer = load_policy(state_path)
+        state = saved
+    else:
+        tokenizer = base_tokenizer(config, build, records)
+        model = build_model(config.preset, family=config.family, tokenizer=tokenizer, seed=config.seed)
     with Sandbox(workers=2) as sandbox:
-        examples, info = build_examples(tokenizer, records, sandbox, config)
-    log(
-        f"{count_parameters(model):,} parameters; {len(examples)} examples "
-        f"({info['tool_use_examples']} tool use); data ready in {time.perf_counter() - started:.1f}s"
-    )
+        validation = Validation.build(
+            tokenizer,
+            records,
+            sandbox,
+            config.val_meter_envs,
+            config.val_solve_envs,
+            config.val_max_new_tokens,
+        )
+        validation_ids = {id(r) for r in validation.records}
+        pools, data_info = _pools(config, build, records, validation_ids, tokenizer, sandbox)
+        log(
+            f"{count_parameters(model):,} parameters; "
+            + "; ".join(f"{name}: {len(pool)} examples" for name, pool in pools.items())
+            + f"; data ready in {time.perf_counter() - started:.0f}s"
+        )
+        streams = {
+            name: BatchStream(pool, config.batch_tokens, f"sft-batches/{config.seed}/{name}")
+            for name, pool in pools.items()
+        }
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
+        curve: list[dict[str, Any]] = state.get("curve", [])
+        evaluations: list[dict[str, Any]] = state.get("evaluations", [])
+        step, tokens_seen = state.get("step", 0), state.get("tokens", 0)
+        spent = state.get("seconds", 0.0)
+        if state:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            for name, stream in streams.items():
+                stream.load(state["streams"][name])
+            torch.set_rng_state(state["torch_rng"])
+        pad_id = tokenizer.pad_token_id
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: warmup_then_cosine(s, config.warmup_steps, config.copy_warmup_steps + config.steps),
-    )
-    rng = random.Random(config.seed)
-    pad_id = tokenizer.pad_token_id
-    batches: list[list[int]] = []
-    curve, step, tokens_seen, stopped_early = [], 0, 0, False
-    model.train()
-    train_started = time.perf_counter()
-    copy_generator = torch.Generator().manual_seed(config.seed)
-    first_word_id = len(tokenizer.all_special_ids) + 1
-    total_steps = config.copy_warmup_steps + config.steps
-    while step < total_steps:
-        if step < config.copy_warmup_steps:
-            batch = copy_batch(len(tokenizer), first_word_id, config, copy_generator)
-        else:
-            if not batches:
-                batches = token_budget_batches(examples, config.batch_tokens, rng)
-            batch = collate([examples[i] for i in batches.pop()], pad_id)
-        loss = model(**batch).loss
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"warm-up loss became {loss.item()} at step {step}; lower config key 'lr'")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        tokens_seen += int(batch["attention_mask"].sum())
-        if step % config.log_every == 0 or step == total_steps:
-            elapsed = time.perf_counter() - train_started
-            curve.append(
-                {
-                    "step": step,
-                    "phase": "copy" if step <= config.copy_warmup_steps else "sft",
-                    "loss": loss.item(),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens": tokens_seen,
-                    "seconds": elapsed,
-                }
-            )
-        if on_step is not None:
-            on_step(step, loss.item())
-        if config.time_limit_s and time.perf_counter() - started > config.time_limit_s:
-            stopped_early = True
-            log(f"time limit reached after {step} steps")
-            break
+        def save_state() -> None:
+            train_state = {
+                "config": asdict(config), "step": step, "tokens": tokens_seen, "curve": curve,
+                "evaluations": evaluations, "seconds": spent + time.perf_counter() - segment_start,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "streams": {name: s.state() for name, s in streams.items()}, "torch_rng": torch.get_rng_state(),
+            }  # fmt: skip
+            save_policy(model, tokenizer, state_path, extra={"train_state": train_state})
+
+        if not evaluations:  # the untrained model: where every role curve starts
+            model.eval()
+            evaluations.append(validation.run(model, tokenizer, sandbox, 0) | {"seconds": 0.0})
+            save_policy(model, tokenizer, out_dir / "checkpoints" / "step-000000.pt")
+        model.train()
+        segment_start, segment_tokens, stopped_early = time.perf_counter(), 0, False
+        while step < config.steps:
+            stream = streams["curriculum" if step < config.curriculum_steps else "main"]
+            batch = stream.next(pad_id)
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"warm-up loss became {loss.item()} at step {step}; lower config key 'lr'"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            tokens = int(batch["attention_mask"].sum())
+            tokens_seen, segment_tokens = tokens_seen + tokens, segment_tokens + tokens
+            elapsed = time.perf_counter() - segment_start
+            if step % config.log_every == 0 or step == config.steps:
+                curve.append(
+                    {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                     "seconds": spent + elapsed, "pool": "curriculum" if step <= config.curriculum_steps else "main"}
+                )  # fmt: skip
+            if step % config.eval_every == 0 or step == config.steps:
+                model.eval()
+                evaluations.append(
+                    validation.run(model, tokenizer, sandbox, step) | {"seconds": spent + elapsed}
+                )
+                model.train()
+                save_policy(model, tokenizer, out_dir / "checkpoints" / f"step-{step:06d}.pt")
+                save_state()
+            if on_step is not None:
+                rate = segment_tokens / max(elapsed, 1e-9)
+                eta = elapsed / max(1, step - state.get("step", 0)) * (config.steps - step)
+                on_step(
+                    Progress(
+                        step, config.steps, loss.item(), rate, eta, evaluations[-1] if evaluations else None
+                    )
+                )
+            if (
+                config.time_limit_s
+                and time.perf_counter() - started > config.time_limit_s
+                and step < config.steps
+            ):
+                save_state()
+                stopped_early = True
+                log(f"time limit reached after {step} steps; continue with --resume")
+                break
+        spent += time.perf_counter() - segment_start
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    choice, reason = choose_checkpoint(evaluations, config.band, config.select) if evaluations else ({}, "")
+    if choice:
+        model, tokenizer = load_policy(out_dir / "checkpoints" / f"step-{choice['step']:06d}.pt")
     model.eval()
     save_trained_policy(model, tokenizer, out_dir, "base.pt")
     pd.DataFrame(curve).to_csv(out_dir / "loss.csv", index=False)
-    sft_curve = [row for row in curve if row["phase"] == "sft"]
+    pd.DataFrame(evaluations).to_csv(out_dir / "validation.csv", index=False)
+    plot_validation(evaluations, out_dir / "validation.png")
     summary = {
         "out": str(out_dir),
         "parameters": count_parameters(model),
         "steps": step,
         "stopped_early": stopped_early,
-        "final_loss": sft_curve[-1]["loss"] if sft_curve else None,
-        "first_loss": sft_curve[0]["loss"] if sft_curve else None,
+        "chosen_step": choice.get("step"),
+        "chosen_because": reason,
+        "chosen_validation": choice,
+        "first_loss": curve[0]["loss"] if curve else None,
+        "final_loss": curve[-1]["loss"] if curve else None,
         "tokens": tokens_seen,
+        "train_seconds": spent,
         "seconds": time.perf_counter() - started,
-        "data": info,
+        "data": data_info,
+        "envs_seed": build.seed,
+        "fingerprint": tokenizer_fingerprint(tokenizer),
         "config": asdict(config),
     }
     (out_dir / "train_base.json").write_text(json.dumps(summary, indent=2))

@@ -9,7 +9,7 @@ see the same first-turn prompts (environments from our pipeline rendered with th
 TRL receives the rendered text and tokenizes it to the same ids, which is checked) in the same order, sample
 G completions of at most `--max-completion-length` tokens per prompt at temperature 1 (no top-k/top-p), and
 are scored by the same reward: our f1 step reward of the completion in the environment's initial state, its
-tool calls executed in one shared Sandbox (`grpo.score_completions`, the batched form of `reward.score_step`).
+tool calls executed in one shared Sandbox (`step_samples.score_completions`, the batched form of `reward.score_step`).
 Per optimiser step: `prompts-per-step x G` completions, one PPO epoch, one mini-batch, clip range 0.2/0.28,
 token-mean loss (TRL: `dapo`), group-std-scaled advantages, k3 KL against a frozen reference with coefficient
 `--beta` (0 drops the reference on both sides), the same entropy bonus, AdamW at a constant learning rate,
@@ -93,7 +93,7 @@ class StepRewardFunction:
     one concurrent `Sandbox.call_many`, as in `GRPOTrainer.collect_step_samples`. Counts its own time."""
 
     def __init__(self, records, tokenizer, sandbox, stop_ids, variant: str = "f1"):
-        from toolrl_analysis.training.grpo import StepState
+        from toolrl_analysis.training.step_samples import StepState
 
         self.states = [StepState(r, [], copy.deepcopy(r.unsolved_set), r.solve_rate) for r in records]
         self.tokenizer, self.sandbox, self.stop_ids, self.variant = tokenizer, sandbox, stop_ids, variant
@@ -104,7 +104,7 @@ class StepRewardFunction:
 
     def __call__(self, completion_ids: list[list[int]], env_indices: list[int]) -> list[float]:
         from toolrl_analysis.rollout import decode_completion
-        from toolrl_analysis.training.grpo import score_completions
+        from toolrl_analysis.training.step_samples import score_completions
 
         start = time.perf_counter()
         texts = [decode_completion(self.tokenizer, ids, self.stop_ids) for ids in completion_ids]
@@ -169,7 +169,7 @@ def run_ours(args, fixture, sandbox) -> dict[str, Any]:
     import torch
 
     from toolrl_analysis.rollout import generate
-    from toolrl_analysis.training import grpo
+    from toolrl_analysis.training import grpo, step_samples
 
     model = copy.deepcopy(fixture["model"])
     batch = args.prompts_per_step * args.group_size
@@ -213,7 +213,7 @@ def run_ours(args, fixture, sandbox) -> dict[str, Any]:
             rewards = reward([c.ids for c in completions], env_indices)
             scored = time.perf_counter()
             samples = [
-                grpo.Sample(prompt, c.ids, c.logprobs, r, index // args.group_size, index)
+                step_samples.Sample(prompt, c.ids, c.logprobs, r, index // args.group_size, index)
                 for index, (prompt, c, r) in enumerate(zip(prompts, completions, rewards, strict=True))
             ]
             trainer.update(samples)

@@ -15,8 +15,9 @@ from toolrl_analysis.models.checkpoint import load_policy, save_policy
 from toolrl_analysis.models.factory import build_model
 from toolrl_analysis.models.tokenizer import build_policy_tokenizer
 from toolrl_analysis.training import advantages
+from toolrl_analysis.training.advantages import episode_group_advantages
 from toolrl_analysis.training.commands import train_grpo
-from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer, episode_group_advantages
+from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,17 @@ def reinforce_pp_advantages(
     return masked_whiten(returns, mask)
 
 
+def episode_group_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, episodes: torch.Tensor, normalize_std: bool
+) -> torch.Tensor:
+    """Group advantages computed over one reward per episode, then given to each of its samples, so an
+    episode with many turns does not weigh more in its group's mean and std."""
+    unique, inverse = torch.unique(episodes, return_inverse=True)
+    first = torch.stack([(episodes == key).nonzero()[0, 0] for key in unique])
+    per_episode = group_advantages(rewards[first], groups[first], normalize_std=normalize_std)
+    return per_episode[inverse]
+
+
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     count = mask.sum()  # []
     if count < 2:

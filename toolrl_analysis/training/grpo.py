@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 from toolrl_analysis.config import require
-from toolrl_analysis.envs.reward import REWARD_VARIANTS, execute_turns, step_reward
+from toolrl_analysis.envs.reward import REWARD_VARIANTS
 from toolrl_analysis.envs.schema import EnvRecord
-from toolrl_analysis.envs.toolcalls import parse_tool_calls
 from toolrl_analysis.errors import TrainingDiverged
 from toolrl_analysis.rollout import (
     ModelPolicy,
@@ -43,12 +42,13 @@ from toolrl_analysis.rollout import (
 )
 from toolrl_analysis.training.advantages import (
     LOSS_AGGREGATIONS,
-    group_advantages,
+    episode_group_advantages,
     policy_objective,
     reinforce_pp_advantages,
 )
 from toolrl_analysis.training.schedules import cosine_under_warmup, linear_warmup
 from toolrl_analysis.training.sequences import completion_logprobs, pack_sequences
+from toolrl_analysis.training.step_samples import Sample, score_completions, step_states
 
 
 @dataclass
@@ -180,65 +180,6 @@ class GRPOConfig:
         require(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1)")
         require(self.clip_eps_high >= self.clip_eps, "clip_eps_high", "must be at least clip_eps")
         require(self.kl_clamp > 0, "kl_clamp", "must be positive")
-
-
-@dataclass
-class Sample:
-    """One policy-gradient sample: a prompt, one completion, its reward and group."""
-
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    behaviour_logprobs: list[float]
-    reward: float
-    group: int  # samples of one group share a baseline
-    episode: int  # samples of one episode share one reward (all turns of it, in episode credit)
-
-
-# -- per-step samples (FTRL's data_sample.py) ------------------------------------------------------
-@dataclass
-class StepState:
-    record: EnvRecord
-    prompt_ids: list[int]
-    unsolved_set: dict[str, list[str]]
-    solve_rate: float
-
-
-def step_states(episodes) -> list[StepState]:
-    """Every state an episode passed through before an assistant turn: the history so far, what is
-    still unsolved, and the solved fraction."""
-    return [
-        StepState(episode.record, turn.prompt_ids, turn.unsolved_set_before, turn.solve_rate_before)
-        for episode in episodes
-        for turn in episode.turns
-    ]
-
-
-def score_completions(texts: list[str], states: list[StepState], sandbox, variant: str) -> list[float]:
-    """Step reward of each completion text in its state; all tool calls run in one concurrent batch."""
-    parsed = [parse_tool_calls(text) for text in texts]
-    results = execute_turns(sandbox, [state.record.codes for state in states], [p.calls for p in parsed])
-    return [
-        step_reward(
-            turn,
-            [r.content for r in turn_results],
-            state.unsolved_set,
-            state.solve_rate,
-            state.record.answer,
-            variant=variant,
-        ).score
-        for turn, turn_results, state in zip(parsed, results, states, strict=True)
-    ]
-
-
-def episode_group_advantages(
-    rewards: torch.Tensor, groups: torch.Tensor, episodes: torch.Tensor, normalize_std: bool
-) -> torch.Tensor:
-    """Group advantages computed over one reward per episode, then given to each of its samples, so an
-    episode with many turns does not weigh more in its group's mean and std."""
-    unique, inverse = torch.unique(episodes, return_inverse=True)
-    first = torch.stack([(episodes == key).nonzero()[0, 0] for key in unique])
-    per_episode = group_advantages(rewards[first], groups[first], normalize_std=normalize_std)
-    return per_episode[inverse]
 
 
 # -- the trainer -----------------------------------------------------------------------------------

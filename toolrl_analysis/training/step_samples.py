@@ -1,0 +1,57 @@
+"""What one policy-gradient sample is, and FTRL's per-step samples (its `data_sample.py`): every state an
+episode passed through, whose next turn is scored by the step reward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from toolrl_analysis.envs.reward import execute_turns, step_reward
+from toolrl_analysis.envs.schema import EnvRecord
+from toolrl_analysis.envs.toolcalls import parse_tool_calls
+
+
+@dataclass
+class Sample:
+    """One policy-gradient sample: a prompt, one completion, its reward and group."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behaviour_logprobs: list[float]
+    reward: float
+    group: int  # samples of one group share a baseline
+    episode: int  # samples of one episode share one reward (all turns of it, in episode credit)
+
+
+@dataclass
+class StepState:
+    record: EnvRecord
+    prompt_ids: list[int]
+    unsolved_set: dict[str, list[str]]
+    solve_rate: float
+
+
+def step_states(episodes) -> list[StepState]:
+    """Every state an episode passed through before an assistant turn: the history so far, what is
+    still unsolved, and the solved fraction."""
+    return [
+        StepState(episode.record, turn.prompt_ids, turn.unsolved_set_before, turn.solve_rate_before)
+        for episode in episodes
+        for turn in episode.turns
+    ]
+
+
+def score_completions(texts: list[str], states: list[StepState], sandbox, variant: str) -> list[float]:
+    """Step reward of each completion text in its state; all tool calls run in one concurrent batch."""
+    parsed = [parse_tool_calls(text) for text in texts]
+    results = execute_turns(sandbox, [state.record.codes for state in states], [p.calls for p in parsed])
+    return [
+        step_reward(
+            turn,
+            [r.content for r in turn_results],
+            state.unsolved_set,
+            state.solve_rate,
+            state.record.answer,
+            variant=variant,
+        ).score
+        for turn, turn_results, state in zip(parsed, results, states, strict=True)
+    ]

@@ -143,6 +143,7 @@ def test_sigint_saves_and_exits_cleanly(setup, tmp_path):
     [
         {"algo": "reinforce++"},
         {"credit": "episode", "loss_aggregation": "seq-mean-token-sum-norm", "normalize_std": False},
+        {"algo": "reinforce++", "kl_in_reward": True, "temperature": 0.7},
     ],
 )
 def test_other_estimators_and_credit_modes_train(setup, tmp_path, overrides):
@@ -177,6 +178,8 @@ def test_config_errors_name_the_key(setup, tmp_path, capsys):
         load_config(GRPOConfig, None, ["group_size=1"])
     with pytest.raises(ConfigError, match="'clip_eps_high'"):
         load_config(GRPOConfig, None, ["clip_eps=0.3", "clip_eps_high=0.2"])
+    with pytest.raises(ConfigError, match="'kl_in_reward'"):
+        load_config(GRPOConfig, None, ["kl_in_reward=true"])  # GRPO takes its KL as a loss
     root, _ = setup
     code = main(
         [

@@ -44,9 +44,10 @@ class Completion:
     """One sampled continuation.
 
     `ids` are the generated token ids, including the stop token when one was produced; `logprobs[i]` is
-    log p(ids[i] | prefix) under the model's *raw* distribution, `log_softmax(logits)`, i.e. temperature 1
-    and no other warping, whatever temperature was used to sample: these are the behaviour log-probs a
-    policy-gradient trainer compares against. `stopped` is False when `max_new_tokens` cut it off.
+    log p(ids[i] | prefix) under the distribution sampled from, `log_softmax(logits / temperature)` (the raw
+    `log_softmax(logits)` when greedy): the behaviour log-probs a policy-gradient trainer compares against,
+    which must be taken at the same temperature (verl divides the logits by it for the old, new and reference
+    log-probs alike). `stopped` is False when `max_new_tokens` cut it off.
     """
 
     ids: list[int]
@@ -145,12 +146,13 @@ def generate(
                 input_ids = input_ids.repeat_interleave(repeats, dim=0)
                 cache.batch_repeat_interleave(repeats)
 
-            logprobs = torch.log_softmax(logits, dim=-1)
             if temperature <= 0:
+                logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
                 token = logits.argmax(dim=-1)
             else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                scaled = logits / temperature  # [B, V]: the distribution sampled from
+                logprobs = torch.log_softmax(scaled, dim=-1)  # [B, V]
+                token = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(-1)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             new_tokens.append(token)
             new_logprobs.append(logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1))

@@ -1,7 +1,7 @@
 """GRPO / Reinforce++ on tool-use environments, the FTRL recipe, readable top to bottom.
 
 One iteration:
-  1. play training environments with the current policy (temperature 1, up to 20 turns);
+  1. play training environments with the current policy (sampling at `temperature`, up to 20 turns);
   2. cut the episodes into per-step samples (history so far, remaining `unsolved_set`, `solve_rate`),
      as FTRL's `data_sample.py` does;
   3. sample G next-turn completions per sample and score each with the step reward (f1 by default);
@@ -41,13 +41,14 @@ from toolrl_analysis.rollout import (
     stop_token_ids,
 )
 from toolrl_analysis.training.advantages import (
+    CLIP_STATS,
     LOSS_AGGREGATIONS,
     episode_group_advantages,
     policy_objective,
     reinforce_pp_advantages,
 )
 from toolrl_analysis.training.schedules import cosine_under_warmup, linear_warmup
-from toolrl_analysis.training.sequences import completion_logprobs, pack_sequences
+from toolrl_analysis.training.sequences import check_logits_path, completion_logprobs, pack_sequences
 from toolrl_analysis.training.step_samples import Sample, score_completions, step_states
 
 
@@ -81,7 +82,9 @@ class GRPOConfig:
     max_new_tokens: int = 96
     # Tokens; an episode whose next prompt is longer stops (`prompt_too_long`).
     max_prompt_tokens: int = 1536
-    # Sampling temperature of rollouts and completions (behaviour log-probs are always at temperature 1).
+    # Sampling temperature of rollouts and completions (> 0). The log-probs of the ratio, the KL and the entropy
+    # are taken from logits / temperature as well, as verl does (its actor and reference divide the logits by
+    # the rollout temperature), so the ratio is exactly 1 before the first step at any temperature. FTRL: 0.7.
     temperature: float = 1.0
     # Step reward with p calls and q newly solved sub-questions: "f1" 2q/(p+1) (FTRL's), "precision" q/p,
     # "rate" q, "pr" q^2/p (envs/reward.py).
@@ -101,15 +104,20 @@ class GRPOConfig:
     clip_eps: float = 0.2
     # Upper side, 1 + clip_eps_high; above clip_eps it is DAPO's clip-higher (keeps entropy from collapsing).
     clip_eps_high: float = 0.28
-    # Weight of the k3 KL estimate to the frozen initial policy (verl's low_var_kl, as in FTRL's scripts):
-    # added to the loss for GRPO, paid per token in the return for Reinforce++; 0 keeps no reference model.
+    # Weight of the KL to the frozen initial policy; 0 keeps no reference model.
     kl_coef: float = 0.001
+    # Where that KL goes. False: a k3 estimate (verl's low_var_kl) added to the loss, for GRPO and Reinforce++
+    # alike, as FTRL's launchers do (use_kl_loss=True, use_kl_in_reward=False). True (Reinforce++ only): the
+    # k1 estimate log pi_old - log pi_ref paid per token inside the return (Reinforce++, Hu 2025; verl's
+    # use_kl_in_reward=True with kl_penalty=kl), and no KL in the loss. The logged `kl` is the one optimised.
+    kl_in_reward: bool = False
     # Per-token k3 values are clamped to [-kl_clamp, kl_clamp] (verl).
     kl_clamp: float = 10.0
     # Weight of the entropy bonus (subtracted from the loss).
     entropy_coef: float = 0.001
     # Per-token loss to scalar: "token-mean" (every token alike; DAPO), "seq-mean-token-mean" (every
-    # sequence alike; original GRPO), "seq-mean-token-sum-norm" (sums over a constant horizon; Dr.GRPO).
+    # sequence alike; original GRPO, and FTRL's verl default), "seq-mean-token-sum-norm" (token sums over the
+    # constant `max_new_tokens`, averaged over sequences; Dr.GRPO).
     loss_aggregation: str = "token-mean"
     # Divide group-centred rewards by the group's std (GRPO); False leaves them unscaled (Dr.GRPO).
     normalize_std: bool = True
@@ -180,6 +188,11 @@ class GRPOConfig:
         require(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1)")
         require(self.clip_eps_high >= self.clip_eps, "clip_eps_high", "must be at least clip_eps")
         require(self.kl_clamp > 0, "kl_clamp", "must be positive")
+        require(
+            not self.kl_in_reward or self.algo == "reinforce++",
+            "kl_in_reward",
+            "puts the KL into Reinforce++'s per-token return; GRPO takes it as a loss (set it to false)",
+        )
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -207,6 +220,7 @@ class GRPOTrainer:
         self.stop_requested = False
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = pad_token_id_for(tokenizer)
+        check_logits_path(model, self.pad_id)  # log-probs from the hidden states must be what is sampled
 
     def _lr_factor(self, step: int) -> float:
         c = self.config
@@ -305,6 +319,12 @@ class GRPOTrainer:
         f1 = float(np.mean([e.metrics()["solve_f1"] for e in episodes])) if episodes else 0.0
         return samples, {"rollout_solve_f1": f1, "step_states": len(samples)}
 
+    def collect(self) -> tuple[list[Sample], dict[str, float]]:
+        """One iteration's samples (and rollout statistics) for `update`."""
+        if self.config.credit == "episode":
+            return self.collect_episode_samples()
+        return self.collect_step_samples()
+
     # -- the update --------------------------------------------------------------------------------
     def update(self, samples: list[Sample]) -> dict[str, float]:
         """Policy-gradient steps on one iteration's samples. Shapes: N completions of U distinct prompts,
@@ -327,9 +347,8 @@ class GRPOTrainer:
         ref_logprobs = self._reference_logprobs(batch) if self.reference is not None else None  # [N, T]
         advantages = self._advantages(rewards, groups, episodes, old_logprobs, ref_logprobs, mask)  # [N, T]
 
-        stats: dict[str, list[float]] = {
-            k: [] for k in ("loss", "kl", "entropy", "clip_fraction", "grad_norm")
-        }
+        keys = ("loss", "kl", "entropy", "grad_norm", "ppo_kl", *CLIP_STATS)
+        stats: dict[str, list[float]] = {k: [] for k in keys}
         order_rng = torch.Generator().manual_seed(c.seed * 7919 + self.iteration)
         self.model.train()
         prompts_per_step = max(1, c.mini_batch_size // share)
@@ -339,7 +358,9 @@ class GRPOTrainer:
                 units = order[start : start + prompts_per_step]  # [u] prompts of this mini-batch
                 index = batch.completion_rows(units)  # [n = u * share] their completions
                 sub = batch.select_prompts(units)
-                logprobs, entropy = completion_logprobs(self.model, sub, with_entropy=True)  # [n, T], [n, T]
+                logprobs, entropy = completion_logprobs(
+                    self.model, sub, with_entropy=True, temperature=c.temperature
+                )  # [n, T], [n, T]
                 loss, parts = policy_objective(
                     logprobs,
                     entropy,
@@ -367,9 +388,15 @@ class GRPOTrainer:
                 for key, value in parts.items():
                     stats[key].append(value.item())
                 stats["grad_norm"].append(grad_norm.item())
+                # How far the policy has moved from the behaviour policy on these tokens (verl's ppo_kl): 0
+                # on the first step of an iteration, when sampling and training log-probs agree.
+                drift = (old_logprobs[index] - logprobs.detach()) * sub.completion_mask  # [n, T]
+                stats["ppo_kl"].append((drift.sum() / sub.completion_mask.sum().clamp(min=1.0)).item())
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()  # the schedule runs over iterations
         summary = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+        if c.kl_in_reward and ref_logprobs is not None:  # the k1 paid in the return, per token
+            summary["kl"] = (((old_logprobs - ref_logprobs) * mask).sum() / mask.sum().clamp(min=1.0)).item()
         spreads = [rewards[groups == g] for g in torch.unique(groups)]
         summary.update(
             reward_mean=rewards.mean().item(),
@@ -383,11 +410,12 @@ class GRPOTrainer:
 
     def _advantages(self, rewards, groups, episodes, old_logprobs, ref_logprobs, mask) -> torch.Tensor:
         """[N, T] advantages: GRPO's group-normalised episode reward on every token, or Reinforce++'s
-        whitened returns with the KL to the reference paid per token."""
+        whitened returns (with `kl_in_reward`, the k1 KL to the reference paid per token inside them)."""
         c = self.config
         if c.algo == "grpo":
             return episode_group_advantages(rewards, groups, episodes, c.normalize_std)[:, None] * mask
-        token_kl = (old_logprobs - ref_logprobs) if ref_logprobs is not None else torch.zeros_like(mask)
+        paid = c.kl_in_reward and ref_logprobs is not None
+        token_kl = (old_logprobs - ref_logprobs) if paid else torch.zeros_like(mask)  # [N, T]
         return reinforce_pp_advantages(rewards, token_kl, mask, kl_coef=c.kl_coef)
 
     @torch.no_grad()
@@ -398,7 +426,7 @@ class GRPOTrainer:
         for start in range(0, n_prompts, step):
             units = torch.arange(start, min(n_prompts, start + step))
             out[batch.completion_rows(units)] = completion_logprobs(
-                self.reference, batch.select_prompts(units)
+                self.reference, batch.select_prompts(units), temperature=self.config.temperature
             )[0]
         return out
 
@@ -476,8 +504,7 @@ class GRPOTrainer:
                         f"good checkpoint kept in {self.checkpoint_dir}"
                     )
                 started = time.perf_counter()
-                collect = self.collect_episode_samples if c.credit == "episode" else self.collect_step_samples
-                samples, rollout_stats = collect()
+                samples, rollout_stats = self.collect()
                 sampled = time.perf_counter()
                 if not samples:
                     raise TrainingDiverged(f"iteration {self.iteration} produced no samples")

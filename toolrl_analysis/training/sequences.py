@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from toolrl_analysis.errors import CheckpointError
 from toolrl_analysis.rollout import cache_keyword, new_cache, position_ids
 from toolrl_analysis.training.advantages import entropy_from_logits
 
@@ -74,9 +75,11 @@ def pack_sequences(
 
 
 def completion_logprobs(
-    model: torch.nn.Module, batch: SequenceBatch, with_entropy: bool = False
+    model: torch.nn.Module, batch: SequenceBatch, with_entropy: bool = False, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities [N, T] of the completion tokens (and optionally the per-token entropy [N, T]).
+    """Log-probabilities [N, T] of the completion tokens (and optionally the per-token entropy [N, T]) under
+    `logits / temperature`: the distribution the completions were sampled from, as verl's actor and
+    reference take them (dp_actor: `logits.div_(temperature)`), so the PPO ratio is 1 before the first step.
     Shapes: U prompts of P tokens, N = U * repeats completions of T tokens, hidden size H, vocabulary V."""
     decoder = model.get_decoder()
     cache = new_cache(model)
@@ -99,8 +102,48 @@ def completion_logprobs(
         **{cache_kw: cache},
     ).last_hidden_state  # [N, T, H]  # fmt: skip
     hidden = torch.cat([first, completion_hidden[:, :-1]], dim=1)  # [N, T, H]: position t predicts token t
-    logits = model.get_output_embeddings()(hidden).float()  # [N, T, V]
+    logits = model.get_output_embeddings()(hidden).float() / temperature  # [N, T, V]
     token_ids = batch.completion_ids.unsqueeze(-1)  # [N, T, 1]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, token_ids).squeeze(-1)  # [N, T]
     entropy = entropy_from_logits(logits) if with_entropy else None
     return logprobs, entropy
+
+
+@torch.no_grad()
+def logits_path_error(model: torch.nn.Module, pad_token_id: int) -> float:
+    """Largest |difference| between the log-probs `completion_logprobs` computes (the output embedding on
+    the decoder's hidden states, prompt once, KV cache copied) and those of `model(...)`, which is what
+    sampling uses, on one small fixed batch: two prompts of different lengths, two completions each. A model
+    whose forward post-processes its logits (soft-capping, logit scaling) differs; one that does not agrees to
+    rounding."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = [1 + (7 * i + 3) % (vocab - 1) for i in range(24)]  # fixed, valid token ids
+    prompts, completions = [ids[:9], ids[9:14]], [ids[14:19], ids[19:22], ids[2:8], ids[16:18]]
+    batch = pack_sequences(prompts, completions, pad_token_id, repeats=2)
+    was_training = model.training
+    model.eval()
+    try:
+        fast, _ = completion_logprobs(model, batch)  # [4, T]
+        worst = 0.0
+        for row, completion in enumerate(completions):
+            sequence = torch.tensor([prompts[row // 2] + completion])  # [1, P + C]
+            logits = model(input_ids=sequence).logits[0, -len(completion) - 1 : -1].float()  # [C, V]
+            direct = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+            worst = max(worst, (direct - fast[row, : len(completion)]).abs().max().item())
+    finally:
+        model.train(was_training)
+    return worst
+
+
+def check_logits_path(model: torch.nn.Module, pad_token_id: int) -> None:
+    """Refuse a model whose training log-probs would not be those it samples from (`logits_path_error`);
+    the tolerance allows for half-precision rounding, never for a transformed distribution."""
+    dtype = next(model.parameters()).dtype
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    error = logits_path_error(model, pad_token_id)
+    if not error <= tolerance:
+        raise CheckpointError(
+            f"the model's forward changes its logits after the output layer (log-probs differ by {error:.3g} "
+            "from the output embedding on the hidden states; soft-capping or logit scaling?): RL would "
+            "optimise another distribution than the one it samples, so this model is refused"
+        )

@@ -1,0 +1,137 @@
+"""The trainer against its references (issue 9): it learns a trivially learnable task, its log-probs are taken
+at the sampling temperature, and it refuses a model whose forward post-processes logits. Real (tiny) models, real sampling, real optimiser steps; no environments needed,
+because the task's samples come from the trainer's own `collect` extension point."""
+
+import pytest
+import torch
+from conftest import tiny_random_qwen2
+from transformers import Qwen2ForCausalLM
+
+from toolrl_analysis.errors import CheckpointError
+from toolrl_analysis.models.tokenizer import train_tokenizer
+from toolrl_analysis.rollout import generate
+from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer
+from toolrl_analysis.training.sequences import (
+    check_logits_path,
+    completion_logprobs,
+    logits_path_error,
+    pack_sequences,
+)
+from toolrl_analysis.training.step_samples import Sample
+
+PROMPTS = [[5 + 3 * i, 7 + i, 11, 13 + 2 * i] for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = "the tool returns an answer; call the tool with its arguments and read the result. " * 20
+    return train_tokenizer([text, "0 1 2 3 4 5 6 7 8 9 <tool_call> </tool_call>"], vocab_size=512)
+
+
+class OneTokenTask(GRPOTrainer):
+    """A trivially learnable RL task: one sampled token per completion, reward 1 when it is a multiple of 4
+    (a quarter of the vocabulary under a near-uniform untrained policy), else 0."""
+
+    def collect(self):
+        c = self.config
+        completions = generate(
+            self.model, PROMPTS, max_new_tokens=1, temperature=c.temperature, eos_token_ids=self.stop_ids,
+            pad_token_id=self.pad_id, generator=self._generator(1), samples_per_prompt=c.group_size,
+        )  # fmt: skip
+        samples = [
+            Sample(
+                PROMPTS[i // c.group_size],
+                comp.ids,
+                comp.logprobs,
+                self.reward(comp.ids),
+                i // c.group_size,
+                i,
+            )
+            for i, comp in enumerate(completions)
+        ]
+        return samples, {}
+
+    def reward(self, ids: list[int]) -> float:
+        return float(ids[0] % 4 == 0)
+
+
+@torch.no_grad()
+def expected_reward(model, temperature: float) -> float:
+    """The exact probability of a rewarded first token, averaged over the prompts (no sampling noise)."""
+    logits = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1] for p in PROMPTS])  # [8, V]
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return probs[:, ::4].sum(dim=-1).mean().item()
+
+
+def task_config(**overrides) -> GRPOConfig:
+    values = dict(
+        iterations=8, group_size=8, max_new_tokens=1, lr=1e-2, mini_batch_size=16, eval_every=0, save_every=0,
+        temperature=1.0,
+    )  # fmt: skip
+    config = GRPOConfig(**(values | overrides))
+    config.validate()
+    return config
+
+
+@pytest.mark.parametrize("algo", ["grpo", "reinforce++"])
+def test_the_trainer_learns_a_trivially_learnable_task(tokenizer, tmp_path, algo):
+    model = tiny_random_qwen2(tokenizer).train()
+    config = task_config(algo=algo)
+    before = expected_reward(model, config.temperature)
+    trainer = OneTokenTask(config, model, tokenizer, [], tmp_path, sandbox=None, log=lambda _: None)
+    history = trainer.train()
+    after = expected_reward(model, config.temperature)
+    assert 0.15 < before < 0.35  # a quarter of a near-uniform vocabulary
+    assert after > before + 0.4, (before, after)  # measured: 0.25 -> 0.95 (GRPO), 0.84 (Reinforce++)
+    rewards = [row["reward_mean"] for row in history]
+    assert sum(rewards[-2:]) / 2 > rewards[0] + 0.4, rewards
+    for key in (
+        "kl",
+        "entropy",
+        "clip_low",
+        "clip_high",
+        "clip_higher_region",
+        "zero_spread_groups",
+        "ppo_kl",
+    ):
+        assert key in history[-1], key
+
+
+def test_log_probs_are_taken_at_the_sampling_temperature(tokenizer, tmp_path):
+    model = tiny_random_qwen2(tokenizer)
+    with torch.no_grad():  # sharper logits, so that temperature matters a lot
+        model.get_output_embeddings().weight.mul_(30.0)
+    temperature = 0.5
+    completions = generate(
+        model, PROMPTS[:2], max_new_tokens=6, temperature=temperature, eos_token_ids=[-1], pad_token_id=0,
+        generator=torch.Generator().manual_seed(0), samples_per_prompt=3,
+    )  # fmt: skip
+    batch = pack_sequences(PROMPTS[:2], [c.ids for c in completions], pad_token_id=0, repeats=3)
+    behaviour = torch.tensor([c.logprobs for c in completions])  # [6, 6]
+    at_temperature, _ = completion_logprobs(model, batch, temperature=temperature)
+    at_one, _ = completion_logprobs(model, batch)
+    assert torch.allclose(at_temperature, behaviour, atol=1e-4)
+    assert (at_one - behaviour).abs().mean() > 0.1  # what the ratio was computed against before
+    # In the trainer: the first step of an iteration sees the behaviour policy exactly (verl's ppo_kl 0).
+    config = task_config(iterations=1, temperature=temperature, kl_coef=0.0, mini_batch_size=64)
+    trainer = OneTokenTask(config, model, tokenizer, [], tmp_path, None, log=lambda _: None)
+    assert abs(trainer.train()[0]["ppo_kl"]) < 1e-4
+
+
+class SoftCappedQwen2(Qwen2ForCausalLM):
+    """A model whose forward post-processes its logits (Gemma-2-style soft-capping, plus a logit scale)."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits = 2.0 * torch.tanh(output.logits / 2.0) * 3.0
+        return output
+
+
+def test_a_model_whose_forward_post_processes_logits_is_refused(tokenizer, tmp_path):
+    plain = tiny_random_qwen2(tokenizer)
+    assert logits_path_error(plain, pad_token_id=0) < 1e-5
+    check_logits_path(plain, pad_token_id=0)
+    capped = SoftCappedQwen2(plain.config)
+    capped.load_state_dict(plain.state_dict())
+    with pytest.raises(CheckpointError, match="changes its logits after the output layer"):
+        GRPOTrainer(task_config(), capped, tokenizer, [], tmp_path, None)

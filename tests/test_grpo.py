@@ -3,6 +3,7 @@
 import os
 import signal
 
+import pandas as pd
 import pytest
 import torch
 
@@ -142,8 +143,8 @@ def test_sigint_saves_and_exits_cleanly(setup, tmp_path):
     "overrides",
     [
         {"algo": "reinforce++"},
-        {"credit": "episode", "loss_aggregation": "seq-mean-token-sum-norm", "normalize_std": False},
         {"algo": "reinforce++", "kl_in_reward": True, "temperature": 0.7},
+        {"credit": "episode", "loss_aggregation": "seq-mean-token-sum-norm", "normalize_std": False},
     ],
 )
 def test_other_estimators_and_credit_modes_train(setup, tmp_path, overrides):
@@ -162,15 +163,33 @@ def test_episode_group_advantages_count_each_episode_once():
     assert adv.tolist() == [0.5, 0.5, 0.5, -0.5]
 
 
-def test_train_grpo_writes_policy_and_metrics(setup, tmp_path):
-    root, _ = setup
-    summary = train_grpo(
-        root / "envs", root / "init.pt", tmp_path, small_config(iterations=1, eval_every=1, eval_envs=2)
-    )
-    assert summary["iterations"] == 1 and "heldout_solve_f1" in summary["history"][0]
+def test_train_grpo_validates_on_held_out_training_envs_and_tests_once(setup, tmp_path):
+    root, build = setup
+    lines = []
+    config = small_config(iterations=1, eval_every=1, val_solve_envs=1, val_meter_envs=1, test_at_end=True)
+    summary = train_grpo(root / "envs", root / "init.pt", tmp_path, config, log=lines.append)
+    assert summary["iterations"] == 1
+    # Validation: before the first iteration and after each, on the end of train.jsonl (never test.jsonl),
+    # which RL never trains on.
+    validation = pd.read_csv(tmp_path / "validation.csv")
+    assert validation["iteration"].tolist() == [0, 1]
+    assert {"val_f1_overall", "nll_format", "gap_format", "top1_format"} <= set(validation.columns)
+    held_out = summary["validation_envs"]
+    train_ids, test_ids = {r.env_id for r in build.train}, {r.env_id for r in build.test}
+    assert held_out and set(held_out) <= train_ids and not set(held_out) & test_ids
+    assert summary["training_envs"] == len(train_ids) - len(held_out)
+    assert all("val_f1_overall" in row for row in summary["history"])
+    assert any(line.startswith("validation at iteration 0: Solve-F1") for line in lines)
+    assert any(line.strip().startswith("role") and "gap" in line for line in lines)  # the role-NLL table
+    # The test split, once, at the end, written as `evaluate --out` writes it.
+    assert isinstance(summary["test_solve_f1"], float)
+    assert {"tool_use.csv", "general.csv", "evaluation.json"} <= {
+        p.name for p in (tmp_path / "test").iterdir()
+    }
     load_policy(tmp_path / "trained.pt")
     load_policy(tmp_path / "hf")
-    assert (tmp_path / "metrics.csv").read_text().startswith("iteration,")
+    assert "val_f1_overall" in pd.read_csv(tmp_path / "metrics.csv").columns
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_config_errors_name_the_key(setup, tmp_path, capsys):
@@ -180,6 +199,10 @@ def test_config_errors_name_the_key(setup, tmp_path, capsys):
         load_config(GRPOConfig, None, ["clip_eps=0.3", "clip_eps_high=0.2"])
     with pytest.raises(ConfigError, match="'kl_in_reward'"):
         load_config(GRPOConfig, None, ["kl_in_reward=true"])  # GRPO takes its KL as a loss
+    with pytest.raises(ConfigError, match="'val_solve_envs'"):
+        load_config(GRPOConfig, None, ["val_solve_envs=-1"])
+    with pytest.raises(ConfigError, match="'test_at_end'"):
+        load_config(GRPOConfig, None, ["test_at_end=maybe"])
     root, _ = setup
     code = main(
         [

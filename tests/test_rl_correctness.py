@@ -1,5 +1,6 @@
 """The trainer against its references (issue 9): it learns a trivially learnable task, its log-probs are taken
-at the sampling temperature, and it refuses a model whose forward post-processes logits. Real (tiny) models, real sampling, real optimiser steps; no environments needed,
+at the sampling temperature, it refuses a model whose forward post-processes logits, and an iteration without
+reward spread is a warning. Real (tiny) models, real sampling, real optimiser steps; no environments needed,
 because the task's samples come from the trainer's own `collect` extension point."""
 
 import pytest
@@ -30,7 +31,9 @@ def tokenizer():
 
 class OneTokenTask(GRPOTrainer):
     """A trivially learnable RL task: one sampled token per completion, reward 1 when it is a multiple of 4
-    (a quarter of the vocabulary under a near-uniform untrained policy), else 0."""
+    (a quarter of the vocabulary under a near-uniform untrained policy), else 0; or a constant reward."""
+
+    constant_reward: float | None = None
 
     def collect(self):
         c = self.config
@@ -52,7 +55,7 @@ class OneTokenTask(GRPOTrainer):
         return samples, {}
 
     def reward(self, ids: list[int]) -> float:
-        return float(ids[0] % 4 == 0)
+        return self.constant_reward if self.constant_reward is not None else float(ids[0] % 4 == 0)
 
 
 @torch.no_grad()
@@ -95,6 +98,19 @@ def test_the_trainer_learns_a_trivially_learnable_task(tokenizer, tmp_path, algo
         "ppo_kl",
     ):
         assert key in history[-1], key
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_iteration_without_reward_spread_is_a_warning(tokenizer, tmp_path):
+    lines = []
+    model = tiny_random_qwen2(tokenizer).train()
+    trainer = OneTokenTask(task_config(iterations=2), model, tokenizer, [], tmp_path, None, log=lines.append)
+    trainer.constant_reward = 0.0
+    history = trainer.train()
+    assert [row["zero_spread_groups"] for row in history] == [1.0, 1.0]
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 2 and "iteration 1: 100% of groups have no reward spread" in warnings[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_log_probs_are_taken_at_the_sampling_temperature(tokenizer, tmp_path):

@@ -199,8 +199,8 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
 
         def on_iteration(row: dict[str, Any]) -> None:
             status = f"reward {row['reward_mean']:.3f}"
-            if "heldout_solve_f1" in row:
-                status += f" held-out F1 {row['heldout_solve_f1']:.3f}"
+            if "val_f1_overall" in row:
+                status += f" validation F1 {row['val_f1_overall']:.3f}"
             progress.update(task, completed=row["iteration"], status=status)
 
         summary = train_grpo(
@@ -218,7 +218,12 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
         document,
         lambda: console().print(
             f"{config.algo}: {summary['iterations']} iterations; trained policy in {summary['out']}/trained.pt "
-            f"and {summary['out']}/hf; metrics in {summary['out']}/metrics.csv"
+            f"and {summary['out']}/hf; metrics in {summary['out']}/metrics.csv, curves in {summary['out']}/curves.png"
+            + (
+                f"; test Solve-F1 {summary['test_solve_f1']:.3f}"
+                if summary["test_solve_f1"] is not None
+                else ""
+            )
             + (" (interrupted; resume with --resume)" if summary["interrupted"] else "")
         ),
     )

@@ -143,8 +143,8 @@ def plot_policy_scores(
 
 
 def plot_training_curves(curves: pd.DataFrame) -> Figure:
-    """Mean step reward per iteration and, where measured, held-out Solve-F1, one line per policy."""
-    panels = ["reward_mean"] + (["heldout_solve_f1"] if "heldout_solve_f1" in curves else [])
+    """Mean step reward per iteration and, where measured, validation Solve-F1, one line per policy."""
+    panels = ["reward_mean"] + (["val_f1_overall"] if "val_f1_overall" in curves else [])
     figure = Figure(figsize=(4.2 * len(panels), 3.0))
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, column in zip(axes, panels, strict=True):

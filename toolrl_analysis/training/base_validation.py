@@ -1,9 +1,9 @@
-"""Validation during the base warm-up: role curves and Solve-F1 on a slice of the training distribution, and
-the choice of the checkpoint that becomes the base.
+"""Validation during training: role curves and Solve-F1 on a slice of the training distribution, and the
+choice of the checkpoint that becomes the base (train-base). train-grpo measures the same slice.
 
-The slice is the end of the build's train.jsonl (never the test split). Each evaluation gives one flat row:
-`step`, `val_f1_<scenario>`, `val_f1_overall`, and per role `nll_<role>`, `gap_<role>` (NLL with another
-environment's context minus NLL with its own), `top1_<role>`.
+The slice is the end of the build's train.jsonl (never the test split), held out of both trainings. Each
+evaluation gives one flat row: `step`, `val_f1_<scenario>`, `val_f1_overall`, and per role `nll_<role>`,
+`gap_<role>` (NLL with another environment's context minus NLL with its own), `top1_<role>`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class Validation:
     meter_records: list[EnvRecord]
     solve_records: list[EnvRecord]
     max_new_tokens: int
+    max_turns: int = 8  # assistant turns per greedy validation episode
+    batch_size: int = 20  # episodes generated together
 
     @property
     def records(self) -> list[EnvRecord]:
@@ -38,7 +40,10 @@ class Validation:
         return self.meter_records + self.solve_records
 
     @classmethod
-    def build(cls, tokenizer, records, sandbox, meter_envs: int, solve_envs: int, max_new_tokens: int):
+    def build(
+        cls, tokenizer, records, sandbox, meter_envs: int, solve_envs: int, max_new_tokens: int,
+        max_turns: int = 8, batch_size: int = 20,
+    ):  # fmt: skip
         meter_records = validation_slice(records, meter_envs) if meter_envs else []
         meter_set = None
         if meter_records:
@@ -47,7 +52,8 @@ class Validation:
         # Solve-F1 environments come before the meter's, so the two slices do not overlap.
         solve = validation_slice(records, meter_envs + solve_envs) if solve_envs else []
         meter_ids = {id(r) for r in meter_records}
-        return cls(meter_set, meter_records, [r for r in solve if id(r) not in meter_ids], max_new_tokens)
+        solve_records = [r for r in solve if id(r) not in meter_ids]
+        return cls(meter_set, meter_records, solve_records, max_new_tokens, max_turns, batch_size)
 
     def run(self, model, tokenizer, sandbox, step: int) -> dict[str, Any]:
         from toolrl_analysis.evaluate import episode_table, evaluate_tool_use, summarize_tool_use
@@ -55,8 +61,8 @@ class Validation:
         row: dict[str, Any] = {"step": step}
         if self.solve_records:
             episodes = evaluate_tool_use(
-                model, tokenizer, self.solve_records, sandbox=sandbox, max_turns=8,
-                max_new_tokens=self.max_new_tokens, batch_size=20,
+                model, tokenizer, self.solve_records, sandbox=sandbox, max_turns=self.max_turns,
+                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
             )  # fmt: skip
             summary = summarize_tool_use(episode_table(episodes))
             for item in summary[summary["metric"] == "solve_f1"].itertuples():
@@ -119,31 +125,44 @@ def plot_validation(rows: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    draw_role_nll(left, rows)
+    draw_solve_f1(right, rows)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def draw_role_nll(axis, rows: list[dict[str, Any]], x: str = "step") -> None:
+    """Per role, NLL with its own context (solid) and with another environment's (dashed), against `x`."""
+    steps = [r[x] for r in rows]
     for index, role in enumerate(r for r in ROLES if any(f"nll_{r}" in row for row in rows)):
         color = f"C{index}"
         real = [row.get(f"nll_{role}", math.nan) for row in rows]
         swapped = [row.get(f"nll_{role}", math.nan) + row.get(f"gap_{role}", math.nan) for row in rows]
-        left.plot(steps, real, color=color, label=role)
-        left.plot(steps, swapped, color=color, linestyle="--", alpha=0.5)
-    left.set(xlabel="step", ylabel="NLL (nats/token)", title="Role NLL: own context (—), swapped (--)")
-    if left.lines:
-        left.legend(fontsize=7)
+        axis.plot(steps, real, color=color, label=role)
+        axis.plot(steps, swapped, color=color, linestyle="--", alpha=0.5)
+    axis.set(xlabel=x, ylabel="NLL (nats/token)", title="Role NLL: own context (—), swapped (--)")
+    if axis.lines:
+        axis.legend(fontsize=7)
+
+
+def draw_solve_f1(axis, rows: list[dict[str, Any]], x: str = "step") -> None:
+    """Greedy validation Solve-F1 per scenario and overall, against `x`."""
+    steps = [r[x] for r in rows]
     for index, scenario in enumerate((*SCENARIOS, "overall")):
         values = [row.get(f"val_f1_{scenario}", math.nan) for row in rows]
         if not all(math.isnan(v) for v in values):
-            right.plot(
+            axis.plot(
                 steps,
                 values,
                 label=scenario,
                 color=f"C{index}",
                 linewidth=2.5 if scenario == "overall" else 1,
+                marker="o",
+                markersize=3,
             )
-    right.set(xlabel="step", ylabel="Solve-F1", ylim=(0, 1), title="Validation Solve-F1 (greedy)")
-    if right.lines:
-        right.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    axis.set(xlabel=x, ylabel="Solve-F1", ylim=(0, 1), title="Validation Solve-F1 (greedy)")
+    if axis.lines:
+        axis.legend(fontsize=7)

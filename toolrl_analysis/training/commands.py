@@ -4,7 +4,7 @@ both take the same way: reading the environments, seeding torch, writing the tra
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,10 +13,11 @@ import torch
 
 from toolrl_analysis.envs.sandbox import Sandbox
 from toolrl_analysis.envs.schema import EnvRecord, read_envs
-from toolrl_analysis.errors import EnvFormatError
+from toolrl_analysis.errors import ConfigError, EnvFormatError
 from toolrl_analysis.models.checkpoint import load_policy, save_hf_dir, save_policy
 from toolrl_analysis.models.embedded import resolve_model
-from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer
+from toolrl_analysis.training.base_validation import Validation
+from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer, read_rows
 
 
 def training_records(envs_dir: str | Path) -> list[EnvRecord]:
@@ -41,20 +42,6 @@ def save_trained_policy(model, tokenizer, out_dir: Path, filename: str) -> None:
     save_hf_dir(model, tokenizer, out_dir / "hf")
 
 
-def balanced_slice(records: Sequence[EnvRecord], count: int) -> list[EnvRecord]:
-    """The first `count` records taken round-robin over scenarios: a fixed, balanced held-out slice."""
-    by_scenario: dict[str, list[EnvRecord]] = {}
-    for record in records:
-        by_scenario.setdefault(record.scenario, []).append(record)
-    out: list[EnvRecord] = []
-    queues = [list(v) for _, v in sorted(by_scenario.items())]
-    while len(out) < count and any(queues):
-        for queue in queues:
-            if queue and len(out) < count:
-                out.append(queue.pop(0))
-    return out
-
-
 def resolve_policy_path(path: str | Path) -> Path:
     """A run directory (holding trained.pt or base.pt), a .pt file, an HF model directory, or `embedded`."""
     path = resolve_model(path)
@@ -74,29 +61,61 @@ def train_grpo(
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Load the environments and the initial policy, train, and write `trained.pt` plus an HF directory."""
+    """Load the environments and the initial policy, train on train.jsonl minus its validation slice, and
+    write `trained.pt` plus an HF directory, metrics.csv, validation.csv and curves.png (and, with
+    `test_at_end`, the one evaluation on the test split in test/)."""
     import pandas as pd
 
     envs_dir, out_dir = Path(envs_dir), Path(out_dir)
-    train_records = training_records(envs_dir)
+    records = training_records(envs_dir)
     test_path = envs_dir / "test.jsonl"
-    eval_records = balanced_slice(read_envs(test_path), config.eval_envs) if test_path.exists() else []
+    if config.test_at_end and not test_path.is_file():
+        raise ConfigError(f"config key 'test_at_end' needs a test split, and {test_path} does not exist")
     seed_torch(config.seed, config.threads)
     model, tokenizer = load_policy(resolve_policy_path(init))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     with Sandbox(workers=config.sandbox_workers) as sandbox:
-        trainer = GRPOTrainer(
-            config, model, tokenizer, train_records, out_dir, sandbox, eval_records, log=log
-        )
+        validation = None
+        if config.eval_every:
+            validation = Validation.build(
+                tokenizer, records, sandbox, config.val_meter_envs, config.val_solve_envs,
+                config.max_new_tokens, max_turns=config.max_turns, batch_size=config.generation_batch_size,
+            )  # fmt: skip
+        held_out = {id(r) for r in validation.records} if validation else set()
+        train_records = [r for r in records if id(r) not in held_out]
+        log(f"{len(train_records)} training environments; {len(held_out)} held out for validation")
+        trainer = GRPOTrainer(config, model, tokenizer, train_records, out_dir, sandbox, validation, log=log)
         history = trainer.train(resume=resume, on_iteration=on_iteration)
-    save_trained_policy(model, tokenizer, out_dir, "trained.pt")
-    if history or (out_dir / "metrics.jsonl").exists():
-        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
-        pd.DataFrame(rows).to_csv(out_dir / "metrics.csv", index=False)
+        save_trained_policy(model, tokenizer, out_dir, "trained.pt")
+        test = None
+        if config.test_at_end and not trainer.stop_requested:
+            test = evaluate_test_split(model, tokenizer, test_path, sandbox, config, out_dir / "test")
+            log(f"test split (evaluated once): Solve-F1 {test:.3f}; tables in {out_dir / 'test'}")
+    for name in ("metrics", "validation"):
+        rows = read_rows(out_dir / f"{name}.jsonl")
+        if rows:
+            pd.DataFrame(rows).to_csv(out_dir / f"{name}.csv", index=False)
     return {
         "out": str(out_dir),
         "iterations": trainer.iteration,
         "history": history,
         "interrupted": trainer.stop_requested,
+        "training_envs": len(train_records),
+        "validation_envs": [r.env_id for r in validation.records] if validation else [],
+        "test_solve_f1": test,
     }
+
+
+def evaluate_test_split(model, tokenizer, test_path: Path, sandbox, config: GRPOConfig, out: Path) -> float:
+    """The one evaluation of the test split (greedy, the run's turn and token budgets, general suite and
+    role table included), written as `evaluate --out` writes it; returns the overall Solve-F1."""
+    from toolrl_analysis.evaluate import evaluate
+
+    model.eval()
+    report = evaluate(
+        model, tokenizer, read_envs(test_path), sandbox=sandbox, max_turns=config.max_turns,
+        max_new_tokens=config.max_new_tokens, batch_size=config.generation_batch_size,
+    )  # fmt: skip
+    report.save(out)
+    return report.metric("solve_f1")

@@ -9,6 +9,10 @@ One iteration:
 With `credit = "episode"` steps 2-3 are replaced by G whole episodes per environment scored by their
 episode Solve-F1; every assistant turn of an episode shares its advantage and tool output never enters
 the loss (it lives in the prompts).
+
+Every `eval_every` iterations (and before the first) a validation slice of the training environments, held
+out of RL, gives greedy Solve-F1 and the role-NLL table; the test split is evaluated at most once, at the
+end (`test_at_end`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from toolrl_analysis.training.advantages import (
     policy_objective,
     reinforce_pp_advantages,
 )
+from toolrl_analysis.training.base_validation import Validation
+from toolrl_analysis.training.rl_curves import plot_rl_curves, validation_lines, zero_spread_warning
 from toolrl_analysis.training.schedules import cosine_under_warmup, linear_warmup
 from toolrl_analysis.training.sequences import check_logits_path, completion_logprobs, pack_sequences
 from toolrl_analysis.training.step_samples import Sample, score_completions, step_states
@@ -127,10 +133,16 @@ class GRPOConfig:
     mini_batch_size: int = 64
     # Sequences sampled together in one batched generate() call.
     generation_batch_size: int = 64
-    # Iterations between held-out Solve-F1 evaluations; 0 never evaluates.
+    # Iterations between validations (and one before the first iteration); 0 never validates. A validation
+    # is greedy Solve-F1 (max_turns, max_new_tokens) on `val_solve_envs` environments per scenario and the
+    # role-NLL table of the context-reading meter on `val_meter_envs` per scenario, both from the end of
+    # train.jsonl (the slice train-base validates on) and both held out of RL training. Never the test split.
     eval_every: int = 10
-    # Held-out environments in that evaluation (a scenario-balanced slice of test.jsonl).
-    eval_envs: int = 64
+    val_solve_envs: int = 16
+    val_meter_envs: int = 25
+    # After the last iteration, evaluate the trained policy once on the whole test split (out/test/, as
+    # `evaluate` writes it; greedy, max_turns and max_new_tokens as above). Choose on validation, report test once.
+    test_at_end: bool = False
     # Iterations between checkpoints (and one at the last iteration); 0 saves only on Ctrl-C.
     save_every: int = 10
     # Newest checkpoints kept in out/checkpoints.
@@ -179,6 +191,8 @@ class GRPOConfig:
             "kl_coef",
             "entropy_coef",
             "eval_every",
+            "val_solve_envs",
+            "val_meter_envs",
             "save_every",
             "threads",
         ):
@@ -205,11 +219,13 @@ class GRPOTrainer:
         train_records: Sequence[EnvRecord],
         out_dir: str | Path,
         sandbox,
-        eval_records: Sequence[EnvRecord] = (),
+        validation: Validation | None = None,
         log: Callable[[str], None] = print,
     ):
+        """`validation` is measured every `eval_every` iterations; its environments must not be among
+        `train_records` (`train_grpo` takes them out)."""
         self.config, self.model, self.tokenizer = config, model, tokenizer
-        self.train_records, self.eval_records = list(train_records), list(eval_records)
+        self.train_records, self.validation = list(train_records), validation
         self.out_dir, self.sandbox, self.log = Path(out_dir), sandbox, log
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.kl_coef > 0 else None
         self.optimizer = torch.optim.AdamW(
@@ -217,6 +233,7 @@ class GRPOTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.iteration = 0
+        self.plotted_at = -1  # the iteration curves.png was last drawn at
         self.stop_requested = False
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = pad_token_id_for(tokenizer)
@@ -465,25 +482,23 @@ class GRPOTrainer:
         return True
 
     # -- the loop ----------------------------------------------------------------------------------
-    def evaluate_slice(self) -> float:
-        from toolrl_analysis.evaluate import (
-            episode_table,
-            evaluate_tool_use,
-            summarize_tool_use,
-            summary_value,
-        )
+    def validate(self) -> dict[str, Any]:
+        """Greedy Solve-F1 and the role-NLL table on the validation slice; logged and kept in
+        validation.jsonl."""
+        self.model.eval()
+        row = self.validation.run(self.model, self.tokenizer, self.sandbox, self.iteration)
+        row = {"iteration": row.pop("step"), **row}
+        with (self.out_dir / "validation.jsonl").open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        for line in validation_lines(row):
+            self.log(line)
+        return row
 
-        episodes = evaluate_tool_use(
-            self.model,
-            self.tokenizer,
-            self.eval_records,
-            sandbox=self.sandbox,
-            max_turns=self.config.max_turns,
-            max_new_tokens=self.config.max_new_tokens,
-            max_prompt_tokens=self.config.max_prompt_tokens,
-            batch_size=self.config.generation_batch_size,
-        )
-        return summary_value(summarize_tool_use(episode_table(episodes)), "solve_f1")
+    def plot(self) -> Path | None:
+        """curves.png from the run's metrics.jsonl and validation.jsonl (the newest row per iteration)."""
+        rows, validation = (read_rows(self.out_dir / name) for name in ("metrics.jsonl", "validation.jsonl"))
+        self.plotted_at = self.iteration
+        return plot_rl_curves(rows, validation, self.out_dir / "curves.png")
 
     def train(
         self, resume: bool = False, on_iteration: Callable[[dict[str, Any]], None] | None = None
@@ -491,10 +506,13 @@ class GRPOTrainer:
         c = self.config
         if resume and self.load_latest_checkpoint():
             self.log(f"resumed from iteration {self.iteration}")
-        metrics_path = self.out_dir / "metrics.jsonl"
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and metrics_path.exists():
-            metrics_path.unlink()
+        if not resume:
+            for name in ("metrics.jsonl", "validation.jsonl"):
+                (self.out_dir / name).unlink(missing_ok=True)
+        validating = self.validation is not None and c.eval_every > 0
+        if validating and self.iteration == 0:
+            self.validate()  # where every validation curve starts
         history = []
         with _sigint_sets_flag(self):
             while self.iteration < c.iterations and not self.stop_requested:
@@ -520,19 +538,39 @@ class GRPOTrainer:
                     "samples_per_second": len(samples) / (updated - started),
                     "tokens_per_second": update_stats["tokens"] / (updated - started),
                 }
-                if self.eval_records and c.eval_every and self.iteration % c.eval_every == 0:
-                    row["heldout_solve_f1"] = self.evaluate_slice()
+                if (warning := zero_spread_warning(row)) is not None:
+                    self.log(warning)
+                validated = validating and self.iteration % c.eval_every == 0
+                if validated:
+                    row.update({k: v for k, v in self.validate().items() if k != "iteration"})
+                with (self.out_dir / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                if validated:  # the curves so far, for a run one watches
+                    self.plot()
                 if c.save_every and (self.iteration % c.save_every == 0 or self.iteration == c.iterations):
                     self.save_checkpoint()
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
                 history.append(row)
                 if on_iteration is not None:
                     on_iteration(row)
             if self.stop_requested:
                 self.save_checkpoint()
                 self.log(f"interrupted: saved iteration {self.iteration} to {self.checkpoint_dir}")
+        if self.plotted_at != self.iteration:
+            self.plot()
         return history
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of `path` (none if it is missing), keeping the newest row of each iteration: a run
+    resumed from an older checkpoint repeats the iterations after it."""
+    if not path.exists():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["iteration"]] = row
+    return [rows[key] for key in sorted(rows)]
 
 
 @contextlib.contextmanager

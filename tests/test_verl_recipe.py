@@ -491,3 +491,40 @@ def test_prepare_script_reads_an_envset_jsonl_with_history(exported, tokenizer_d
         prepare.main([str(tmp_path / "nope.parquet"), "--tokenizer", str(tokenizer_dir), "--out", str(out)])
         == 2
     )
+
+
+@pytest.mark.parametrize(
+    ("extra_info", "message"),
+    [
+        ("not an object", "extra_info must be an object"),
+        (
+            {"index": 3, "env_id": "e3", "codes": "{not json", "unsolved_set": "{}"},
+            "field 'codes' is not valid JSON",
+        ),
+        ({"index": 3, "env_id": "e3", "codes": "{}"}, "extra_info lacks unsolved_set"),
+        ({"index": 3, "env_id": "e3", "codes": "[1]", "unsolved_set": "{}"}, "field 'codes' must be a dict"),
+    ],
+)
+def test_an_unreadable_extra_info_is_an_error_naming_the_row(extra_info, message):
+    with pytest.raises(UserError, match=message) as caught:
+        ftrl_io.compute_score("self/single_hop", "<tool_call>{}</tool_call>", "x", extra_info)
+    text = str(caught.value)
+    assert "\n" not in text and (isinstance(extra_info, str) or text.startswith("verl row 3 (e3): "))
+
+
+def test_prepare_exits_2_on_a_row_with_a_bad_extra_info(exported, tokenizer_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [dict(row) for row in exported["rows"]]
+    rows[2] = {**rows[2], "extra_info": {**rows[2]["extra_info"], "unsolved_set": "{'single': quotes}"}}
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), bad)
+    prepare = _prepare_module()
+    code = prepare.main([str(bad), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out.parquet")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(
+        f"error: verl row 2 ({rows[2]['extra_info']['env_id']}): extra_info field 'unsolved_set'"
+    )
+    assert not (tmp_path / "out.parquet").exists()

@@ -181,15 +181,40 @@ def _sandbox():
     return _SANDBOX
 
 
-def _decoded(value: Any, default: Any) -> Any:
-    if value is None:
-        return default
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return default
-    return value
+def verl_environment(
+    data_source: str, ground_truth: str, extra_info: Any, row: int | None = None
+) -> EnvRecord:
+    """The environment state one verl row describes (`extra_info` as `export_verl` writes it: tools, codes,
+    unsolved_set as JSON strings or objects, solve_rate, split). A row whose `extra_info` cannot be read
+    raises EnvFormatError naming the row (`row`, else `extra_info.index`, and the environment): read as `{}`,
+    as it once was, it would score every turn <= 0, silently."""
+    info = extra_info if isinstance(extra_info, dict) else {}
+    name = (
+        f"verl row {row if row is not None else info.get('index', '?')} ({info.get('env_id') or data_source})"
+    )
+    if not isinstance(extra_info, dict):
+        kind = type(extra_info).__name__
+        raise EnvFormatError(
+            f"{name}: extra_info must be an object holding codes and unsolved_set, got {kind}"
+        )
+    missing = [key for key in ("codes", "unsolved_set") if info.get(key) is None]
+    if missing:
+        raise EnvFormatError(f"{name}: extra_info lacks {' and '.join(missing)}")
+    try:
+        return EnvRecord.from_dict(
+            {
+                "messages": [],
+                "tools": info.get("tools") or [],
+                "codes": info["codes"],
+                "unsolved_set": info["unsolved_set"],
+                "answer": str(ground_truth),
+                "data_source": str(data_source),
+                "split": str(info.get("split", "train")),
+                "solve_rate": info.get("solve_rate", 0.0),
+            }
+        )
+    except EnvFormatError as exc:
+        raise EnvFormatError(f"{name}: extra_info {exc}") from None
 
 
 def score_breakdown(
@@ -202,17 +227,7 @@ def score_breakdown(
     """The step reward of one assistant turn, with its breakdown (see `compute_score`)."""
     from toolrl_analysis.envs.reward import score_step
 
-    info = extra_info or {}
-    record = EnvRecord(
-        messages=[],
-        tools=_decoded(info.get("tools"), []),
-        codes=_decoded(info.get("codes"), {}),
-        unsolved_set=_decoded(info.get("unsolved_set"), {}),
-        answer=str(ground_truth),
-        data_source=str(data_source),
-        split=str(info.get("split", "train")),
-        solve_rate=float(info.get("solve_rate", 0.0) or 0.0),
-    )
+    record = verl_environment(data_source, ground_truth, extra_info)
     step, _ = score_step(solution_str, record, _sandbox(), variant=variant)
     return step.as_dict()
 

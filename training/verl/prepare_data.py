@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from toolrl_analysis.envs.ftrl_io import verl_environment
 from toolrl_analysis.errors import UserError
 
 # render(messages, tools) -> the prompt text, as apply_chat_template(..., add_generation_prompt=True) gives it
@@ -136,12 +137,12 @@ def prepare_rows(
     """Rewrite each row's prompt in place; returns counts for the summary line."""
     counts = {"rows": len(rows), "prepared": 0, "already": 0, "empty_assistant_turns": 0}
     for index, (row, conversation) in enumerate(zip(rows, conversations, strict=True)):
-        info = row.get("extra_info") or {}
+        # Every row's environment must be readable by the reward function; a bad one stops here, named.
+        info = row.get("extra_info")
+        tools = verl_environment(row.get("data_source", ""), "", info, row=index).tools
         if info.get(PREPARED_FLAG):
             counts["already"] += 1
             continue
-        tools = info.get("tools")
-        tools = json.loads(tools) if isinstance(tools, str) else tools
         try:
             row["prompt"] = prompt_with_tools(conversation, tools, render)
         except UserError as exc:

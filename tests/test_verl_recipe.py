@@ -48,6 +48,7 @@ VERL_REFERENCE_KEYS = frozenset(
         "algorithm.gamma",
         "algorithm.lam",
         "algorithm.norm_adv_by_std_in_grpo",
+        "algorithm.kl_ctrl.kl_coef",
         "data.train_files",
         "data.val_files",
         "data.prompt_key",
@@ -73,10 +74,14 @@ VERL_REFERENCE_KEYS = frozenset(
         "actor_rollout_ref.actor.kl_loss_type",
         "actor_rollout_ref.actor.entropy_coeff",
         "actor_rollout_ref.actor.loss_agg_mode",
+        "actor_rollout_ref.actor.clip_ratio_low",
+        "actor_rollout_ref.actor.clip_ratio_high",
+        "actor_rollout_ref.actor.ppo_epochs",
         "actor_rollout_ref.actor.fsdp_config.param_offload",
         "actor_rollout_ref.actor.fsdp_config.optimizer_offload",
         "actor_rollout_ref.rollout.name",
         "actor_rollout_ref.rollout.mode",
+        "actor_rollout_ref.rollout.temperature",
         "actor_rollout_ref.rollout.tensor_model_parallel_size",
         "actor_rollout_ref.rollout.gpu_memory_utilization",
         "actor_rollout_ref.rollout.n",
@@ -116,6 +121,14 @@ PAPER_VALUES = {
     "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": 32768,
     "actor_rollout_ref.rollout.gpu_memory_utilization": 0.7,
     "actor_rollout_ref.rollout.max_num_batched_tokens": 32768,
+    # Not passed by FTRL's scripts: the defaults of the verl FTRL ships (Code/verl/trainer/config/ppo_trainer.yaml),
+    # which today's verl changed (loss_agg_mode token-mean, rollout temperature 1.0), so the launcher sets them.
+    "actor_rollout_ref.actor.loss_agg_mode": "seq-mean-token-mean",
+    "actor_rollout_ref.actor.clip_ratio_low": 0.2,
+    "actor_rollout_ref.actor.clip_ratio_high": 0.2,
+    "actor_rollout_ref.actor.ppo_epochs": 1,
+    "actor_rollout_ref.rollout.temperature": 0.7,
+    "algorithm.norm_adv_by_std_in_grpo": True,
 }
 VERL_REWARD_PARAMETERS = ["data_source", "solution_str", "ground_truth", "extra_info"]
 
@@ -458,7 +471,21 @@ def test_reinforce_launcher_and_variant_and_errors(exported):
     assert keys["data.train_files"] == str(exported["parquet"])
     for key, expected in PAPER_VALUES.items():
         assert _value(keys[key]) == expected, key
-    for bad in ({"ALGO": "ppo"}, {"REWARD_VARIANT": "recall"}, {"TRAIN_FILE": "missing.parquet"}):
+    # The other KL placement (train-grpo's kl_in_reward): k1 in the reward, no KL loss.
+    paid = _dry_run(REINFORCE_LAUNCHER, {**env, "KL_IN_REWARD": "1"}, cwd=exported["base"])
+    assert paid["algorithm.use_kl_in_reward"] == "True" and paid["algorithm.kl_penalty"] == "kl"
+    assert (
+        paid["actor_rollout_ref.actor.use_kl_loss"] == "False"
+        and paid["algorithm.kl_ctrl.kl_coef"] == "0.001"
+    )
+    assert set(paid.pop("__order__")) <= VERL_REFERENCE_KEYS
+    for bad in (
+        {"ALGO": "ppo"},
+        {"REWARD_VARIANT": "recall"},
+        {"TRAIN_FILE": "missing.parquet"},
+        {"KL_IN_REWARD": "yes"},
+        {"ALGO": "grpo", "KL_IN_REWARD": "1"},
+    ):
         result = subprocess.run(
             ["bash", str(LAUNCHER)],
             env={**os.environ, "DRY_RUN": "1", **env, **bad},

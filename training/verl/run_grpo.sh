@@ -6,7 +6,11 @@
 # TRAIN_FILE / VAL_FILE: `toolrl-analyze envs export DIR --format verl --out FILE.parquet` output (or an EnvSet
 # directory / JSONL). Unless PREPARE=0, each is first passed through prepare_data.py, which writes the rows'
 # tool schemas into their prompts with MODEL's chat template (verl's dataset does not pass tools=).
-# Hyper-parameters are the paper's (FTRL's Scripts/FTRL-GRPO-Qwen25.sh and FTRL-Reinforce++-Qwen25.sh).
+# Hyper-parameters are the paper's (FTRL's Scripts/FTRL-GRPO-Qwen25.sh and FTRL-Reinforce++-Qwen25.sh). Those
+# scripts leave loss_agg_mode, the rollout temperature and the clip ratios to the defaults of the verl FTRL ships
+# (Code/verl/trainer/config/ppo_trainer.yaml: seq-mean-token-mean, 0.7, 0.2/0.2); today's verl defaults differ
+# (token-mean, temperature 1.0), so they are set here explicitly. verl divides the logits by the rollout
+# temperature for the old, new and reference log-probs alike, as toolrl-analyze train-grpo does.
 # Arguments after the script are extra Hydra overrides; they come last, so they win.
 #
 # Environment (defaults in brackets):
@@ -15,6 +19,9 @@
 #   TRAIN_FILE (required)  VAL_FILE [TRAIN_FILE; validation is off unless trainer.test_freq is set]
 #   N_GPUS [8]  NNODES [1]  TP_SIZE [2] (vLLM tensor parallel size)
 #   REWARD_VARIANT [f1]    f1 | precision | rate | pr  (picks compute_score_<variant> in reward.py)
+#   KL_IN_REWARD [0]       0: k3 KL (low_var_kl) in the actor loss, FTRL's choice for both algorithms; 1 (Reinforce++
+#                          only): k1 KL paid per token in the reward (use_kl_in_reward, kl_penalty=kl), no KL loss.
+#                          train-grpo's kl_in_reward is the same switch.
 #   ROLLOUT_MODE [sync]    FTRL's value; verl releases without a sync rollout need async
 #   OUT_DIR [checkpoints/toolrl/$EXPERIMENT]  PROJECT [toolrl-verl]  EXPERIMENT [ftrl-$ALGO]
 #   LOGGER [[console]]     e.g. "['console','wandb']"
@@ -31,6 +38,7 @@ N_GPUS="${N_GPUS:-8}"
 NNODES="${NNODES:-1}"
 TP_SIZE="${TP_SIZE:-2}"
 REWARD_VARIANT="${REWARD_VARIANT:-f1}"
+KL_IN_REWARD="${KL_IN_REWARD:-0}"
 ROLLOUT_MODE="${ROLLOUT_MODE:-sync}"
 PROJECT="${PROJECT:-toolrl-verl}"
 EXPERIMENT="${EXPERIMENT:-ftrl-${ALGO//+/p}}"
@@ -44,6 +52,15 @@ case "$ALGO" in
   grpo) ADV_ESTIMATOR=grpo ;;
   reinforce_plus_plus | reinforce++ | reinforce_pp) ADV_ESTIMATOR=reinforce_plus_plus ;;
   *) echo "error: ALGO must be grpo or reinforce_plus_plus, got '$ALGO'" >&2; exit 2 ;;
+esac
+case "$KL_IN_REWARD" in
+  0) KL_SETTINGS=(algorithm.use_kl_in_reward=False actor_rollout_ref.actor.use_kl_loss=True
+       actor_rollout_ref.actor.kl_loss_coef=0.001 actor_rollout_ref.actor.kl_loss_type=low_var_kl) ;;
+  1) [[ "$ADV_ESTIMATOR" == reinforce_plus_plus ]] || {
+       echo "error: KL_IN_REWARD=1 is for Reinforce++ (GRPO takes its KL as a loss)" >&2; exit 2; }
+     KL_SETTINGS=(algorithm.use_kl_in_reward=True algorithm.kl_penalty=kl algorithm.kl_ctrl.kl_coef=0.001
+       actor_rollout_ref.actor.use_kl_loss=False) ;;
+  *) echo "error: KL_IN_REWARD must be 0 or 1, got '$KL_IN_REWARD'" >&2; exit 2 ;;
 esac
 case "$REWARD_VARIANT" in
   f1 | precision | rate | pr) ;;
@@ -78,7 +95,8 @@ export VLLM_USE_V1=1
 command=(
   "$PYTHON" -m verl.trainer.main_ppo
   algorithm.adv_estimator="$ADV_ESTIMATOR"
-  algorithm.use_kl_in_reward=False
+  algorithm.norm_adv_by_std_in_grpo=True
+  "${KL_SETTINGS[@]}"
   data.train_files="$TRAIN_FILE"
   data.val_files="$VAL_FILE"
   data.prompt_key=prompt
@@ -94,14 +112,16 @@ command=(
   actor_rollout_ref.actor.ppo_mini_batch_size=32
   actor_rollout_ref.actor.use_dynamic_bsz=True
   actor_rollout_ref.actor.ppo_max_token_len_per_gpu=32768
-  actor_rollout_ref.actor.use_kl_loss=True
-  actor_rollout_ref.actor.kl_loss_coef=0.001
-  actor_rollout_ref.actor.kl_loss_type=low_var_kl
   actor_rollout_ref.actor.entropy_coeff=0.001
+  actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean
+  actor_rollout_ref.actor.clip_ratio_low=0.2
+  actor_rollout_ref.actor.clip_ratio_high=0.2
+  actor_rollout_ref.actor.ppo_epochs=1
   actor_rollout_ref.actor.fsdp_config.param_offload=False
   actor_rollout_ref.actor.fsdp_config.optimizer_offload=False
   actor_rollout_ref.rollout.name=vllm
   actor_rollout_ref.rollout.mode="$ROLLOUT_MODE"
+  actor_rollout_ref.rollout.temperature=0.7
   actor_rollout_ref.rollout.tensor_model_parallel_size="$TP_SIZE"
   actor_rollout_ref.rollout.gpu_memory_utilization=0.7
   actor_rollout_ref.rollout.n=16

@@ -166,11 +166,11 @@ def test_episode_group_advantages_count_each_episode_once():
 def test_train_grpo_validates_on_held_out_training_envs_and_tests_once(setup, tmp_path):
     root, build = setup
     lines = []
-    config = small_config(iterations=1, eval_every=1, val_solve_envs=1, val_meter_envs=1, test_at_end=True)
+    config = small_config(iterations=1, eval_every=5, val_solve_envs=1, val_meter_envs=1, test_at_end=True)
     summary = train_grpo(root / "envs", root / "init.pt", tmp_path, config, log=lines.append)
     assert summary["iterations"] == 1
-    # Validation: before the first iteration and after each, on the end of train.jsonl (never test.jsonl),
-    # which RL never trains on.
+    # Validation: before the first iteration and after the last (eval_every is not reached here), on the end
+    # of train.jsonl (never test.jsonl), which RL never trains on.
     validation = pd.read_csv(tmp_path / "validation.csv")
     assert validation["iteration"].tolist() == [0, 1]
     assert {"val_f1_overall", "nll_format", "gap_format", "top1_format"} <= set(validation.columns)

@@ -10,7 +10,7 @@ With `credit = "episode"` steps 2-3 are replaced by G whole episodes per environ
 episode Solve-F1; every assistant turn of an episode shares its advantage and tool output never enters
 the loss (it lives in the prompts).
 
-Every `eval_every` iterations (and before the first) a validation slice of the training environments, held
+Every `eval_every` iterations (and before the first, and after the last) a validation slice of the training environments, held
 out of RL, gives greedy Solve-F1 and the role-NLL table; the test split is evaluated at most once, at the
 end (`test_at_end`).
 """
@@ -133,7 +133,8 @@ class GRPOConfig:
     mini_batch_size: int = 64
     # Sequences sampled together in one batched generate() call.
     generation_batch_size: int = 64
-    # Iterations between validations (and one before the first iteration); 0 never validates. A validation
+    # Iterations between validations (and one before the first iteration and one after the last, so the
+    # trained policy is always measured); 0 never validates. A validation
     # is greedy Solve-F1 (max_turns, max_new_tokens) on `val_solve_envs` environments per scenario and the
     # role-NLL table of the context-reading meter on `val_meter_envs` per scenario, both from the end of
     # train.jsonl (the slice train-base validates on) and both held out of RL training. Never the test split.
@@ -540,7 +541,9 @@ class GRPOTrainer:
                 }
                 if (warning := zero_spread_warning(row)) is not None:
                     self.log(warning)
-                validated = validating and self.iteration % c.eval_every == 0
+                validated = validating and (
+                    self.iteration % c.eval_every == 0 or self.iteration == c.iterations
+                )
                 if validated:
                     row.update({k: v for k, v in self.validate().items() if k != "iteration"})
                 with (self.out_dir / "metrics.jsonl").open("a") as handle:

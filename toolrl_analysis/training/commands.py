@@ -4,7 +4,7 @@ both take the same way: reading the environments, seeding torch, writing the tra
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from toolrl_analysis.envs.sandbox import Sandbox
-from toolrl_analysis.envs.schema import EnvRecord, read_envs
+from toolrl_analysis.envs.schema import EnvRecord, balanced_slice, read_envs
 from toolrl_analysis.errors import EnvFormatError
 from toolrl_analysis.models.checkpoint import load_policy, save_hf_dir, save_policy
 from toolrl_analysis.models.embedded import resolve_model
@@ -39,20 +39,6 @@ def save_trained_policy(model, tokenizer, out_dir: Path, filename: str) -> None:
     """The policy twice: our self-contained .pt (`out_dir/filename`) and an HF directory (`out_dir/hf`)."""
     save_policy(model, tokenizer, out_dir / filename)
     save_hf_dir(model, tokenizer, out_dir / "hf")
-
-
-def balanced_slice(records: Sequence[EnvRecord], count: int) -> list[EnvRecord]:
-    """The first `count` records taken round-robin over scenarios: a fixed, balanced held-out slice."""
-    by_scenario: dict[str, list[EnvRecord]] = {}
-    for record in records:
-        by_scenario.setdefault(record.scenario, []).append(record)
-    out: list[EnvRecord] = []
-    queues = [list(v) for _, v in sorted(by_scenario.items())]
-    while len(out) < count and any(queues):
-        for queue in queues:
-            if queue and len(out) < count:
-                out.append(queue.pop(0))
-    return out
 
 
 def resolve_policy_path(path: str | Path) -> Path:

@@ -1,0 +1,250 @@
+"""`--save`: stream a hybrid checkpoint to disk one row chunk at a time, never loading either model whole.
+
+The output is the starting model's layout (its tensors, order, dtypes and ties) with the spliced values:
+an HF directory (config, tokenizer and other files beside the safetensors, sharded above `shard_bytes`), a
+single `.safetensors` file, or our `.pt` (a policy file when a config and tokenizer are at hand, else a
+plain state dict). Chunks the splice leaves at the starting model's values are copied from that side alone;
+only chunks it changes read both sides. A head the starting model ties to its embedding stays tied.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolrl_analysis.analysis.ablate.splice import Splice, splice_rows
+from toolrl_analysis.analysis.ablate.writers import (
+    OutputTensor,
+    SafetensorsWriter,
+    TorchFileWriter,
+    check_destination,
+    placeholder,
+    shard_layout,
+    shard_names,
+    staged,
+    write_shard_index,
+)
+from toolrl_analysis.analysis.checkpoints import Checkpoint
+from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan
+from toolrl_analysis.analysis.diff.stream import chunk_ranges
+from toolrl_analysis.io import torch_load_safely
+from toolrl_analysis.models.checkpoint import POLICY_FORMAT
+
+DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's default max_shard_size
+COPY_CHUNK_ELEMENTS = 1 << 22  # 4M entries: 8-16 MiB reads, few system calls, far below the memory budget
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class _Entry:
+    """One tensor of the output: where its values come from."""
+
+    out: OutputTensor
+    item: MatchedTensor | None  # None: copied from the starting model (not shared, or not spliced)
+    tied_to: str | None = None  # the output tensor it shares storage with (kept tied in a .pt)
+
+
+def output_format(path: Path) -> str:
+    if path.suffix == ".pt":
+        return "pt"
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    return "hf-directory"
+
+
+def save_spliced(
+    base: Checkpoint,
+    trained: Checkpoint,
+    plan: PairPlan,
+    splice: Splice,
+    path: str | Path,
+    *,
+    force: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    chunk_elements: int = COPY_CHUNK_ELEMENTS,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write the hybrid `splice` of the planned pair to `path` (see the module docstring); returns a summary."""
+    path = Path(path)
+    check_destination(path, force, [base.path, trained.path])
+    start_side = trained if splice.start == "trained" else base
+    kind = output_format(path)
+    entries = _layout(start_side, plan, splice, drop_ties=kind != "pt")
+    started = time.perf_counter()
+    counts = {"parameters": 0}
+    stream = _chunks(base, trained, start_side, entries, splice, chunk_elements, counts, progress)
+    with staged(path, force, directory=kind == "hf-directory") as temporary:
+        if kind == "pt":
+            _write_pt(temporary, entries, stream, _metadata_source(start_side, base, trained))
+        elif kind == "safetensors":
+            writer = SafetensorsWriter(temporary, [e.out for e in entries])
+            for entry, _, rows in stream:
+                writer.write(entry.out.name, rows)
+            writer.close()
+        else:
+            _write_hf_directory(
+                temporary, entries, stream, shard_bytes, _metadata_source(start_side, base, trained)
+            )
+    written = sum(e.out.nbytes for e in entries if e.tied_to is None)
+    seconds = time.perf_counter() - started
+    return {
+        "path": str(path),
+        "format": kind,
+        "splice": splice.label,
+        "start": splice.start,
+        "tensors": len(entries),
+        "bytes": written,
+        "parameters_changed": counts["parameters"],
+        "seconds": seconds,
+        "gb_per_s": written / seconds / 1e9 if seconds > 0 else float("nan"),
+    }
+
+
+def _layout(start_side: Checkpoint, plan: PairPlan, splice: Splice, drop_ties: bool) -> list[_Entry]:
+    """The starting model's tensors in its storage order, each with its source."""
+    own_name = "trained_name" if splice.start == "trained" else "base_name"
+    items = {item.name: item for item in plan.matched if getattr(item, own_name) == item.name}
+    entries = []
+    for name in start_side.names():
+        info = start_side.info(name)
+        tied_to = start_side.tied.get(name)
+        if tied_to is not None and drop_ties:
+            continue  # safetensors refuses shared storage; loaders re-tie the head from the config
+        entries.append(_Entry(OutputTensor(name, info.dtype, info.shape), items.get(name), tied_to))
+    return entries
+
+
+def _chunks(
+    base: Checkpoint,
+    trained: Checkpoint,
+    start_side: Checkpoint,
+    entries: list[_Entry],
+    splice: Splice,
+    chunk_elements: int,
+    counts: dict[str, int],
+    progress: Callable[[str, int, int], None] | None,
+) -> Iterator[tuple[_Entry, int, torch.Tensor]]:
+    """(entry, first row, rows) of every stored tensor in output order, rows computed or copied."""
+    buffer = torch.empty(0, dtype=torch.uint8)
+    stored = [e for e in entries if e.tied_to is None]
+    for done, entry in enumerate(stored, 1):
+        info = start_side.info(entry.out.name)
+        for start, stop in chunk_ranges(info, chunk_elements):
+            item = entry.item
+            coefficients = (
+                splice.coefficients(item, start, stop)
+                if item is not None and splice.touches(item.name)
+                else splice.start_coefficient
+            )
+            if not isinstance(coefficients, torch.Tensor) and coefficients == splice.start_coefficient:
+                nbytes = (stop - start) * max(1, info.nbytes // max(1, info.rows))
+                if buffer.numel() < nbytes:
+                    buffer = torch.empty(nbytes, dtype=torch.uint8)
+                yield entry, start, start_side.read(entry.out.name, start, stop, out=buffer)
+                continue
+            if isinstance(coefficients, torch.Tensor):
+                counts["parameters"] += int((coefficients != splice.start_coefficient).sum())
+            else:
+                counts["parameters"] += (stop - start) * max(1, info.numel // max(1, info.rows))
+            # A chunk wholly from one side reads that side only.
+            mixed = isinstance(coefficients, torch.Tensor)
+            base_rows = base.read(item.base_name, start, stop) if mixed or coefficients != 1.0 else None
+            trained_rows = (
+                trained.read(item.trained_name, start, stop) if mixed or coefficients != 0.0 else None
+            )
+            yield entry, start, splice_rows(coefficients, base_rows, trained_rows, entry.out.dtype)
+        if progress is not None:
+            progress(entry.out.name, done, len(stored))
+
+
+def _write_pt(path: Path, entries: list[_Entry], stream, source: Checkpoint) -> None:
+    placeholders: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        if entry.tied_to is None:
+            placeholders[entry.out.name] = placeholder(entry.out)
+    state = {e.out.name: placeholders[e.tied_to or e.out.name] for e in entries}
+    config, files = source.config, _tokenizer_and_other_files(source)
+    binaries = [v for v in files.values() if isinstance(v, torch.Tensor)]
+    if config is not None and files:
+        document: dict[str, Any] = {
+            "format": POLICY_FORMAT,
+            "state_dict": state,
+            "config": config,
+            "tokenizer": files,
+        }
+    else:
+        document = state
+    writer = TorchFileWriter(path, document)
+    try:
+        for tensor in binaries:  # real data in the document: torch reserved their bytes too
+            writer.write(tensor, 0, tensor)
+        for entry, start, rows in stream:
+            writer.write(placeholders[entry.out.name], start, rows)
+    finally:
+        writer.close()
+
+
+def _write_hf_directory(
+    directory: Path, entries: list[_Entry], stream, shard_bytes: int, source: Checkpoint
+) -> None:
+    shards = shard_layout([e.out for e in entries], shard_bytes)
+    names = shard_names(len(shards))
+    shard_of = {t.name: i for i, shard in enumerate(shards) for t in shard}
+    writers: list[SafetensorsWriter | None] = [None] * len(shards)
+    for entry, _, rows in stream:
+        index = shard_of[entry.out.name]
+        if writers[index] is None:
+            writers[index] = SafetensorsWriter(directory / names[index], shards[index])
+        writers[index].write(entry.out.name, rows)
+    for index, writer in enumerate(writers):
+        (writer or SafetensorsWriter(directory / names[index], shards[index])).close()
+    if len(shards) > 1:
+        write_shard_index(directory, shards)
+    if source.config is not None:
+        (directory / "config.json").write_text(json.dumps(source.config, indent=2, default=str) + "\n")
+    for name, content in _tokenizer_and_other_files(source).items():
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            target.write_text(content, encoding="utf-8")
+        else:
+            target.write_bytes(content.numpy().tobytes())
+
+
+def _metadata_source(start_side: Checkpoint, base: Checkpoint, trained: Checkpoint) -> Checkpoint:
+    """Where the config and tokenizer come from: the starting model, or the other side if it has none."""
+    if start_side.config is not None:
+        return start_side
+    other = base if start_side is trained else trained
+    return other if other.config is not None else start_side
+
+
+def _tokenizer_and_other_files(source: Checkpoint) -> dict[str, str | torch.Tensor]:
+    """Non-weight files that travel with a model: the tokenizer's and, for a directory, the rest beside the
+    weights (generation config, chat template). Text as str, binary as a uint8 tensor (the policy format)."""
+    files: dict[str, str | torch.Tensor] = {}
+    if source.path.is_dir():
+        for file in sorted(source.path.rglob("*")):
+            name = file.relative_to(source.path).as_posix()
+            if not file.is_file() or name == "config.json" or name.endswith(_WEIGHT_SUFFIXES):
+                continue
+            if name.endswith(".index.json"):
+                continue
+            data = file.read_bytes()
+            try:
+                files[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                files[name] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+        return files
+    if source.format == "pt" and source.config is not None:
+        payload = torch_load_safely(source.path)
+        tokenizer = payload.get("tokenizer") if isinstance(payload, dict) else None
+        if isinstance(tokenizer, dict):
+            files.update({str(k): v for k, v in tokenizer.items() if isinstance(v, str | torch.Tensor)})
+    return files

@@ -31,8 +31,8 @@ from toolrl_analysis.analysis.ablate.writers import (
     write_shard_index,
 )
 from toolrl_analysis.analysis.checkpoints import Checkpoint
-from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan
-from toolrl_analysis.analysis.diff.stream import chunk_ranges
+from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan, ScratchBuffers
+from toolrl_analysis.analysis.diff.stream import chunk_ranges, torch_threads
 from toolrl_analysis.io import torch_load_safely
 from toolrl_analysis.models.checkpoint import POLICY_FORMAT
 
@@ -79,7 +79,9 @@ def save_spliced(
     started = time.perf_counter()
     counts = {"parameters": 0}
     stream = _chunks(base, trained, start_side, entries, splice, chunk_elements, counts, progress)
-    with staged(path, force, directory=kind == "hf-directory") as temporary:
+    # One torch thread, as compare's loop on small machines: per-chunk work is short, and OpenMP's
+    # barriers cost more than they gain on it.
+    with torch_threads(1), staged(path, force, directory=kind == "hf-directory") as temporary:
         if kind == "pt":
             _write_pt(temporary, entries, stream, _metadata_source(start_side, base, trained))
         elif kind == "safetensors":
@@ -130,23 +132,23 @@ def _chunks(
     counts: dict[str, int],
     progress: Callable[[str, int, int], None] | None,
 ) -> Iterator[tuple[_Entry, int, torch.Tensor]]:
-    """(entry, first row, rows) of every stored tensor in output order, rows computed or copied."""
-    buffer = torch.empty(0, dtype=torch.uint8)
+    """(entry, first row, rows) of every stored tensor in output order, rows computed or copied. Rows are
+    read into buffers reused from chunk to chunk (each chunk is written before the next is read)."""
+    buffers = ScratchBuffers()
     stored = [e for e in entries if e.tied_to is None]
     for done, entry in enumerate(stored, 1):
         info = start_side.info(entry.out.name)
+        item = entry.item
         for start, stop in chunk_ranges(info, chunk_elements):
-            item = entry.item
             coefficients = (
                 splice.coefficients(item, start, stop)
                 if item is not None and splice.touches(item.name)
                 else splice.start_coefficient
             )
+            row_bytes = max(1, info.nbytes // max(1, info.rows))
             if not isinstance(coefficients, torch.Tensor) and coefficients == splice.start_coefficient:
-                nbytes = (stop - start) * max(1, info.nbytes // max(1, info.rows))
-                if buffer.numel() < nbytes:
-                    buffer = torch.empty(nbytes, dtype=torch.uint8)
-                yield entry, start, start_side.read(entry.out.name, start, stop, out=buffer)
+                out = buffers.get("copy", (stop - start) * row_bytes)
+                yield entry, start, start_side.read(entry.out.name, start, stop, out=out)
                 continue
             if isinstance(coefficients, torch.Tensor):
                 counts["parameters"] += int((coefficients != splice.start_coefficient).sum())
@@ -154,11 +156,16 @@ def _chunks(
                 counts["parameters"] += (stop - start) * max(1, info.numel // max(1, info.rows))
             # A chunk wholly from one side reads that side only.
             mixed = isinstance(coefficients, torch.Tensor)
-            base_rows = base.read(item.base_name, start, stop) if mixed or coefficients != 1.0 else None
-            trained_rows = (
-                trained.read(item.trained_name, start, stop) if mixed or coefficients != 0.0 else None
-            )
-            yield entry, start, splice_rows(coefficients, base_rows, trained_rows, entry.out.dtype)
+            base_rows = trained_rows = None
+            if mixed or coefficients != 1.0:
+                nbytes = (stop - start) * max(1, item.base.nbytes // max(1, item.base.rows))
+                base_rows = base.read(item.base_name, start, stop, out=buffers.get("base", nbytes))
+            if mixed or coefficients != 0.0:
+                nbytes = (stop - start) * max(1, item.trained.nbytes // max(1, item.trained.rows))
+                trained_rows = trained.read(
+                    item.trained_name, start, stop, out=buffers.get("trained", nbytes)
+                )
+            yield entry, start, splice_rows(coefficients, base_rows, trained_rows, entry.out.dtype, buffers)
         if progress is not None:
             progress(entry.out.name, done, len(stored))
 

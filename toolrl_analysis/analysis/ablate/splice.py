@@ -16,6 +16,7 @@ the in-memory variants of an evaluation and the streamed `--save`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from toolrl_analysis.analysis.components import ParameterPart
-from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan
+from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan, ScratchBuffers
 from toolrl_analysis.analysis.diff.stream import part_rows
 from toolrl_analysis.errors import SelectorError, UserError
 
@@ -175,16 +176,22 @@ def compile_operations(plan: PairPlan, operations: Sequence[Operation], label: s
 
 
 def splice_rows(
-    coefficients: float | torch.Tensor, base: torch.Tensor, trained: torch.Tensor, dtype: torch.dtype
+    coefficients: float | torch.Tensor,
+    base: torch.Tensor,
+    trained: torch.Tensor,
+    dtype: torch.dtype,
+    scratch: ScratchBuffers | None = None,
 ) -> torch.Tensor:
     """Rows of the hybrid tensor in `dtype`: base where c = 0 and trained where c = 1 (copied, bit for bit),
-    base + c * (trained - base) elsewhere (in float32, float64 if a side is float64)."""
+    base + c * (trained - base) elsewhere (in float32, float64 if a side is float64). With `scratch`, a
+    blended result lives in its buffers (valid until the next call): a streamed save allocates nothing."""
     if not isinstance(coefficients, torch.Tensor):
         if coefficients == 0.0:
             return base.to(dtype)
         if coefficients == 1.0:
             return trained.to(dtype)
-        return _blend(base, trained, torch.tensor(coefficients)).to(dtype)
+        blended = _blend(base, trained, float(coefficients), scratch)
+        return _buffer(scratch, "out", blended.shape, dtype).copy_(blended)
     shape = base.shape
     base, trained = base.reshape(coefficients.shape), trained.reshape(coefficients.shape)
     out = torch.where(coefficients == 1.0, trained.to(dtype), base.to(dtype))
@@ -194,10 +201,29 @@ def splice_rows(
     return out.reshape(shape)
 
 
-def _blend(base: torch.Tensor, trained: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+def _buffer(
+    scratch: ScratchBuffers | None, key: str, shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    if scratch is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return scratch.get(key, nbytes)[:nbytes].view(dtype).view(tuple(shape))
+
+
+def _blend(
+    base: torch.Tensor,
+    trained: torch.Tensor,
+    coefficients: torch.Tensor | float,
+    scratch: ScratchBuffers | None = None,
+) -> torch.Tensor:
+    """base + c * (trained - base) in float32 (float64 if a side is), in place on copies: the inputs may be
+    the caller's cached tensors."""
     wide = torch.float64 if torch.float64 in (base.dtype, trained.dtype) else torch.float32
-    low = base.to(wide)
-    return low + coefficients.to(wide) * (trained.to(wide) - low)
+    result = _buffer(scratch, "low", base.shape, wide).copy_(base)
+    update = _buffer(scratch, "update", trained.shape, wide).copy_(trained).sub_(result)
+    if isinstance(coefficients, torch.Tensor):
+        return result.addcmul_(update, coefficients.to(wide))
+    return result.add_(update, alpha=coefficients)
 
 
 @dataclass

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from toolrl_analysis.errors import UserError
@@ -36,6 +37,28 @@ def progress_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def step_progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr (drawn only on a terminal) and its callback `(name, done, total)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    stderr = progress_console()
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+        task = progress.add_task("", total=None)
+
+        def update(name: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, description=name)
+
+        yield update
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,29 +260,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 # analysis
 # ---------------------------------------------------------------------------------------------
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from toolrl_analysis.analysis.diff import compare_checkpoints, render_comparison
 
     if args.top < 1 or args.top_k < 1:
         raise UserError("--top and --top-k must be at least 1")
     if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be 0 or more")
-    stderr = progress_console()
-    with Progress(
-        TextColumn("tensors"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        console=stderr,
-        transient=True,
-        disable=not stderr.is_terminal,
-    ) as progress:
-        task = progress.add_task("", total=None)
-
-        def on_tensor(name: str, done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total, description=name)
-
+    with step_progress("tensors") as on_tensor:
         comparison = compare_checkpoints(
             args.base,
             args.trained,
@@ -284,27 +291,20 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from toolrl_analysis.analysis.ablate import EvaluationOptions, Operation, ablate, render_ablation
 
     operations = [Operation(kind, values[0], _alpha(values)) for kind, values in args.operations]
+    if args.threads < 0:
+        raise UserError("--threads must be 0 (torch's default) or more")
     options = EvaluationOptions(
         general=not args.no_general,
         roles=not args.no_roles,
         max_turns=_at_least_one("--max-turns", args.max_turns),
         max_new_tokens=_at_least_one("--max-new-tokens", args.max_new_tokens),
         batch_size=_at_least_one("--batch-size", args.batch_size),
-        threads=args.threads if args.threads >= 0 else _at_least_one("--threads", args.threads),
+        threads=args.threads,
     )
-    stderr = progress_console()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
-        task = progress.add_task("", total=None)
-
-        def on_step(name: str, done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total, description=name)
-
+    with step_progress("ablate") as on_step:
         ablation = ablate(
             args.base,
             args.trained,

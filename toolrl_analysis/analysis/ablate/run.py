@@ -21,9 +21,9 @@ from toolrl_analysis.analysis.ablate.tables import RETAINED_METRICS, build_frame
 from toolrl_analysis.analysis.ablate.variants import EvaluationOptions, evaluate_variants, pairs_in_memory
 from toolrl_analysis.analysis.checkpoints import open_pair
 from toolrl_analysis.analysis.diff import plan_pairs
-from toolrl_analysis.analysis.diff.tables import json_clean, json_records
+from toolrl_analysis.analysis.diff.tables import json_clean, json_records, output_directory, write_frames
 from toolrl_analysis.envs.schema import EnvRecord, balanced_slice, read_envs
-from toolrl_analysis.errors import CheckpointError, ConfigError, UserError
+from toolrl_analysis.errors import ConfigError, UserError
 
 Progress = Callable[[str, int, int], None]
 
@@ -46,17 +46,9 @@ class Ablation:
         """variants / metrics as CSV and parquet, ablation.json, and gain_retained.png."""
         from toolrl_analysis.analysis.plots import plot_gain_retained
 
-        out = Path(out_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
-        written = []
-        for stem, frame in (("variants", self.variants), ("metrics", self.metrics)):
-            if frame is not None:
-                frame.to_csv(out / f"{stem}.csv", index=False)
-                frame.to_parquet(out / f"{stem}.parquet", index=False)
-                written += [out / f"{stem}.csv", out / f"{stem}.parquet"]
+        out = output_directory(out_dir)
+        frames = {"variants": self.variants, "metrics": self.metrics}
+        written = write_frames(out, {stem: frame for stem, frame in frames.items() if frame is not None})
         (out / "ablation.json").write_text(json.dumps(self.to_document(), indent=1) + "\n")
         written.append(out / "ablation.json")
         if self.variants is not None:

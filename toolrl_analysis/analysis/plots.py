@@ -174,7 +174,7 @@ def plot_gain_retained(variants: pd.DataFrame, *, title: str | None = None) -> F
     ax.set_ylabel(f"fraction of the {metric} gain retained")
     ax.set_title(title or "what the training gain depends on (dashed: the trained model)")
     if labelled:
-        ax.legend(frameon=False, fontsize=8)
+        ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure
 
 

@@ -185,11 +185,16 @@ def _control_summary(variant: Variant) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Terminal rendering (used by the CLI)
 # ---------------------------------------------------------------------------------------------
+def _fixed(value: float, digits: int) -> str:
+    text = f"{value:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text  # no "-0.00"
+
+
 def _cell(value: float | None, se: float | None = None, digits: int = 3) -> str:
     if value is None or pd.isna(value):
         return "n/a"
-    text = f"{value:.{digits}f}"
-    return text if se is None or pd.isna(se) else f"{text}±{se:.{digits}f}"
+    text = _fixed(value, digits)
+    return text if se is None or pd.isna(se) else f"{text}±{_fixed(se, digits)}"
 
 
 def _count(value: int) -> str:
@@ -216,23 +221,27 @@ def render_ablation(ablation: Ablation, console) -> None:
         return
     metric = ablation.summary.get("metric", "solve_f1")
     title = f"Gain retained in {metric} ({ablation.summary.get('environments')} environments, 95% bootstrap)"
-    table = Table(title=title, box=box.SIMPLE_HEAD)
+    # Narrow enough for an 80-column log: no outer padding, controls shown as ctrl(...).
+    layout = {"box": box.SIMPLE_HEAD, "pad_edge": False, "show_edge": False, "collapse_padding": True}
+    table = Table(title=title, **layout)
     for column in ("variant", "params", "share", metric, "retained [95%]"):
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
-    general = Table(title="General ability and context reading", box=box.SIMPLE_HEAD)
+    general = Table(title="General ability and context reading", **layout)
     for column in ("variant", "exact match", "text loss", "oracle NLL", "context gap"):
         general.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for row in frame.to_dict(orient="records"):
         retained = _cell(row["gain_retained"], digits=2)
         if not pd.isna(row["gain_retained"]):
-            retained += f" [{row['gain_retained_low']:.2f}, {row['gain_retained_high']:.2f}]"
+            low, high = _fixed(row["gain_retained_low"], 2), _fixed(row["gain_retained_high"], 2)
+            retained += f" [{low},{high}]"
         style = "bold" if row["kind"] == "reference" else None
+        name = row["variant"].replace("control(", "ctrl(")
         table.add_row(
-            row["variant"], _count(int(row["parameters"])), _cell(row["update_share"], digits=2),
+            name, _count(int(row["parameters"])), _cell(row["update_share"], digits=2),
             _cell(row.get(metric), row.get(f"{metric}_se")), retained, style=style,
         )  # fmt: skip
         general.add_row(
-            row["variant"], _cell(row.get("tasks.exact_match"), row.get("tasks.exact_match_se"), 2),
+            name, _cell(row.get("tasks.exact_match"), row.get("tasks.exact_match_se"), 2),
             _cell(row.get("heldout_text.loss")), _cell(row.get("nll_real"), row.get("nll_real_se")),
             _cell(row.get("context_gap"), row.get("context_gap_se")), style=style,
         )  # fmt: skip

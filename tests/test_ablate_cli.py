@@ -139,7 +139,7 @@ def test_save_only_writes_the_hybrid(planted, capsys, tmp_path):
         capsys, planted / "base.pt", planted / "trained", "--revert", "mlp@lower", "--save", target
     )
     assert status == 0, err
-    assert "saved revert mlp@lower" in out and str(target) in out
+    assert "saved revert mlp@lower" in out and "hf-directory" in out
     with open_checkpoint(target) as saved, open_checkpoint(planted / "base.pt") as base:
         name = "model.layers.0.mlp.up_proj.weight"
         assert torch.equal(saved.get(name), base.get(name))

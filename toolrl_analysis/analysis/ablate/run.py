@@ -207,14 +207,17 @@ def _count(value: int) -> str:
 def render_ablation(ablation: Ablation, console) -> None:
     """The saved hybrid, then two tables (the gain retained; general ability and context reading) and notes."""
     from rich import box
+    from rich.markup import escape  # selectors and paths may hold brackets; they are text, not markup
     from rich.table import Table
 
     saved = ablation.summary.get("saved")
     if saved:
         console.print(
-            f"saved {saved['splice']} ({saved['parameters_changed']:,} parameters from the "
-            f"{'base' if saved['start'] == 'trained' else 'trained model'}) to {saved['path']} "
-            f"[{saved['format']}, {saved['bytes'] / 1e6:.1f} MB in {saved['seconds']:.1f}s]"
+            escape(
+                f"saved {saved['splice']} ({saved['parameters_changed']:,} parameters from the "
+                f"{'base' if saved['start'] == 'trained' else 'trained model'}) to {saved['path']} "
+                f"[{saved['format']}, {saved['bytes'] / 1e6:.1f} MB in {saved['seconds']:.1f} s]"
+            )
         )
     frame = ablation.variants
     if frame is None:
@@ -235,7 +238,7 @@ def render_ablation(ablation: Ablation, console) -> None:
             low, high = _fixed(row["gain_retained_low"], 2), _fixed(row["gain_retained_high"], 2)
             retained += f" [{low},{high}]"
         style = "bold" if row["kind"] == "reference" else None
-        name = row["variant"].replace("control(", "ctrl(")
+        name = escape(row["variant"].replace("control(", "ctrl("))
         table.add_row(
             name, _count(int(row["parameters"])), _cell(row["update_share"], digits=2),
             _cell(row.get(metric), row.get(f"{metric}_se")), retained, style=style,
@@ -249,10 +252,12 @@ def render_ablation(ablation: Ablation, console) -> None:
     console.print(general)
     reasons = dict.fromkeys(r for r in frame["gain_retained_reason"] if isinstance(r, str) and r)
     for reason in reasons:
-        console.print(f"n/a: {reason}")
+        console.print(escape(f"n/a: {reason}"))
     for control in ablation.summary.get("controls", []):
         note = f"; {control['note']}" if control["note"] else ""
         console.print(
-            f"control({control['subset']}): {control['parameters']:,} parameters from {control['tensors']} "
-            f"tensors, update energy {control['energy_ratio']:.2f}x the subset's{note}"
+            escape(
+                f"control({control['subset']}): {control['parameters']:,} parameters from {control['tensors']} "
+                f"tensors, update energy {control['energy_ratio']:.2f}x the subset's{note}"
+            )
         )

@@ -256,6 +256,19 @@ def test_streamed_save_equals_the_in_memory_splice(spread, tmp_path, destination
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
+def test_save_falls_back_to_read_and_write_without_an_in_kernel_copy(spread, tmp_path, monkeypatch):
+    import errno
+
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    splice = compile_operations(spread.plan, [Operation("revert", "attn@upper")])
+    save_spliced(spread.base, spread.trained, spread.plan, splice, tmp_path / "out", chunk_elements=500)
+    with open_checkpoint(tmp_path / "out") as saved:
+        assert_bitwise(saved.state_dict(), splice_in_memory(splice, spread.pairs)[0])
+
+
 def test_saved_policy_keeps_its_tie_config_and_tokenizer(tmp_path):
     """From our policy .pt (tied head): a .pt keeps the tie and the policy keys; a directory drops the
     duplicate head as Hugging Face does and carries config and tokenizer files."""
@@ -300,6 +313,7 @@ def test_save_never_overwrites_without_force_nor_leaves_a_partial_checkpoint(pla
     import toolrl_analysis.analysis.ablate.save as save_module
 
     calls = []
+    real = save_module._one_side  # every chunk wholly from one side passes here
 
     def failing(*args):
         calls.append(1)
@@ -307,12 +321,12 @@ def test_save_never_overwrites_without_force_nor_leaves_a_partial_checkpoint(pla
             raise KeyboardInterrupt  # an interruption half way through the tensors
         return real(*args)
 
-    real = save_module.splice_rows
-    monkeypatch.setattr(save_module, "splice_rows", failing)
+    monkeypatch.setattr(save_module, "_one_side", failing)
     for path in (target, tmp_path / "new.pt", tmp_path / "new.safetensors"):
         calls.clear()
         with pytest.raises(KeyboardInterrupt):
             save_spliced(planted.base, planted.trained, planted.plan, splice, path, force=True)
+        assert len(calls) == 4
     assert (target / "keep.txt").read_text() == "mine"  # the old checkpoint is untouched
     assert sorted(os.listdir(tmp_path)) == ["hybrid"]  # nothing half-written, no temporaries
     monkeypatch.undo()

@@ -3,8 +3,9 @@
 The output is the starting model's layout (its tensors, order, dtypes and ties) with the spliced values:
 an HF directory (config, tokenizer and other files beside the safetensors, sharded above `shard_bytes`), a
 single `.safetensors` file, or our `.pt` (a policy file when a config and tokenizer are at hand, else a
-plain state dict). Chunks the splice leaves at the starting model's values are copied from that side alone;
-only chunks it changes read both sides. A head the starting model ties to its embedding stays tied.
+plain state dict). Rows wholly from one side come from that side alone, copied file to file by the kernel
+(`os.copy_file_range`) where it stores them as the output does; only blended rows read both sides. A head the
+starting model ties to its embedding stays tied.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 
 from toolrl_analysis.analysis.ablate.splice import Splice, splice_rows
 from toolrl_analysis.analysis.ablate.writers import (
+    FileSlice,
     OutputTensor,
     SafetensorsWriter,
+    SourceFiles,
     TorchFileWriter,
     check_destination,
     placeholder,
@@ -32,7 +35,7 @@ from toolrl_analysis.analysis.ablate.writers import (
 )
 from toolrl_analysis.analysis.checkpoints import Checkpoint
 from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan, ScratchBuffers
-from toolrl_analysis.analysis.diff.stream import chunk_ranges, torch_threads
+from toolrl_analysis.analysis.diff.stream import DEFAULT_CHUNK_ELEMENTS, chunk_ranges, torch_threads
 from toolrl_analysis.io import torch_load_safely
 from toolrl_analysis.models.checkpoint import POLICY_FORMAT
 
@@ -79,20 +82,23 @@ def save_spliced(
     started = time.perf_counter()
     counts = {"parameters": 0}
     stream = _chunks(base, trained, start_side, entries, splice, chunk_elements, counts, progress)
+    sources = SourceFiles()
     # One torch thread, as compare's loop on small machines: per-chunk work is short, and OpenMP's
     # barriers cost more than they gain on it.
     with torch_threads(1), staged(path, force, directory=kind == "hf-directory") as temporary:
-        if kind == "pt":
-            _write_pt(temporary, entries, stream, _metadata_source(start_side, base, trained))
-        elif kind == "safetensors":
-            writer = SafetensorsWriter(temporary, [e.out for e in entries])
-            for entry, _, rows in stream:
-                writer.write(entry.out.name, rows)
-            writer.close()
-        else:
-            _write_hf_directory(
-                temporary, entries, stream, shard_bytes, _metadata_source(start_side, base, trained)
-            )
+        try:
+            if kind == "pt":
+                _write_pt(temporary, entries, stream, _metadata_source(start_side, base, trained), sources)
+            elif kind == "safetensors":
+                writer = SafetensorsWriter(temporary, [e.out for e in entries])
+                for entry, _, rows in stream:
+                    writer.write(entry.out.name, rows, sources)
+                writer.close()
+            else:
+                source = _metadata_source(start_side, base, trained)
+                _write_hf_directory(temporary, entries, stream, shard_bytes, source, sources)
+        finally:
+            sources.close()
     written = sum(e.out.nbytes for e in entries if e.tied_to is None)
     seconds = time.perf_counter() - started
     return {
@@ -131,46 +137,54 @@ def _chunks(
     chunk_elements: int,
     counts: dict[str, int],
     progress: Callable[[str, int, int], None] | None,
-) -> Iterator[tuple[_Entry, int, torch.Tensor]]:
-    """(entry, first row, rows) of every stored tensor in output order, rows computed or copied. Rows are
-    read into buffers reused from chunk to chunk (each chunk is written before the next is read)."""
+) -> Iterator[tuple[_Entry, int, torch.Tensor | FileSlice]]:
+    """(entry, first row, rows) of every stored tensor in output order. Rows wholly from one side are a
+    FileSlice of its file where it stores them as the output does, else read into buffers reused from chunk
+    to chunk (each chunk is written before the next is read); blended rows are computed in cache-sized
+    chunks (the diff's size) so that the arithmetic's passes stay in cache."""
     buffers = ScratchBuffers()
     stored = [e for e in entries if e.tied_to is None]
     for done, entry in enumerate(stored, 1):
-        info = start_side.info(entry.out.name)
-        item = entry.item
-        for start, stop in chunk_ranges(info, chunk_elements):
-            coefficients = (
-                splice.coefficients(item, start, stop)
-                if item is not None and splice.touches(item.name)
-                else splice.start_coefficient
-            )
-            row_bytes = max(1, info.nbytes // max(1, info.rows))
+        info, item, dtype = start_side.info(entry.out.name), entry.item, entry.out.dtype
+        touched = item is not None and splice.touches(item.name)
+        size = min(chunk_elements, DEFAULT_CHUNK_ELEMENTS) if touched else chunk_elements
+        for start, stop in chunk_ranges(info, size):
+            coefficients = splice.coefficients(item, start, stop) if touched else splice.start_coefficient
             if not isinstance(coefficients, torch.Tensor) and coefficients == splice.start_coefficient:
-                out = buffers.get("copy", (stop - start) * row_bytes)
-                yield entry, start, start_side.read(entry.out.name, start, stop, out=out)
+                yield entry, start, _one_side(start_side, entry.out.name, start, stop, dtype, buffers)
                 continue
             if isinstance(coefficients, torch.Tensor):
                 counts["parameters"] += int((coefficients != splice.start_coefficient).sum())
             else:
                 counts["parameters"] += (stop - start) * max(1, info.numel // max(1, info.rows))
-            # A chunk wholly from one side reads that side only.
-            mixed = isinstance(coefficients, torch.Tensor)
-            base_rows = trained_rows = None
-            if mixed or coefficients != 1.0:
-                nbytes = (stop - start) * max(1, item.base.nbytes // max(1, item.base.rows))
-                base_rows = base.read(item.base_name, start, stop, out=buffers.get("base", nbytes))
-            if mixed or coefficients != 0.0:
-                nbytes = (stop - start) * max(1, item.trained.nbytes // max(1, item.trained.rows))
-                trained_rows = trained.read(
-                    item.trained_name, start, stop, out=buffers.get("trained", nbytes)
-                )
-            yield entry, start, splice_rows(coefficients, base_rows, trained_rows, entry.out.dtype, buffers)
+            if not isinstance(coefficients, torch.Tensor) and coefficients in (0.0, 1.0):
+                side, name = (base, item.base_name) if coefficients == 0.0 else (trained, item.trained_name)
+                yield entry, start, _one_side(side, name, start, stop, dtype, buffers)
+                continue
+            base_rows = _read_rows(base, item.base_name, start, stop, buffers, "base")
+            trained_rows = _read_rows(trained, item.trained_name, start, stop, buffers, "trained")
+            yield entry, start, splice_rows(coefficients, base_rows, trained_rows, dtype, buffers)
         if progress is not None:
             progress(entry.out.name, done, len(stored))
 
 
-def _write_pt(path: Path, entries: list[_Entry], stream, source: Checkpoint) -> None:
+def _read_rows(checkpoint: Checkpoint, name: str, start: int, stop: int, buffers: ScratchBuffers, key: str):
+    info = checkpoint.info(name)
+    nbytes = (stop - start) * max(1, info.nbytes // max(1, info.rows))
+    return checkpoint.read(name, start, stop, out=buffers.get(key, nbytes))
+
+
+def _one_side(
+    checkpoint: Checkpoint, name: str, start: int, stop: int, dtype: torch.dtype, buffers: ScratchBuffers
+) -> torch.Tensor | FileSlice:
+    """Rows of one side as the output stores them: a FileSlice of its file when it holds them in `dtype`
+    in a plain layout (copied by the kernel), else read and converted."""
+    if checkpoint.info(name).dtype == dtype and (found := checkpoint.byte_range(name, start, stop)):
+        return FileSlice(*found)
+    return _read_rows(checkpoint, name, start, stop, buffers, "copy").to(dtype)
+
+
+def _write_pt(path: Path, entries: list[_Entry], stream, source: Checkpoint, sources: SourceFiles) -> None:
     placeholders: dict[str, torch.Tensor] = {}
     for entry in entries:
         if entry.tied_to is None:
@@ -192,13 +206,13 @@ def _write_pt(path: Path, entries: list[_Entry], stream, source: Checkpoint) -> 
         for tensor in binaries:  # real data in the document: torch reserved their bytes too
             writer.write(tensor, 0, tensor)
         for entry, start, rows in stream:
-            writer.write(placeholders[entry.out.name], start, rows)
+            writer.write(placeholders[entry.out.name], start, rows, sources)
     finally:
         writer.close()
 
 
 def _write_hf_directory(
-    directory: Path, entries: list[_Entry], stream, shard_bytes: int, source: Checkpoint
+    directory: Path, entries: list[_Entry], stream, shard_bytes: int, source: Checkpoint, sources: SourceFiles
 ) -> None:
     shards = shard_layout([e.out for e in entries], shard_bytes)
     names = shard_names(len(shards))
@@ -208,7 +222,7 @@ def _write_hf_directory(
         index = shard_of[entry.out.name]
         if writers[index] is None:
             writers[index] = SafetensorsWriter(directory / names[index], shards[index])
-        writers[index].write(entry.out.name, rows)
+        writers[index].write(entry.out.name, rows, sources)
     for index, writer in enumerate(writers):
         (writer or SafetensorsWriter(directory / names[index], shards[index])).close()
     if len(shards) > 1:

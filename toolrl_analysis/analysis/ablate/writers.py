@@ -53,6 +53,57 @@ def tensor_bytes(rows: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+@dataclass(frozen=True)
+class FileSlice:
+    """Bytes to copy as they are from an input file (`Checkpoint.byte_range`): the kernel copies them
+    file to file (`os.copy_file_range`), never through our memory."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
+class SourceFiles:
+    """Open input files for FileSlice copies, one descriptor per file, closed together."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+
+    def copy(self, piece: FileSlice, fd: int, position: int | None) -> int:
+        """Copy `piece` into `fd` at `position` (None: the descriptor's own position); bytes copied."""
+        source = self._fds.get(piece.path)
+        if source is None:
+            source = self._fds[piece.path] = os.open(piece.path, os.O_RDONLY)
+        done = 0
+        while done < piece.nbytes:
+            target = None if position is None else position + done
+            try:
+                count = os.copy_file_range(source, fd, piece.nbytes - done, piece.offset + done, target)
+            except OSError:  # no in-kernel copy here (old kernel, some filesystems): read and write instead
+                data = os.pread(source, min(piece.nbytes - done, 64 << 20), piece.offset + done)
+                write_all(fd, memoryview(data), target)
+                count = len(data)
+            if count <= 0:
+                raise CheckpointError(f"{piece.path} is truncated: copied {done} of {piece.nbytes} bytes")
+            done += count
+        return done
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def write_all(fd: int, data: memoryview, position: int | None = None) -> None:
+    """All of `data` to `fd`, at `position` or (None) at the descriptor's position; a write may be partial."""
+    done = 0
+    while done < len(data):
+        if position is None:
+            done += os.write(fd, data[done:])
+        else:
+            done += os.pwrite(fd, data[done:], position + done)
+
+
 # ---------------------------------------------------------------------------------------------
 # safetensors
 # ---------------------------------------------------------------------------------------------
@@ -75,27 +126,30 @@ class SafetensorsWriter:
             self.expected.append((tensor.name, tensor.nbytes))
         text = json.dumps(header, separators=(",", ":")).encode("utf-8")
         text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as the safetensors library writes
-        self.handle = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.handle.write(len(text).to_bytes(8, "little") + text)
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        write_all(self.fd, memoryview(len(text).to_bytes(8, "little") + text))
         self.position, self.written = 0, 0  # index into expected, bytes of the current tensor so far
 
-    def write(self, name: str, rows: torch.Tensor) -> None:
+    def write(self, name: str, rows: torch.Tensor | FileSlice, sources: SourceFiles | None = None) -> None:
+        """The next rows of tensor `name`: a tensor, or a FileSlice that `sources` copies from an input."""
         expected_name, nbytes = self.expected[self.position]
         if name != expected_name:  # pragma: no cover - a bug in the caller's order
             raise AssertionError(f"writing {name}, the layout expects {expected_name}")
-        data = tensor_bytes(rows)
-        self.handle.write(data)
-        self.written += len(data)
+        if isinstance(rows, FileSlice):
+            self.written += sources.copy(rows, self.fd, None)
+        else:
+            data = tensor_bytes(rows)
+            write_all(self.fd, data)
+            self.written += len(data)
         if self.written == nbytes:
             self.position, self.written = self.position + 1, 0
 
     def close(self) -> None:
         complete = self.position == len(self.expected) and not self.written
-        self.handle.close()
+        os.close(self.fd)
         if not complete:  # pragma: no cover - a bug: the layout promised more bytes than were written
-            raise AssertionError(
-                f"{self.handle.name}: stopped at tensor {self.position} of {len(self.expected)}"
-            )
+            raise AssertionError(f"{self.path}: stopped at tensor {self.position} of {len(self.expected)}")
 
 
 def shard_layout(tensors: Sequence[OutputTensor], shard_bytes: int) -> list[list[OutputTensor]]:
@@ -155,13 +209,19 @@ class TorchFileWriter:
             self.offsets[id(tensor)] = offset
         self.fd = os.open(path, os.O_WRONLY)
 
-    def write(self, placeholder: torch.Tensor, start_row: int, rows: torch.Tensor) -> None:
+    def write(
+        self,
+        placeholder: torch.Tensor,
+        start_row: int,
+        rows: torch.Tensor | FileSlice,
+        sources: SourceFiles | None = None,
+    ) -> None:
         row_bytes = placeholder.element_size() * (placeholder[0].numel() if placeholder.dim() else 1)
-        data = tensor_bytes(rows)
         position = self.offsets[id(placeholder)] + start_row * row_bytes
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self.fd, data[done:], position + done)
+        if isinstance(rows, FileSlice):
+            sources.copy(rows, self.fd, position)
+        else:
+            write_all(self.fd, tensor_bytes(rows), position)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -16,7 +16,6 @@ the in-memory variants of an evaluation and the streamed `--save`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -183,47 +182,36 @@ def splice_rows(
     scratch: ScratchBuffers | None = None,
 ) -> torch.Tensor:
     """Rows of the hybrid tensor in `dtype`: base where c = 0 and trained where c = 1 (copied, bit for bit),
-    base + c * (trained - base) elsewhere (in float32, float64 if a side is float64). With `scratch`, a
+    elsewhere `torch.lerp(base, trained, c)` = base + c * (trained - base) in float32 (float64 for float64),
+    element by element, so a row's value does not depend on how the rows were chunked. With `scratch`, a
     blended result lives in its buffers (valid until the next call): a streamed save allocates nothing."""
     if not isinstance(coefficients, torch.Tensor):
         if coefficients == 0.0:
             return base.to(dtype)
         if coefficients == 1.0:
             return trained.to(dtype)
-        blended = _blend(base, trained, float(coefficients), scratch)
-        return _buffer(scratch, "out", blended.shape, dtype).copy_(blended)
+        return _blend(base, trained, float(coefficients), dtype, scratch)
     shape = base.shape
     base, trained = base.reshape(coefficients.shape), trained.reshape(coefficients.shape)
     out = torch.where(coefficients == 1.0, trained.to(dtype), base.to(dtype))
     between = (coefficients != 0.0) & (coefficients != 1.0)
-    if bool(between.any()):
-        out[between] = _blend(base[between], trained[between], coefficients[between]).to(dtype)
+    # One blend per distinct coefficient (one per scale operation): the same arithmetic as a uniform chunk.
+    for value in torch.unique(coefficients[between]).tolist():
+        chosen = coefficients == value
+        out[chosen] = _blend(base[chosen], trained[chosen], value, dtype)
     return out.reshape(shape)
 
 
-def _buffer(
-    scratch: ScratchBuffers | None, key: str, shape: Sequence[int], dtype: torch.dtype
-) -> torch.Tensor:
-    if scratch is None:
-        return torch.empty(tuple(shape), dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return scratch.get(key, nbytes)[:nbytes].view(dtype).view(tuple(shape))
-
-
 def _blend(
-    base: torch.Tensor,
-    trained: torch.Tensor,
-    coefficients: torch.Tensor | float,
-    scratch: ScratchBuffers | None = None,
+    base: torch.Tensor, trained: torch.Tensor, coefficient: float, dtype: torch.dtype, scratch=None
 ) -> torch.Tensor:
-    """base + c * (trained - base) in float32 (float64 if a side is), in place on copies: the inputs may be
-    the caller's cached tensors."""
-    wide = torch.float64 if torch.float64 in (base.dtype, trained.dtype) else torch.float32
-    result = _buffer(scratch, "low", base.shape, wide).copy_(base)
-    update = _buffer(scratch, "update", trained.shape, wide).copy_(trained).sub_(result)
-    if isinstance(coefficients, torch.Tensor):
-        return result.addcmul_(update, coefficients.to(wide))
-    return result.add_(update, alpha=coefficients)
+    wide = torch.promote_types(base.dtype, trained.dtype)
+    base, trained = base.to(wide), trained.to(wide)
+    if scratch is None:
+        return torch.lerp(base, trained, coefficient).to(dtype)
+    nbytes = base.numel() * base.element_size()
+    out = scratch.get("blend", nbytes)[:nbytes].view(wide).view(base.shape)
+    return torch.lerp(base, trained, coefficient, out=out).to(dtype)
 
 
 @dataclass

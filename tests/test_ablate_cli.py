@@ -165,6 +165,7 @@ def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
         (["--revert", "mlp"], ["nothing to do"]),
         (["--envs", "{envs}"], ["nothing to ablate"]),
         (["--scale", "mlp", "half", "--save", "{tmp}/x"], ["factor must be a number"]),
+        (["--scale", "mlp", "nan", "--save", "{tmp}/x"], ["finite number"]),
         (["--revert", "mlp", "--save", "{tmp}/x", "--shard-size", "big"], ["--shard-size"]),
         (["--revert", "mlp", "--envs", "{envs}", "--metric", "accuracy"], ["--metric"]),
         (["--revert", "mlp", "--save", "{existing}"], ["exists; pass --force"]),

@@ -10,12 +10,14 @@ Later operations overwrite earlier ones where they overlap:
     transplant SEL   c = 1 on SEL         (the base with SEL taken from the trained model)
     scale SEL a      c = a on SEL         (base + a * update on SEL)
 
-A hybrid tensor has the starting model's dtype. Values are computed per row chunk, so the same code serves
-the in-memory variants of an evaluation and the streamed `--save`.
+Other coefficients are blended element by element (`torch.lerp`, in float32, float64 for float64 tensors).
+A hybrid tensor has the starting model's dtype. Values are computed per row chunk, and do not depend on the
+chunking, so the same code serves the in-memory variants of an evaluation and the streamed `--save`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -46,6 +48,8 @@ class Operation:
             raise UserError(
                 "scale needs a selector and a factor (--scale SEL ALPHA); revert and transplant none"
             )
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise UserError(f"--scale {self.selector} {self.alpha}: the factor must be a finite number")
 
     @property
     def coefficient(self) -> float:

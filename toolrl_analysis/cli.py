@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from toolrl_analysis.errors import UserError
@@ -36,6 +37,28 @@ def progress_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def step_progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr (drawn only on a terminal) and its callback `(name, done, total)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    stderr = progress_console()
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+        task = progress.add_task("", total=None)
+
+        def update(name: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, description=name)
+
+        yield update
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,29 +290,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 # analysis
 # ---------------------------------------------------------------------------------------------
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from toolrl_analysis.analysis.diff import compare_checkpoints, render_comparison
 
     if args.top < 1 or args.top_k < 1:
         raise UserError("--top and --top-k must be at least 1")
     if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be 0 or more")
-    stderr = progress_console()
-    with Progress(
-        TextColumn("tensors"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        console=stderr,
-        transient=True,
-        disable=not stderr.is_terminal,
-    ) as progress:
-        task = progress.add_task("", total=None)
-
-        def on_tensor(name: str, done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total, description=name)
-
+    with step_progress("tensors") as on_tensor:
         comparison = compare_checkpoints(
             args.base,
             args.trained,
@@ -314,7 +321,88 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
-    raise UserError("ablate is not available yet")
+    from toolrl_analysis.analysis.ablate import EvaluationOptions, Operation, ablate, render_ablation
+
+    operations = [Operation(kind, values[0], _alpha(values)) for kind, values in args.operations]
+    if args.threads < 0:
+        raise UserError("--threads must be 0 (torch's default) or more")
+    options = EvaluationOptions(
+        general=not args.no_general,
+        roles=not args.no_roles,
+        max_turns=_at_least_one("--max-turns", args.max_turns),
+        max_new_tokens=_at_least_one("--max-new-tokens", args.max_new_tokens),
+        batch_size=_at_least_one("--batch-size", args.batch_size),
+        threads=args.threads,
+    )
+    with step_progress("ablate") as on_step:
+        ablation = ablate(
+            args.base,
+            args.trained,
+            operations=operations,
+            grid=args.grid,
+            envs=args.envs,
+            limit=args.limit,
+            save=args.save,
+            force=args.force,
+            shard_bytes=_byte_size(args.shard_size),
+            allow_missing=args.allow_missing,
+            lora_base=args.lora_base,
+            seed=args.seed,
+            replicates=args.bootstrap,
+            metric=args.metric,
+            options=options,
+            progress=on_step,
+        )
+    if args.out:
+        ablation.summary["written"] = [str(p) for p in ablation.write(args.out)]
+
+    def render() -> None:
+        out = console()
+        render_ablation(ablation, out)
+        if args.out:
+            out.print(f"wrote {len(ablation.summary['written'])} files to {args.out}")
+
+    emit(args, ablation.to_document(), render)
+
+
+def _alpha(values: list[str]) -> float | None:
+    if len(values) < 2:
+        return None
+    try:
+        return float(values[1])
+    except ValueError:
+        raise UserError(f"--scale {values[0]} {values[1]}: the factor must be a number") from None
+
+
+def _at_least_one(flag: str, value: int) -> int:
+    if value < 1:
+        raise UserError(f"{flag} must be at least 1, got {value}")
+    return value
+
+
+def _byte_size(text: str) -> int:
+    """'5GB', '500MB', '20KB' or a number of bytes (decimal units, as Hugging Face's max_shard_size)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
+    if not match:
+        raise UserError(f"--shard-size {text!r}: use a size such as 5GB, 500MB or 20KB")
+    unit = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
+    unit |= {"T": 10**12, "TB": 10**12}
+    size = int(float(match[1]) * unit[match[2]])
+    if size < 1:
+        raise UserError(f"--shard-size {text!r} must be positive")
+    return size
+
+
+class _SpliceOperation(argparse.Action):
+    """--revert / --transplant / --scale all append to one list, so their order on the line is kept."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kind = option_string.lstrip("-")
+        operations = list(getattr(namespace, "operations", None) or [])
+        operations.append((kind, [values] if isinstance(values, str) else list(values)))
+        namespace.operations = operations
 
 
 def _cmd_probe(args: argparse.Namespace) -> None:
@@ -403,14 +491,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(
-        "ablate", parents=[common], help="revert/transplant subsets of the update, re-evaluate"
+        "ablate",
+        parents=[common],
+        help="revert/transplant parts of the update: save the hybrid, or measure what the gain depended on",
     )
     p.add_argument("base")
     p.add_argument("trained")
-    p.add_argument("--envs", default=None)
-    p.add_argument("--grid", choices=["paper"], default=None)
-    p.add_argument("--revert", action="append", default=[], metavar="SELECTOR")
-    p.add_argument("--save", default=None)
+    p.set_defaults(operations=[])
+    splice = (
+        "in order; the first revert starts from the trained model, a first transplant/scale from the base"
+    )
+    p.add_argument(
+        "--revert",
+        action=_SpliceOperation,
+        metavar="SELECTOR",
+        help=f"take SELECTOR from the base ({splice})",
+    )
+    p.add_argument(
+        "--transplant",
+        action=_SpliceOperation,
+        metavar="SELECTOR",
+        help="take SELECTOR from the trained model",
+    )
+    p.add_argument(
+        "--scale",
+        action=_SpliceOperation,
+        nargs=2,
+        metavar=("SELECTOR", "ALPHA"),
+        help="base + ALPHA * update on SELECTOR",
+    )
+    p.add_argument(
+        "--grid", choices=["paper"], default=None, help="the paper's grid of variants and controls"
+    )
+    p.add_argument(
+        "--envs", default=None, help="held-out environments: an environment set (its test.jsonl) or a file"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="evaluate N environments, round-robin over scenarios"
+    )
+    p.add_argument(
+        "--metric", default="solve_f1", help="gain retained on solve_f1|solve_p|solve_r|nll_real|context_gap"
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates over environments")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random controls and the bootstrap")
+    p.add_argument(
+        "--save", default=None, help="write the hybrid: DIR (HF, safetensors), FILE.safetensors or FILE.pt"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --save path")
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of a saved HF directory")
+    p.add_argument("--out", default=None, help="write the frames, ablation.json and gain_retained.png here")
+    p.add_argument("--allow-missing", action="store_true")
+    p.add_argument("--lora-base", default=None, help="base weights for a PEFT adapter directory")
+    p.add_argument("--no-general", action="store_true", help="skip the general-capability suite")
+    p.add_argument("--no-roles", action="store_true", help="skip the context-reading role table")
+    p.add_argument("--max-turns", type=int, default=20, help="assistant turns per episode (FTRL: 20)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per assistant turn")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for evaluation (0: torch's default)")
     p.set_defaults(func=_cmd_ablate)
 
     p = sub.add_parser("probe", parents=[common], help="layer-wise probes of hidden states")

@@ -364,27 +364,54 @@ def _transfer_roles(source: LabelledExample, target: LabelledExample) -> list[st
     return roles
 
 
-def meter_frame(model, meter_set: MeterSet, batch_tokens: int = 16384) -> pd.DataFrame:
-    """Tidy table: one row per role x context with `nll`, `top1`, `tokens`; the overall rows are `role='all'`."""
+def meter_values(model, meter_set: MeterSet, batch_tokens: int = 16384) -> pd.DataFrame:
+    """The meter's raw sums, one row per example x context x role (roles the example has): `example`,
+    `context`, `role`, `nll_sum`, `top1_sum`, `tokens`. Sums, so that a bootstrap over environments can
+    resample examples and still weight every token alike."""
     rows = []
     for context, examples in (("real", meter_set.real), ("replaced", meter_set.replaced)):
         scored = token_nlls(model, examples, batch_tokens)
-        per_role: dict[str, list[tuple[float, bool]]] = {}
-        for example, values in zip(examples, scored, strict=True):
+        for index, (example, values) in enumerate(zip(examples, scored, strict=True)):
+            per_role: dict[str, list[tuple[float, bool]]] = {}
             for (_, role), value in zip([t for t in example.targets if t[0] > 0], values, strict=True):
                 per_role.setdefault(role, []).append(value)
+            for role, role_values in per_role.items():
+                rows.append(
+                    {
+                        "example": index,
+                        "context": context,
+                        "role": role,
+                        "nll_sum": sum(v[0] for v in role_values),
+                        "top1_sum": float(sum(v[1] for v in role_values)),
+                        "tokens": len(role_values),
+                    }
+                )
+    return pd.DataFrame(rows, columns=["example", "context", "role", "nll_sum", "top1_sum", "tokens"])
+
+
+def frame_from_values(values: pd.DataFrame) -> pd.DataFrame:
+    """`meter_frame`'s table from `meter_values`' sums (a subset of examples gives that subset's table)."""
+    rows = []
+    for context in CONTEXTS:
+        of_context = values[values["context"] == context]
         for role in (*ROLES, "all"):
-            values = per_role.get(role, []) if role != "all" else [v for vs in per_role.values() for v in vs]
+            chosen = of_context if role == "all" else of_context[of_context["role"] == role]
+            tokens = int(chosen["tokens"].sum())
             rows.append(
                 {
                     "role": role,
                     "context": context,
-                    "nll": sum(v[0] for v in values) / len(values) if values else math.nan,
-                    "top1": sum(v[1] for v in values) / len(values) if values else math.nan,
-                    "tokens": len(values),
+                    "nll": float(chosen["nll_sum"].sum()) / tokens if tokens else math.nan,
+                    "top1": float(chosen["top1_sum"].sum()) / tokens if tokens else math.nan,
+                    "tokens": tokens,
                 }
             )
     return pd.DataFrame(rows, columns=["role", "context", "nll", "top1", "tokens"])
+
+
+def meter_frame(model, meter_set: MeterSet, batch_tokens: int = 16384) -> pd.DataFrame:
+    """Tidy table: one row per role x context with `nll`, `top1`, `tokens`; the overall rows are `role='all'`."""
+    return frame_from_values(meter_values(model, meter_set, batch_tokens))
 
 
 def role_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -408,14 +435,24 @@ def context_gap(frame: pd.DataFrame, roles: Sequence[str] = CONTEXT_ROLES) -> fl
     return float((table["gap"] * table["tokens"]).sum() / table["tokens"].sum())
 
 
+def oracle_meter_set(
+    tokenizer, records: Sequence[EnvRecord], sandbox, seed: int = 0
+) -> tuple[MeterSet, list[int]] | None:
+    """The meter set of the records that have golden calls, and their indices in `records` (None if none
+    has). Build it once to meter several models on the same trajectories."""
+    from toolrl_analysis.envs.oracle import oracle_conversations
+
+    indices = [i for i, r in enumerate(records) if r.meta.get("golden_turns")]
+    if not indices:
+        return None
+    labelled = [records[i] for i in indices]
+    conversations = oracle_conversations(labelled, sandbox, random.Random(f"meter/{seed}"))
+    return build_meter_set(tokenizer, labelled, conversations, seed), indices
+
+
 def measure_roles(
     model, tokenizer, records: Sequence[EnvRecord], sandbox, seed: int = 0
 ) -> pd.DataFrame | None:
     """`meter_frame` on the oracle trajectories of the records that have golden calls (None if none has)."""
-    from toolrl_analysis.envs.oracle import oracle_conversations
-
-    labelled = [r for r in records if r.meta.get("golden_turns")]
-    if not labelled:
-        return None
-    conversations = oracle_conversations(labelled, sandbox, random.Random(f"meter/{seed}"))
-    return meter_frame(model, build_meter_set(tokenizer, labelled, conversations, seed))
+    built = oracle_meter_set(tokenizer, records, sandbox, seed)
+    return None if built is None else meter_frame(model, built[0])

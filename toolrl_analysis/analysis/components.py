@@ -242,14 +242,34 @@ class ParameterMap:
     def names(self) -> list[str]:
         return list(dict.fromkeys(part.name for part in self.parts))
 
+    def parse(self, text: str) -> Selector:
+        """`parse_selector` against this model; a SelectorError also names what the model has."""
+        try:
+            return parse_selector(text, self.n_layers)
+        except SelectorError as exc:
+            raise SelectorError(f"{exc}; {self.describe()}") from None
+
     def select(self, selector: Selector | str) -> list[ParameterPart]:
-        """The parts a selector names; SelectorError when it names none."""
+        """The parts a selector names; SelectorError when it names none. The message names this model's
+        components and layer range, so a user can fix the selector from one line."""
         if isinstance(selector, str):
-            selector = parse_selector(selector, self.n_layers)
+            selector = self.parse(selector)
         chosen = [p for p in self.parts if selector.matches(p.layer, p.component)]
         if not chosen:
-            raise SelectorError(f"selector {selector.text!r} selects no parameters of this model")
+            raise SelectorError(
+                f"selector {selector.text!r} selects no parameters of this model; {self.describe()}"
+            )
         return chosen
+
+    def describe(self) -> str:
+        """What a selector can name in this model: its components and its blocks."""
+        present = {p.component for p in self.parts}
+        components = ", ".join(c for c in COMPONENTS if c in present)
+        if self.n_layers <= 0:
+            return f"this model has components {components} and no numbered blocks"
+        top, half = self.n_layers - 1, self.n_layers // 2
+        halves = f" (lower = 0-{half - 1}, upper = {half}-{top})" if half else ""
+        return f"this model has components {components} and blocks 0-{top}{halves}"
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(

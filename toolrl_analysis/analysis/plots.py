@@ -124,6 +124,60 @@ def plot_band_summary(
     return figure
 
 
+# -- ablation ------------------------------------------------------------------------------------------
+_ABLATION_BARS = (  # (kind, control, colour, hatch) within each subset's group, the control beside its subset
+    ("revert", False, "#3b6ea5", None),
+    ("revert", True, "#9aa5b1", "//"),
+    ("transplant", False, "#d08c2f", None),
+    ("transplant", True, "#c8b9a3", "//"),
+)
+
+
+def plot_gain_retained(variants: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Fraction of the training gain each variant retains (ablate's `variants` frame), grouped by subset:
+    revert, its size-matched control, transplant, its control; 95% bootstrap intervals as error bars. A
+    variant whose fraction is undefined (the gain within its noise, or not evaluated) is marked n/a."""
+    figure = Figure(figsize=(8.0, 3.6))
+    ax = figure.subplots()
+    rows = variants[variants["kind"] != "reference"]
+    groups = list(dict.fromkeys(rows["subset"].where(rows["subset"] != "", rows["variant"])))
+    width = 0.8 / len(_ABLATION_BARS)
+    labelled: set[tuple[str, bool]] = set()
+    for x, group in enumerate(groups):
+        for i, (kind, control, colour, hatch) in enumerate(_ABLATION_BARS):
+            chosen = rows[(rows["subset"] == group) & (rows["kind"] == kind) & (rows["control"] == control)]
+            if group not in set(rows["subset"]) and i == 0:  # a user's own splice: one bar
+                chosen = rows[rows["variant"] == group]
+            if chosen.empty:
+                continue
+            row = chosen.iloc[0]
+            position = x + (i - (len(_ABLATION_BARS) - 1) / 2) * width
+            label = f"{kind} {'control' if control else 'subset'}"
+            if pd.isna(row["gain_retained"]):
+                ax.text(position, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                continue
+            error = [
+                [row["gain_retained"] - row["gain_retained_low"]],
+                [row["gain_retained_high"] - row["gain_retained"]],
+            ]
+            ax.bar(
+                position, row["gain_retained"], width=width, color=colour, hatch=hatch, yerr=error, capsize=2,
+                label=None if (kind, control) in labelled else label,
+            )  # fmt: skip
+            labelled.add((kind, control))
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(groups)), groups)
+    metric = (
+        variants["retained_metric"].iloc[0] if "retained_metric" in variants and len(variants) else "gain"
+    )
+    ax.set_ylabel(f"fraction of the {metric} gain retained")
+    ax.set_title(title or "what the training gain depends on (dashed: the trained model)")
+    if labelled:
+        ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return figure
+
+
 # -- training and evaluation --------------------------------------------------------------------------
 def plot_policy_scores(
     table: pd.DataFrame, metric: str = "solve_f1", order: list[str] | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,20 @@ def read_envs(path: str | Path) -> list[EnvRecord]:
     if not records:
         raise EnvFormatError(f"{path} holds no environment records")
     return records
+
+
+def balanced_slice(records: Sequence[EnvRecord], count: int) -> list[EnvRecord]:
+    """The first `count` records taken round-robin over scenarios: a fixed, balanced held-out slice."""
+    by_scenario: dict[str, list[EnvRecord]] = {}
+    for record in records:
+        by_scenario.setdefault(record.scenario, []).append(record)
+    out: list[EnvRecord] = []
+    queues = [list(v) for _, v in sorted(by_scenario.items())]
+    while len(out) < count and any(queues):
+        for queue in queues:
+            if queue and len(out) < count:
+                out.append(queue.pop(0))
+    return out
 
 
 def write_envs(records: Iterable[EnvRecord], path: str | Path, ftrl_encoding: bool = True) -> Path:

@@ -120,6 +120,11 @@ class Checkpoint:
         start, stop = row_range(info, start, stop)
         return self._read(info, start, stop, out)
 
+    def byte_range(self, name: str, start: int = 0, stop: int | None = None) -> tuple[Path, int, int] | None:
+        """Where rows start:stop lie, as stored, in a file: (path, byte offset, byte count), for a copy that
+        never passes through memory (`os.copy_file_range`); None when the format has no such plain layout."""
+        return None
+
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, freshly allocated, in its stored dtype."""
         return self.read(name)

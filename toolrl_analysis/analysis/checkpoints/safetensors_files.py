@@ -16,6 +16,7 @@ from toolrl_analysis.analysis.checkpoints.base import (
     Checkpoint,
     TensorInfo,
     as_view,
+    row_range,
     rows_shape,
     strip_wrapper_prefixes,
 )
@@ -141,6 +142,13 @@ class SafetensorsCheckpoint(Checkpoint):
             self._open_file = file
         assert self._fd is not None
         return self._fd
+
+    def byte_range(self, name, start=0, stop=None):
+        info = self.info(name)
+        start, stop = row_range(info, start, stop)
+        entry = self._entries[name]
+        row_bytes = info.nbytes // info.rows if info.rows else 0
+        return entry.file, entry.offset + start * row_bytes, (stop - start) * row_bytes
 
     def _read(self, info, start, stop, out):
         entry = self._entries[info.name]

@@ -30,10 +30,11 @@ from toolrl_analysis.analysis.diff.tables import (
     json_clean,
     json_records,
     no_spectral,
+    output_directory,
     parameters_frame,
     summarize,
+    write_frames,
 )
-from toolrl_analysis.errors import CheckpointError
 
 
 @dataclass
@@ -59,19 +60,11 @@ class Comparison:
 
         from toolrl_analysis.analysis import plots
 
-        out = Path(out_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
-        written = []
+        out = output_directory(out_dir)
         frames = {"parameters": self.parameters, "components": self.components, "bands": self.bands}
         if self.singular_values is not None:
             frames["singular_values"] = self.singular_values
-        for stem, frame in frames.items():
-            frame.to_csv(out / f"{stem}.csv", index=False)
-            frame.to_parquet(out / f"{stem}.parquet", index=False)
-            written += [out / f"{stem}.csv", out / f"{stem}.parquet"]
+        written = write_frames(out, frames)
         (out / "summary.json").write_text(json.dumps(json_clean(self.summary), indent=2) + "\n")
         written.append(out / "summary.json")
         figures = {

@@ -14,7 +14,6 @@ from toolrl_analysis.analysis.components import (
     ParameterMap,
     ParameterPart,
     map_parameters,
-    parse_selector,
 )
 from toolrl_analysis.errors import CheckpointError, first_names
 
@@ -76,7 +75,7 @@ def plan_pairs(
 
     mapping = map_parameters({n: base_infos[source("base", n)].shape for n in base_names}, base_map.family)
 
-    selector = parse_selector(select, mapping.n_layers) if select else None
+    selector = mapping.parse(select) if select else None
     chosen = mapping.select(selector) if selector else mapping.parts
     chosen_names = list(dict.fromkeys(p.name for p in chosen))
     parts_by_name: dict[str, list[ParameterPart]] = {}

@@ -1,9 +1,10 @@
 """Aggregation into tidy frames: one row per parameter part, per (layer, component), per depth band; the
-JSON-able summary; and the cleaning that makes both valid JSON."""
+JSON-able summary; the cleaning that makes both valid JSON; and writing frames out (shared with ablation)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -18,6 +19,7 @@ from toolrl_analysis.analysis.components import (
 )
 from toolrl_analysis.analysis.diff.metrics import SPARSITY_COLUMNS, SPECTRAL_COLUMNS, cosine_from_norms, ratio
 from toolrl_analysis.analysis.diff.plan import MatchedTensor
+from toolrl_analysis.errors import CheckpointError
 
 BANDS = ("lower", "middle", "upper")
 
@@ -211,3 +213,23 @@ def json_clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def output_directory(out_dir: str | Path) -> Path:
+    """`out_dir`, created if needed; a one-line error when it cannot be."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def write_frames(out: Path, frames: dict[str, pd.DataFrame]) -> list[Path]:
+    """Each frame as `<stem>.csv` and `<stem>.parquet` under `out`; the paths written."""
+    written = []
+    for stem, frame in frames.items():
+        frame.to_csv(out / f"{stem}.csv", index=False)
+        frame.to_parquet(out / f"{stem}.parquet", index=False)
+        written += [out / f"{stem}.csv", out / f"{stem}.parquet"]
+    return written

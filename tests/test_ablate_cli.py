@@ -1,0 +1,201 @@
+"""`toolrl-analyze ablate` end to end on a planted pair of tiny policies (the update lies in the lower-half
+MLPs only, so what each variant keeps of the gain is known exactly), and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from toolrl_analysis.cli import main
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A random 4-block Qwen2 policy with our tokenizer (base.pt) and a copy whose lower-half MLPs carry a
+    planted update (an HF directory), and a small environment set."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_envset
+    from toolrl_analysis.models.chat_template import render_chat
+    from toolrl_analysis.models.checkpoint import save_hf_dir, save_policy
+    from toolrl_analysis.models.general import general_text
+    from toolrl_analysis.models.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("ablate-cli")
+    build = build_envsets(EnvBuildConfig(seed=5, train_size=8, test_per_scenario=2))
+    write_envset(build, root / "envs")
+    corpus = [render_chat(r.messages, tools=r.tools) for r in build.train + build.test]
+    tokenizer = train_tokenizer(corpus + general_text("train", max_chars=10_000), vocab_size=600)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    save_policy(model, tokenizer, root / "base.pt")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".mlp." in name and int(name.split(".")[2]) < LAYERS // 2:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * parameter.std())
+    save_hf_dir(model, tokenizer, root / "trained")
+    return root
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    status = main(["ablate", *map(str, argv)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+FAST = ("--limit", "4", "--max-turns", "1", "--max-new-tokens", "4", "--no-general", "--bootstrap", "200")
+
+
+def test_paper_grid_on_a_planted_pair_recovers_where_the_gain_lives(planted, capsys, tmp_path):
+    status, out, err = run(
+        capsys, planted / "base.pt", planted / "trained", "--grid", "paper", "--envs", planted / "envs",
+        *FAST, "--metric", "nll_real", "--out", tmp_path, "--json",
+    )  # fmt: skip
+    assert status == 0, err
+    document = json.loads(out)
+    frame = pd.DataFrame(document["variants"]).set_index("variant")
+    subsets = ("mlp@lower", "mlp@upper", "attn@lower", "attn@upper", "mlp@0-2")
+    expected = ["base", "trained"] + [
+        f"{kind} {name}"
+        for s in subsets
+        for kind in ("revert", "transplant")
+        for name in (s, f"control({s})")
+    ]
+    assert sorted(frame.index) == sorted(expected)
+    assert frame["evaluated"].all()
+    retained = frame["gain_retained"]
+    # The whole update is in the lower-half MLPs: reverting them is the base, transplanting them is the
+    # trained model; every other subset, and every control (drawn outside mlp@lower), holds no update.
+    assert retained["revert mlp@lower"] == 0.0 and retained["transplant mlp@lower"] == 1.0
+    for subset in ("mlp@upper", "attn@lower", "attn@upper"):
+        assert retained[f"revert {subset}"] == 1.0 and retained[f"transplant {subset}"] == 0.0
+    assert retained["revert control(mlp@lower)"] == 1.0 and retained["transplant control(mlp@lower)"] == 0.0
+    assert frame.loc["revert mlp@lower", "update_share"] == pytest.approx(1.0)
+    assert frame.loc["revert control(mlp@lower)", "update_share"] == 0.0
+    assert frame.loc["revert mlp@lower", "gain_retained_high"] == 0.0  # paired: no spread at all
+    # Each control holds exactly its subset's parameter count.
+    for subset in subsets:
+        assert (
+            frame.loc[f"revert control({subset})", "parameters"]
+            == frame.loc[f"revert {subset}", "parameters"]
+        )
+    # Tool use of a random policy does not move: no gain, so no fraction, and the reason says so.
+    assert "nll_real" in document["summary"]["metric"]
+    assert {
+        "variants.csv",
+        "variants.parquet",
+        "metrics.csv",
+        "metrics.parquet",
+        "ablation.json",
+        "gain_retained.png",
+    } <= {p.name for p in tmp_path.iterdir()}
+    metrics = pd.read_parquet(tmp_path / "metrics.parquet")
+    overall_f1 = metrics[(metrics["metric"] == "solve_f1") & (metrics["scope"] == "overall")]
+    assert len(overall_f1) == len(expected) and overall_f1[["se", "low", "high"]].notna().all().all()
+
+
+def test_variants_are_the_models_evaluate_measures(planted, capsys):
+    """The base and trained rows are what the meter measures on each checkpoint loaded on its own (the
+    variants are written into one model object), and the user's splice sits beside them."""
+    from toolrl_analysis.analysis.ablate import heldout_records
+    from toolrl_analysis.context_meter import measure_roles, role_table
+    from toolrl_analysis.envs.sandbox import Sandbox
+    from toolrl_analysis.models.checkpoint import load_policy
+
+    status, out, err = run(
+        capsys, planted / "base.pt", planted / "trained", "--revert", "mlp@0", "--envs", planted / "envs",
+        *FAST, "--json",
+    )  # fmt: skip
+    assert status == 0, err
+    frame = pd.DataFrame(json.loads(out)["variants"]).set_index("variant")
+    assert list(frame.index) == ["base", "trained", "revert mlp@0"]
+    assert pd.isna(frame.loc["revert mlp@0", "gain_retained"])  # NaN, written as null in JSON
+    assert "within its noise" in frame.loc["revert mlp@0", "gain_retained_reason"]
+    records = heldout_records(planted / "envs", 4)
+    with Sandbox(workers=2) as sandbox:
+        for name, path in (("base", planted / "base.pt"), ("trained", planted / "trained")):
+            model, tokenizer = load_policy(path)
+            table = role_table(measure_roles(model, tokenizer, records, sandbox)).set_index("role")
+            assert frame.loc[name, "nll_real"] == pytest.approx(table.loc["all", "nll_real"], rel=1e-5)
+
+
+def test_save_only_writes_the_hybrid(planted, capsys, tmp_path):
+    from toolrl_analysis.analysis.checkpoints import open_checkpoint
+    from toolrl_analysis.models.checkpoint import load_policy
+
+    target = tmp_path / "hybrid"
+    status, out, err = run(
+        capsys, planted / "base.pt", planted / "trained", "--revert", "mlp@lower", "--save", target
+    )
+    assert status == 0, err
+    assert "saved revert mlp@lower" in out and "hf-directory" in out
+    with open_checkpoint(target) as saved, open_checkpoint(planted / "base.pt") as base:
+        name = "model.layers.0.mlp.up_proj.weight"
+        assert torch.equal(saved.get(name), base.get(name))
+    model, _ = load_policy(target)  # config and tokenizer came along: it loads as a policy
+    assert model.config.num_hidden_layers == LAYERS
+
+
+def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["--revert", "mlp@9", "--save", "{tmp}/x"], ["out of range", "mlp.down", "blocks 0-3"]),
+        (["--revert", "norm.q", "--save", "{tmp}/x"], ["selects no parameters", "attn.q", "blocks 0-3"]),
+        (["--revert", "mlpp", "--save", "{tmp}/x"], ["unknown component", "blocks 0-3"]),
+        (["--grid", "paper", "--save", "{tmp}/x"], ["--grid"]),
+        (["--revert", "mlp"], ["nothing to do"]),
+        (["--envs", "{envs}"], ["nothing to ablate"]),
+        (["--scale", "mlp", "half", "--save", "{tmp}/x"], ["factor must be a number"]),
+        (["--scale", "mlp", "nan", "--save", "{tmp}/x"], ["finite number"]),
+        (["--revert", "mlp", "--save", "{tmp}/x", "--shard-size", "big"], ["--shard-size"]),
+        (["--revert", "mlp", "--envs", "{envs}", "--metric", "accuracy"], ["--metric"]),
+        (["--revert", "mlp", "--save", "{existing}"], ["exists; pass --force"]),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(planted, capsys, tmp_path, argv, fragments):
+    (tmp_path / "existing").mkdir()
+    values = {"tmp": tmp_path, "envs": planted / "envs", "existing": tmp_path / "existing"}
+    argv = [a.format(**values) for a in argv]
+    status, _, err = run(capsys, planted / "base.pt", planted / "trained", *argv)
+    assert_one_line_error(status, err, *fragments)
+    assert not (tmp_path / "x").exists()
+
+
+def test_mismatched_checkpoints_are_reported_as_compare_does(planted, capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    from toolrl_analysis.analysis.checkpoints import open_checkpoint
+
+    with open_checkpoint(planted / "trained") as trained:
+        state = trained.state_dict()
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(60, 32)
+    save_file(state, str(tmp_path / "reshaped.safetensors"))
+    status, _, err = run(
+        capsys,
+        planted / "base.pt",
+        tmp_path / "reshaped.safetensors",
+        "--revert",
+        "mlp",
+        "--save",
+        tmp_path / "x",
+    )
+    assert_one_line_error(status, err, "shape mismatch", "model.layers.1.mlp.up_proj.weight")

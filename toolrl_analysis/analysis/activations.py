@@ -100,13 +100,20 @@ def backend_versions() -> dict[str, str | None]:
 
 
 @contextlib.contextmanager
-def eager_attention(model: Any, wanted: bool) -> Iterator[None]:
-    """Attention weights exist only in the eager implementation; switch to it for the run, then back."""
+def attention_implementation(model: Any, name: str | None) -> Iterator[None]:
+    """Run with attention implementation `name` ("eager", "sdpa"), then switch back; None leaves it alone.
+    Attention weights exist only in "eager"; "sdpa" is several times faster where they are not needed."""
     before = getattr(model.config, "_attn_implementation", None)
-    if not wanted or before == "eager":
+    if name is None or before == name:
         yield
         return
-    model.set_attn_implementation("eager")
+    try:
+        model.set_attn_implementation(name)
+    except ValueError:  # this architecture lacks it: only "sdpa" (a speed-up) can be refused
+        if name == "eager":
+            raise
+        yield
+        return
     try:
         yield
     finally:
@@ -176,7 +183,7 @@ class _HFBackend:
                     )
                 )
         try:
-            with eager_attention(self.model, self.attention):
+            with attention_implementation(self.model, "eager" if self.attention else None):
                 out = self.model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
         finally:
             for hook in hooks:
@@ -265,7 +272,10 @@ class _NNsightBackend:
 
     def run(self, input_ids: torch.Tensor, collector: _Collector) -> None:
         wrapped = self.wrapped
-        with eager_attention(self.model, self.attention), wrapped.trace({"input_ids": input_ids}):
+        with (
+            attention_implementation(self.model, "eager" if self.attention else None),
+            wrapped.trace({"input_ids": input_ids}),
+        ):
             collector.hidden("resid", 0, wrapped.model.embed_tokens.output)
             for block, layer in enumerate(wrapped.model.layers):
                 if "attn_out" in self.sites or self.attention:

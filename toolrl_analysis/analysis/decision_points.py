@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from toolrl_analysis.analysis.activations import CaptureRequest
+from toolrl_analysis.analysis.activations import CaptureRequest, attention_implementation
 from toolrl_analysis.envs.reward import answer_verify
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.models.chat_template import TOOL_TAGS
@@ -301,5 +301,6 @@ def rollout_conversations(
     from toolrl_analysis.rollout import ModelPolicy, run_episodes
 
     policy = ModelPolicy(model, tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
-    episodes = run_episodes(policy, records, sandbox, max_turns=max_turns, on_turn=on_turn)
+    with attention_implementation(model, "sdpa"):  # generation needs no attention weights
+        episodes = run_episodes(policy, records, sandbox, max_turns=max_turns, on_turn=on_turn)
     return [(e.record, e.messages, f"rollout:{name}") for e in episodes]

@@ -155,11 +155,14 @@ def load_records(envs: str | Path, limit: int = 0):
     if not path.is_file():
         raise EnvFormatError(f"no environments at {path}")
     records = read_envs(path)
-    if not limit:
-        return records
+    return balanced(records, limit) if limit else records
+
+
+def balanced(records, count: int):
+    """`count` records taken round-robin over scenarios (the first 40 of a test file are all single-hop)."""
     from toolrl_analysis.training.grpo import balanced_slice
 
-    return balanced_slice(records, limit)
+    return balanced_slice(records, count)
 
 
 def probe_layer_indices(spec: str, n_blocks: int) -> list[int]:
@@ -231,10 +234,7 @@ def run_probe(
     with Sandbox(workers=2) as sandbox:
         conversations = oracle_conversations_for(records, sandbox, config.seed, config.correction_prob)
         if config.rollout_envs:
-            playable = (
-                load_records(envs, config.rollout_envs) if config.rollout_envs < len(records) else records
-            )
-            playable = [r for r in playable if r.meta.get("subquestions")]
+            playable = balanced([r for r in records if r.meta.get("subquestions")], config.rollout_envs)
             for name, (model, model_tokenizer) in models.items():
                 log(f"rollouts of {name} on {len(playable)} environments")
                 conversations += rollout_conversations(

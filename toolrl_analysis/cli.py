@@ -406,7 +406,17 @@ class _SpliceOperation(argparse.Action):
 
 
 def _cmd_probe(args: argparse.Namespace) -> None:
-    raise UserError("probe is not available yet")
+    from toolrl_analysis.analysis.probe_run import ProbeConfig, render_probe, run_probe
+    from toolrl_analysis.config import load_config
+
+    flags = {"tasks": args.tasks, "layers": args.layers, "limit": args.limit, "seeds": args.seeds}
+    overrides = list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    config = load_config(ProbeConfig, None, overrides)
+    log = progress_console().print
+    report = run_probe(args.base, args.trained, args.envs, backend=args.backend, config=config, log=log)
+    if args.out:
+        report.write(args.out)
+    emit(args, report.to_document(), lambda: render_probe(report, console()))
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
@@ -554,8 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base")
     p.add_argument("trained")
     p.add_argument("--envs", required=True)
-    p.add_argument("--backend", choices=["hf", "transformer-lens", "nnsight"], default="hf")
+    p.add_argument("--backend", default="hf", help="hf, transformer-lens or nnsight")
+    p.add_argument("--tasks", default=None, help="comma-separated (default: all four)")
+    p.add_argument("--layers", default=None, help="hidden states, 0 = embeddings: N, a-b, -4:, ... or all")
+    p.add_argument("--limit", type=int, default=None, help="use the first N environments")
+    p.add_argument("--seeds", type=int, default=None, help="splits per probe (mean ± 95%% CI over them)")
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a ProbeConfig key"
+    )
     p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("reproduce", parents=[common], help="the whole chain on the embedded default")

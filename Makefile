@@ -7,7 +7,9 @@ RUN ?= runs/embedded
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: venv test reproduce reproduce-quick lint bench figures clean
+BASE_RUN ?= runs/embedded-base
+
+.PHONY: venv test reproduce reproduce-quick base lint bench figures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -27,6 +29,13 @@ reproduce: $(STAMP)
 
 reproduce-quick: $(STAMP)
 	$(BIN)/toolrl-analyze reproduce --out $(RUN)-quick --quick
+
+# Regenerate the shipped embedded base from training/base.toml (about an hour and a half on 2 cores),
+# then copy the chosen checkpoint and its manifest into toolrl_analysis/data/embedded/.
+base: $(STAMP)
+	$(BIN)/toolrl-analyze envs build --config envs/default.toml --out $(BASE_RUN)/envs
+	$(BIN)/toolrl-analyze train-base --envs $(BASE_RUN)/envs --out $(BASE_RUN)/base $(if $(RESUME),--resume,)
+	$(BIN)/python -m toolrl_analysis.training.ship_base $(BASE_RUN)/base
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

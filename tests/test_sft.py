@@ -59,6 +59,33 @@ def test_assistant_mask_covers_only_what_the_model_writes(envset):
     assert "<tool_response>" in context and "Question:" in context
 
 
+def test_a_failed_call_is_context_but_never_a_target(envset):
+    from toolrl_analysis.envs.oracle import FAILED_CALL
+    from toolrl_analysis.training.base_data import tool_use_examples
+
+    _, build = envset
+    records = [r for r in build.train if r.scenario == "single_hop"][:4]
+    tokenizer = build_policy_tokenizer(build.train, vocab_size=600)
+    with Sandbox(workers=1) as sandbox:
+        (messages,) = oracle_conversations(records[:1], sandbox, random.Random(0), correction_prob=1.0)
+        failed = [m for m in messages if m.get(FAILED_CALL)]
+        assert len(failed) == 1 and failed[0]["role"] == "assistant"
+        for loss_on in ("all", "assistant"):
+            (example,), info = tool_use_examples(
+                tokenizer, records[:1], sandbox, seed=0, correction_prob=1.0, loss_on=loss_on, max_len=4096
+            )
+            ids, targets = example
+            text = tokenizer.decode(ids)
+            taught = tokenizer.decode([i for i, t in zip(ids, targets, strict=True) if t])
+            # Two calls in the context (the failed one and its correction), one of them taught.
+            call = '"arguments": {'
+            assert text.count(call) == 2 and taught.count(call) == 1
+            assert "No record found" in text  # the tool's answer to the misspelled name
+            assert "The answer is" in taught and info["corrections"] == 1
+            if loss_on == "all":
+                assert "Question:" in taught
+
+
 FAST = [
     "vocab_size=600", "tokenizer_envs=60", "stream_envs=120", "envs_per_world=60", "general_tasks=40",
     "batch_tokens=2048", "max_seq_len=1024", "warmup_steps=5", "val_meter_envs=2", "val_solve_envs=1",

@@ -15,6 +15,10 @@ from typing import Any
 from toolrl_analysis.envs.check import golden_calls
 from toolrl_analysis.envs.schema import EnvRecord
 
+# Marks the assistant message of a deliberately failed call (chat templates ignore unknown keys): training
+# shows the model the error and the correction, but does not teach it to make the mistake.
+FAILED_CALL = "failed_call"
+
 
 def corrupt_arguments(arguments: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
     """The golden arguments with their first string value misspelled (a plausible failed call)."""
@@ -43,8 +47,9 @@ def corrupt_arguments(arguments: dict[str, Any], rng: random.Random) -> dict[str
 
 def plan_trajectory(
     record: EnvRecord, rng: random.Random, correction_prob: float
-) -> list[list[tuple[str, dict]]]:
-    """The assistant's calls turn by turn: the golden turns, one of them possibly preceded by a failed call."""
+) -> tuple[list[list[tuple[str, dict]]], int | None]:
+    """The assistant's calls turn by turn: the golden turns, one of them possibly preceded by a failed call.
+    Returns the turns and the index of the failed turn (None without one)."""
     turns = [[(name, args) for _, name, args in turn] for turn in golden_calls(record)]
     if turns and rng.random() < correction_prob:
         at = rng.randrange(len(turns))
@@ -52,28 +57,32 @@ def plan_trajectory(
         wrong = corrupt_arguments(args, rng)
         if wrong is not None:
             turns.insert(at, [(name, wrong)])
-    return turns
+            return turns, at
+    return turns, None
 
 
 def oracle_conversations(
     records: Sequence[EnvRecord], sandbox, rng: random.Random, correction_prob: float = 0.0
 ) -> list[list[dict[str, Any]]]:
-    """Full conversations (question, calls, real tool output, final answer). All calls of all
-    trajectories run in one batched `call_many`: golden arguments never depend on live output."""
+    """Full conversations (question, calls, real tool output, final answer); a failed call's assistant message
+    carries `FAILED_CALL: True`. All calls of all trajectories run in one batched `call_many`: golden
+    arguments never depend on live output."""
     plans = [plan_trajectory(record, rng, correction_prob) for record in records]
     flat = [
         (record.codes.get(name, ""), name, args)
-        for record, plan in zip(records, plans, strict=True)
+        for record, (plan, _) in zip(records, plans, strict=True)
         for turn in plan
         for name, args in turn
     ]
     results = iter(sandbox.call_many(flat) if flat else [])
     conversations = []
-    for record, plan in zip(records, plans, strict=True):
+    for record, (plan, failed) in zip(records, plans, strict=True):
         messages = [dict(m) for m in record.messages]
-        for turn in plan:
+        for index, turn in enumerate(plan):
             calls = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in turn]
             messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            if index == failed:
+                messages[-1][FAILED_CALL] = True
             for name, _ in turn:
                 messages.append({"role": "tool", "name": name, "content": next(results).content})
         messages.append({"role": "assistant", "content": f"The answer is {record.answer}."})

@@ -20,7 +20,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from toolrl_analysis.envs.oracle import oracle_conversations
+from toolrl_analysis.envs.oracle import FAILED_CALL, oracle_conversations
 from toolrl_analysis.envs.pipeline import EnvBuildConfig, stream_environments
 from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord
 
@@ -79,11 +79,15 @@ def tool_use_examples(
         if len(ids) > max_len:
             dropped += 1
             continue
-        examples.append((ids, [1] * len(ids) if loss_on == "all" else mask))
-    corrections = sum(
-        sum(m["role"] == "assistant" for m in c) - 1 > len(r.meta.get("golden_turns", []))
-        for c, r in zip(conversations, records, strict=True)
-    )
+        failed = [
+            i for i, m in enumerate(m for m in messages if m["role"] == "assistant") if m.get(FAILED_CALL)
+        ]
+        targets = [1] * len(ids) if loss_on == "all" else list(mask)
+        for turn, (start, end) in enumerate(_runs(mask)):
+            if turn in failed:  # the mistake stays in the context, but is never a target
+                targets[start:end] = [0] * (end - start)
+        examples.append((ids, targets))
+    corrections = sum(any(m.get(FAILED_CALL) for m in c) for c in conversations)
     info = {
         "scenarios": {s: sum(r.scenario == s for r in records) for s in SCENARIOS},
         "examples": len(examples),
@@ -91,6 +95,18 @@ def tool_use_examples(
         "corrections": corrections,
     }
     return examples, info
+
+
+def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of 1s: the assistant turns of a rendered conversation, in order."""
+    runs, start = [], None
+    for index, flag in enumerate([*mask, 0]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs
 
 
 def general_examples(tokenizer, *, tasks: int, text_count: int, seed: int, max_len: int) -> list[Example]:

@@ -431,6 +431,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one machine-readable JSON document")
+    # How evaluate and ablate play the held-out episodes (one set of flags, one meaning).
+    episodes = argparse.ArgumentParser(add_help=False)
+    episodes.add_argument("--no-general", action="store_true", help="skip the general-capability suite")
+    episodes.add_argument("--max-turns", type=int, default=20, help="assistant turns per episode (FTRL: 20)")
+    episodes.add_argument("--max-new-tokens", type=int, default=512, help="tokens per assistant turn")
+    episodes.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
 
     parser = argparse.ArgumentParser(prog="toolrl-analyze", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -476,15 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_train_grpo)
 
-    p = sub.add_parser("evaluate", parents=[common], help="Solve-P/R/F1 per scenario and general metrics")
+    p = sub.add_parser(
+        "evaluate", parents=[common, episodes], help="Solve-P/R/F1 per scenario and general metrics"
+    )
     p.add_argument("model")
     p.add_argument("--envs", required=True)
     p.add_argument("--out", default=None)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N environments only")
-    p.add_argument("--no-general", action="store_true", help="skip the general-capability suite")
-    p.add_argument("--max-turns", type=int, default=20, help="assistant turns per episode (FTRL: 20)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per assistant turn")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("compare", parents=[common], help="per-layer, per-component checkpoint diff")
@@ -502,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "ablate",
-        parents=[common],
+        parents=[common, episodes],
         help="revert/transplant parts of the update: save the hybrid, or measure what the gain depended on",
     )
     p.add_argument("base")
@@ -552,11 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the frames, ablation.json and gain_retained.png here")
     p.add_argument("--allow-missing", action="store_true")
     p.add_argument("--lora-base", default=None, help="base weights for a PEFT adapter directory")
-    p.add_argument("--no-general", action="store_true", help="skip the general-capability suite")
     p.add_argument("--no-roles", action="store_true", help="skip the context-reading role table")
-    p.add_argument("--max-turns", type=int, default=20, help="assistant turns per episode (FTRL: 20)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per assistant turn")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     p.add_argument("--threads", type=int, default=1, help="torch threads for evaluation (0: torch's default)")
     p.set_defaults(func=_cmd_ablate)
 

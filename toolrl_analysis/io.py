@@ -43,3 +43,19 @@ def _unsafe_pickle_reason(exc: Exception) -> str:
             (line for line in lines if "weights_only" not in line.lower()), "it is not a plain state dict"
         )
     return f"its pickle asks to run code or build non-tensor objects ({detail.rstrip('.')})"
+
+
+def read_json_object(path: str | Path, error: type[Exception] = CheckpointError) -> dict:
+    """A JSON object from a file; unreadable, invalid or non-object content raises `error` in one line."""
+    import json
+
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise error(f"{path} is not a JSON object")
+    return document

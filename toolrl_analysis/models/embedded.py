@@ -13,11 +13,11 @@ weights no longer fit the code, and `stale_reasons` says to regenerate the base 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from toolrl_analysis.errors import CheckpointError
+from toolrl_analysis.io import read_json_object
 
 EMBEDDED = "embedded"
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "data" / "embedded"
@@ -44,15 +44,9 @@ def resolve_model(spec: str | Path) -> Path:
 
 def read_manifest(directory: Path = EMBEDDED_DIR) -> dict[str, Any]:
     path = directory / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"the embedded base has no manifest ({path}); {REGENERATE}") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}; {REGENERATE}") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{path} is not a JSON object; {REGENERATE}")
-    return manifest
+    if not path.is_file():
+        raise CheckpointError(f"the embedded base has no manifest ({path}); {REGENERATE}")
+    return read_json_object(path)
 
 
 def _sha256(text: str) -> str:

@@ -4,7 +4,6 @@ helpers for reading rows into buffers the caller owns."""
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -161,15 +160,3 @@ def strip_wrapper_prefixes(mapping: dict) -> dict:
         if mapping and all(str(k).startswith(prefix) for k in mapping):
             mapping = {str(k)[len(prefix) :]: v for k, v in mapping.items()}
     return mapping
-
-
-def read_json(path: Path) -> dict:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return document

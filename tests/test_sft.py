@@ -148,6 +148,26 @@ def test_resume_continues_to_the_same_weights(envset, tmp_path):
     )
 
 
+def test_a_finished_run_can_be_continued_to_more_steps(envset, tmp_path):
+    import torch
+
+    envs_dir, _ = envset
+    options = ("eval_every=3", "val_solve_envs=0", "val_meter_envs=1", "schedule=constant")
+    train_base(envs_dir, tmp_path / "whole", _fast("steps=9", *options), log=lambda _: None)
+    train_base(envs_dir, tmp_path / "more", _fast("steps=6", *options), log=lambda _: None)
+    summary = train_base(
+        envs_dir, tmp_path / "more", _fast("steps=9", *options), resume=True, log=lambda _: None
+    )
+    assert summary["steps"] == 9
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "step-000009.pt", weights_only=True)["state_dict"]
+    more = torch.load(tmp_path / "more" / "checkpoints" / "step-000009.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(whole[k], more[k]) for k in whole)
+    with pytest.raises(
+        ConfigError, match="changed: steps"
+    ):  # fewer steps than already trained is no extension
+        train_base(envs_dir, tmp_path / "more", _fast("steps=3", *options), resume=True)
+
+
 def test_resume_refuses_a_changed_recipe_and_a_missing_run(envset, tmp_path):
     envs_dir, _ = envset
     with pytest.raises(ConfigError, match="nothing to resume"):

@@ -38,6 +38,9 @@ DATA_SOURCES = ("stream", "envs")
 SELECTIONS = ("band", "last")
 # Keys that say how a run is driven, not what it computes: a resumed run may change them.
 RUN_CONTROL = ("log_every", "time_limit_s")
+# Keys a resumed run may raise to continue training further: with a constant schedule the continued run is the
+# run that was asked for that many steps from the start (with a cosine one the decay is stretched).
+EXTENDABLE = ("steps",)
 
 
 @dataclass
@@ -333,8 +336,11 @@ def train_base(
     if resume:
         saved = read_checkpoint_file(state_path)["train_state"]
         changed = sorted(
-            k for k, v in asdict(config).items() if k not in RUN_CONTROL and saved["config"].get(k) != v
-        )
+            k
+            for k, v in asdict(config).items()
+            if k not in RUN_CONTROL and saved["config"].get(k) != v
+            and not (k in EXTENDABLE and v >= saved["step"])
+        )  # fmt: skip
         if changed:
             raise ConfigError(f"--resume with a different config (changed: {', '.join(changed)})")
         model, tokenizer = load_policy(state_path)

@@ -103,6 +103,19 @@ def test_paper_grid_on_a_planted_pair_recovers_where_the_gain_lives(planted, cap
     metrics = pd.read_parquet(tmp_path / "metrics.parquet")
     overall_f1 = metrics[(metrics["metric"] == "solve_f1") & (metrics["scope"] == "overall")]
     assert len(overall_f1) == len(expected) and overall_f1[["se", "low", "high"]].notna().all().all()
+    # Per variant x environment, the episodes and the meter's sums are kept, so that a later reader (the
+    # report) redraws the same paired bootstrap: here it recovers the variants' own figures.
+    from toolrl_analysis.analysis.ablate import stratified_resamples
+    from toolrl_analysis.analysis.ablate.tables import role_estimates
+
+    episodes, meter = pd.read_csv(tmp_path / "episodes.csv"), pd.read_csv(tmp_path / "meter.csv")
+    assert set(episodes["variant"]) == set(meter["variant"]) == set(expected)
+    first = episodes[episodes["variant"] == "base"]
+    resamples = stratified_resamples(first["scenario"].tolist(), 200, 0)
+    for variant in ("base", "trained", "revert mlp@upper"):
+        nll = role_estimates(meter[meter["variant"] == variant], len(first), resamples)[("all", "nll_real")]
+        assert nll.value == pytest.approx(frame.loc[variant, "nll_real"])
+        assert nll.se == pytest.approx(frame.loc[variant, "nll_real_se"])
 
 
 def test_variants_are_the_models_evaluate_measures(planted, capsys):

@@ -420,11 +420,43 @@ def _cmd_probe(args: argparse.Namespace) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
-    from toolrl_analysis.reproduce import reproduce
+    from rich.progress import BarColumn, Progress, TextColumn
 
-    log = progress_console().print
-    summary = reproduce(args.out, quick=args.quick, force=args.force, log=log)
-    emit(args, summary, lambda: console().print(f"done: {summary['report']}"))
+    from toolrl_analysis.report import report_document
+    from toolrl_analysis.reproduce import reproduce
+    from toolrl_analysis.reproduce.progress import clock
+
+    stderr = progress_console()
+    columns = (
+        TextColumn("{task.description}", markup=False),  # "[3/11] train grpo" is text, not markup
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}% | elapsed {task.fields[elapsed]}, ETA {task.fields[eta]}"),
+    )
+    # On a terminal a bar across stages under the log lines; in a log file only the plain lines.
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+        task = progress.add_task("reproduce", total=1.0, elapsed="0m00s", eta="?")
+
+        def on_snapshot(snap) -> None:
+            stage = f"[{snap.index}/{snap.total}] {snap.stage}"
+            progress.update(
+                task, completed=snap.done_fraction, description=stage, elapsed=clock(snap.elapsed_s),
+                eta=clock(snap.eta_s),
+            )  # fmt: skip
+
+        summary = reproduce(
+            args.out, quick=args.quick, force=args.force, base=args.base, overrides=args.set,
+            config_dir=args.config_dir, on_snapshot=on_snapshot,
+            log=lambda line: progress.console.print(line, markup=False, highlight=False),
+        )  # fmt: skip
+    document = summary | report_document(args.out)
+
+    def render() -> None:
+        out = console()
+        for verdict in document["verdicts"]:
+            out.print(f"{verdict['claim']} {verdict['verdict']}", markup=False)
+        out.print(f"report: {summary['report']}", markup=False)
+
+    emit(args, document, render)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +610,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", parents=[common], help="the whole chain on the embedded default")
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in minutes, not a result")
-    p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    p.add_argument("--force", action="store_true", help="redo every stage, up to date or not")
+    p.add_argument(
+        "--base",
+        default="embedded",
+        help="embedded (the shipped base), train (run train-base), or a policy .pt",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+        help="override a stage's config key (stages: envs, base, grpo, eval, ablate, probe)",
+    )  # fmt: skip
+    p.add_argument(
+        "--config-dir", default=None, help="where envs/default.toml and training/*.toml are (default: here)"
+    )
     p.set_defaults(func=_cmd_reproduce)
     return parser
 

@@ -35,6 +35,10 @@ class Ablation:
     variants: pd.DataFrame | None
     metrics: pd.DataFrame | None
     summary: dict[str, Any] = field(default_factory=dict)
+    # Per variant x environment: the episodes and the meter's sums, so that a later reader (the report)
+    # can draw the same paired bootstrap and compare two variants directly.
+    episodes: pd.DataFrame | None = None
+    meter: pd.DataFrame | None = None
 
     def to_document(self) -> dict[str, Any]:
         frames = {"variants": self.variants, "metrics": self.metrics}
@@ -43,11 +47,16 @@ class Ablation:
         }
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """variants / metrics as CSV and parquet, ablation.json, and gain_retained.png."""
+        """variants / metrics / episodes / meter as CSV and parquet, ablation.json, and gain_retained.png."""
         from toolrl_analysis.analysis.plots import plot_gain_retained
 
         out = output_directory(out_dir)
-        frames = {"variants": self.variants, "metrics": self.metrics}
+        frames = {
+            "variants": self.variants,
+            "metrics": self.metrics,
+            "episodes": self.episodes,
+            "meter": self.meter,
+        }
         written = write_frames(out, {stem: frame for stem, frame in frames.items() if frame is not None})
         (out / "ablation.json").write_text(json.dumps(self.to_document(), indent=1) + "\n")
         written.append(out / "ablation.json")
@@ -166,7 +175,11 @@ def ablate(
             "seconds": time.perf_counter() - started,
         }
     )
-    return Ablation(frame, metrics, summary)
+    episodes = pd.concat([r.episodes.assign(variant=r.variant.name) for r in results], ignore_index=True)
+    meters = [r.meter.assign(variant=r.variant.name) for r in results if r.meter is not None]
+    return Ablation(
+        frame, metrics, summary, episodes, pd.concat(meters, ignore_index=True) if meters else None
+    )
 
 
 def _control_summary(variant: Variant) -> dict[str, Any]:

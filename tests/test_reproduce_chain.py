@@ -1,0 +1,154 @@
+"""`reproduce` end to end, at tiny sizes, from a small random base: every stage runs, the report carries its
+verdicts and rules, the figures are redrawn byte for byte from the saved tables, an up-to-date run skips every
+stage, a changed key of training/grpo.toml reruns the GRPO stages and everything after them (nothing before),
+and a GRPO stage interrupted part-way resumes from its checkpoint. One scenario, so the chain runs about twice."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import tiny_random_qwen2
+
+from toolrl_analysis.report import CLAIMS, RULES, judge_all, write_figures
+from toolrl_analysis.reproduce import reproduce
+
+REPO = Path(__file__).resolve().parents[1]
+# On top of --quick: a 2-block model of width 32 and a handful of environments keep the chain near a minute.
+TINY = [
+    "envs.train_size=24", "envs.test_per_scenario=3",
+    "grpo.iterations=2", "grpo.envs_per_iteration=2", "grpo.max_samples_per_iteration=4", "grpo.group_size=2",
+    "grpo.max_turns=2", "grpo.max_new_tokens=16", "grpo.mini_batch_size=8",
+    "eval.limit=0", "eval.max_turns=2", "eval.max_new_tokens=16", "eval.general_tasks=8",
+    "ablate.limit=8", "ablate.max_turns=1", "ablate.max_new_tokens=8", "ablate.bootstrap=100",
+    "probe.seeds=2", "probe.min_class_count=2", "probe.max_iter=20",
+]  # fmt: skip
+STAGES = [
+    "envs", "base", "evaluate base", "train grpo", "train reinforce++", "evaluate grpo", "evaluate reinforce++",
+    "compare grpo", "compare reinforce++", "ablate", "probe",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_policy(tmp_path_factory):
+    from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets
+    from toolrl_analysis.models.checkpoint import save_policy
+    from toolrl_analysis.models.tokenizer import build_policy_tokenizer
+
+    root = tmp_path_factory.mktemp("chain-base")
+    tokenizer = build_policy_tokenizer(
+        build_envsets(EnvBuildConfig(seed=3, train_size=16)).train, vocab_size=700
+    )
+    return save_policy(tiny_random_qwen2(tokenizer, max_positions=4096), tokenizer, root / "base.pt")
+
+
+@pytest.fixture
+def configs(tmp_path):
+    """A copy of the repository's configs, for a test to edit."""
+    for name in ("envs/default.toml", "training/base.toml", "training/grpo.toml"):
+        (tmp_path / "configs" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / name, tmp_path / "configs" / name)
+    return tmp_path / "configs"
+
+
+def run_chain(run, base_policy, configs, lines):
+    return reproduce(
+        run, quick=True, base=str(base_policy), overrides=TINY, config_dir=configs, log=lines.append
+    )
+
+
+def statuses(summary):
+    return {name: info["status"] for name, info in summary["timings"].items()}
+
+
+def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tmp_path, base_policy, configs):
+    run, lines = tmp_path / "run", []
+    summary = run_chain(run, base_policy, configs, lines)
+    assert statuses(summary) == dict.fromkeys(STAGES, "ran")
+
+    report = (run / "report.md").read_text()
+    assert report.splitlines()[2].startswith("> **Smoke run (`--quick`).**")  # said at the top
+    for text in [*CLAIMS.values(), *RULES.values()]:
+        assert text in report
+    verdicts = {v.key: v.verdict for v in judge_all(run)[0]}
+    # A random policy solves nothing before or after RL: the rules must say there is no gain, and that there
+    # is then nothing to attribute or explain.
+    assert verdicts["tool_use"] == "not reproduced"
+    assert verdicts["lower_mlp"] == "inconclusive" and verdicts["context"] == "inconclusive"
+    assert verdicts["general"] in ("reproduced", "not reproduced", "inconclusive")
+    log = (run / "reproduce.log").read_text()
+    assert "[4/12] train grpo: run (not run yet)" in log and "[12/12] report" in log and "ETA" in log
+
+    # Every figure again, from the saved tables alone, as the README runs it: the same bytes, within 30 s.
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "figures/make_figures.py", "--run", str(run), "--out", str(tmp_path / "again")],
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    assert time.perf_counter() - started < 30
+    first = {p.name: p.read_bytes() for p in (run / "figures").glob("*.png")}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "again").glob("*.png")} == first
+    assert {"solve_f1.png", "rl_curves.png", "heatmap_grpo.png", "bands_reinforce_pp.png", "gain_retained.png",
+            "probe_curves_resid.png", "attention_mass.png", "attention_difference.png"} <= set(first)  # fmt: skip
+
+    # Up to date: nothing runs again.
+    assert set(statuses(run_chain(run, base_policy, configs, lines)).values()) == {"skipped"}
+
+    # One key of training/grpo.toml changes, and the GRPO stage is interrupted part-way (Ctrl-C): nothing
+    # before it reruns, and rerunning the same command resumes it from its checkpoint, then runs everything
+    # after it.
+    grpo_toml = configs / "training" / "grpo.toml"
+    grpo_toml.write_text(grpo_toml.read_text().replace("lr = 5e-5", "lr = 1e-4", 1))
+    lines.clear()
+    with interrupted_after_one_grpo_iteration(), pytest.raises(KeyboardInterrupt):
+        run_chain(run, base_policy, configs, lines)
+    assert "[4/12] train grpo: run (configuration changed: lr 5e-05 -> 0.0001)" in "\n".join(lines)
+    assert [line.split(":")[0] for line in lines if ": skip (up to date)" in line] == [
+        "[1/12] envs", "[2/12] base", "[3/12] evaluate base",
+    ]  # fmt: skip
+    assert lines[-1] == "interrupted during train grpo; run the same command again to continue there"
+    assert json.loads((run / "grpo" / "stage.json").read_text())["status"] == "running"
+
+    lines.clear()
+    after = statuses(run_chain(run, base_policy, configs, lines))
+    assert after == {name: {"envs": "skipped", "base": "skipped", "evaluate base": "skipped",
+                            "train grpo": "resumed"}.get(name, "ran") for name in STAGES}  # fmt: skip
+    assert "[4/12] train grpo: resume (did not finish; resuming from its last checkpoint)" in "\n".join(lines)
+    assert "resumed from iteration 1" in "\n".join(lines)
+    assert pd.read_csv(run / "grpo" / "metrics.csv")["iteration"].tolist() == [1, 2]
+    assert any(line.startswith("[6/12] evaluate grpo: run (inputs changed: policy)") for line in lines)
+    assert json.loads((run / "grpo" / "stage.json").read_text())["config"]["lr"] == 1e-4
+
+
+@contextlib.contextmanager
+def interrupted_after_one_grpo_iteration():
+    from toolrl_analysis.training.grpo import GRPOTrainer
+
+    update = GRPOTrainer.update
+
+    def update_then_ctrl_c(self, samples):
+        stats = update(self, samples)
+        self.stop_requested = True  # what the trainer's SIGINT handler does: finish the iteration, save, stop
+        return stats
+
+    GRPOTrainer.update = update_then_ctrl_c
+    try:
+        yield
+    finally:
+        GRPOTrainer.update = update
+
+
+def test_figures_need_only_the_saved_tables(tmp_path):
+    """An empty run directory draws nothing and reports that nothing was run, without touching a model."""
+    run = tmp_path / "empty"
+    run.mkdir()
+    assert write_figures(run) == []
+    verdicts = {v.key: v.verdict for v in judge_all(run)[0]}
+    assert set(verdicts.values()) == {"inconclusive"}

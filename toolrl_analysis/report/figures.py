@@ -1,0 +1,75 @@
+"""Every figure of a run, drawn from its saved tables alone (no model runs), byte-identical for the same run.
+
+PNGs carry no date; the one metadata field matplotlib writes by default (its version) is dropped too, so
+the bytes depend only on the tables and the plotting code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from toolrl_analysis.report.tables import ORDER, POLICIES, TRAINED, read_csv, tool_use_points
+
+DPI = 120
+METADATA = {"Software": None}
+
+
+def save_figure(figure, path: Path, tight: bool = True) -> Path:
+    figure.savefig(path, dpi=DPI, bbox_inches="tight" if tight else None, metadata=METADATA)
+    return path
+
+
+def training_curves(run: Path) -> pd.DataFrame:
+    frames = [
+        frame.assign(policy=POLICIES[policy])
+        for policy in TRAINED
+        if (frame := read_csv(run / policy / "metrics.csv")) is not None
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_figures(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Solve-F1 per policy and scenario, the RL curves, the base's loss curve, the parameter-change
+    heatmaps, layer profiles and band summaries, the ablation chart, and the probe and attention plots."""
+    from toolrl_analysis.analysis import plots
+    from toolrl_analysis.analysis.probe_plots import (
+        plot_attention_difference,
+        plot_attention_mass,
+        plot_probe_curves,
+    )
+
+    run = Path(run)
+    out = Path(out_dir) if out_dir else run / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(figure, name: str) -> None:
+        written.append(save_figure(figure, out / name))
+
+    points = tool_use_points(run)
+    if not points.empty:
+        save(plots.plot_policy_scores(points, "solve_f1", order=ORDER), "solve_f1.png")
+    curves = training_curves(run)
+    if not curves.empty:
+        save(plots.plot_training_curves(curves), "rl_curves.png")
+    if (loss := read_csv(run / "base" / "loss.csv")) is not None:
+        save(plots.plot_loss_curve(loss), "base_loss.png")
+    for policy in TRAINED:
+        if (components := read_csv(run / "compare" / policy / "components.csv")) is not None:
+            save(plots.plot_component_heatmap(components), f"heatmap_{policy}.png")
+            save(plots.plot_layer_profile(components), f"layers_{policy}.png")
+        if (bands := read_csv(run / "compare" / policy / "bands.csv")) is not None and not bands.empty:
+            save(plots.plot_band_summary(bands), f"bands_{policy}.png")
+    if (variants := read_csv(run / "ablate" / "variants.csv")) is not None:
+        save(plots.plot_gain_retained(variants), "gain_retained.png")
+    probe = run / "probe"
+    if (summary := read_csv(probe / "probe_summary.csv")) is not None:
+        for site in dict.fromkeys(summary["site"]):
+            save(plot_probe_curves(summary, site), f"probe_curves_{site}.png")
+    if (by_block := read_csv(probe / "attention_by_block.csv")) is not None:
+        save(plot_attention_mass(by_block), "attention_mass.png")
+    if (heads := read_csv(probe / "head_comparison.csv")) is not None:
+        save(plot_attention_difference(heads), "attention_difference.png")
+    return written

@@ -1,0 +1,257 @@
+"""RUN/report.md: the run held against the paper, section by section, from the run's saved files alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from toolrl_analysis.report.tables import (
+    POLICIES,
+    TRAINED,
+    ablation_table,
+    environment_table,
+    general_table,
+    probe_frames,
+    probe_table,
+    read_csv,
+    read_json,
+    role_table_by_policy,
+    tool_use_estimates_by_policy,
+    tool_use_table,
+)
+from toolrl_analysis.report.verdicts import judge_all
+
+SMOKE = (
+    "> **Smoke run (`--quick`).** Every stage ran at a few environments and one or two RL iterations to "
+    "check that the chain works end to end. Nothing below is a result; the verdicts are computed by the "
+    "same rules but on far too little data to mean anything."
+)
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    frame = frame.copy()
+    for column in frame.columns:
+        if pd.api.types.is_float_dtype(frame[column]):
+            frame[column] = frame[column].map(lambda v: "n/a" if pd.isna(v) else f"{v:.{digits}f}")
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    rows = [
+        "| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *rows])
+
+
+def _figures(run: Path, *names: str) -> list[str]:
+    return [f"![{name}](figures/{name}.png)" for name in names if (run / "figures" / f"{name}.png").is_file()]
+
+
+def _header(run: Path) -> list[str]:
+    lines = ["# Reproducing FTRL's analysis (Ye et al., 2025) on the embedded model", ""]
+    document = read_json(run / "reproduce.json") or {}
+    if document.get("quick"):
+        lines += [SMOKE, ""]
+    base = f"`{document.get('base', '?')}`"
+    shipped = read_json(run / "base" / "embedded_manifest.json") or {}
+    chosen = [r for r in shipped.get("validation", []) if r.get("step") == shipped.get("chosen_step")]
+    if chosen and "val_f1_overall" in chosen[0]:
+        base += f" (chosen at step {shipped['chosen_step']}, validation Solve-F1 {chosen[0]['val_f1_overall']:.3f})"
+    lines += [
+        f"Base: {base}. Every number below is computed from the files in this directory; "
+        "`python figures/make_figures.py --run RUN` redraws the figures and this report without running a model.",
+        "",
+    ]
+    ablate, probe = document.get("ablate") or {}, document.get("probe") or {}
+    evaluation = document.get("eval") or {}
+    if document:
+        limit = evaluation.get("limit") or "all"
+        lines += [
+            f"Sizes: evaluation on {limit} test environments ({evaluation.get('max_turns')} turns, "
+            f"{evaluation.get('max_new_tokens')} tokens a turn, {evaluation.get('general_tasks')} general tasks); "
+            f"ablation on a balanced slice of {ablate.get('limit')} test environments "
+            f"({ablate.get('bootstrap')} bootstrap replicates); probes on {probe.get('limit') or 'all'} environments "
+            f"({probe.get('seeds')} seeds, {probe.get('rollout_envs')} rollout environments per model).",
+            "",
+        ]
+    return lines
+
+
+def _verdicts(run: Path) -> list[str]:
+    verdicts, _ = judge_all(run)
+    lines = ["## Verdicts", "", "| claim | verdict |", "|---|---|"]
+    lines += [f"| {v.claim} | **{v.verdict}** |" for v in verdicts]
+    lines += [""]
+    for v in verdicts:
+        lines += [f"**{v.claim}** *{v.verdict}.* {v.evidence}", "", f"*Rule:* {v.rule}", ""]
+    return lines
+
+
+def _environments(run: Path) -> list[str]:
+    table = environment_table(run)
+    if table is None:
+        return []
+    lines = ["## 1. Environments (the paper's five-stage construction)", "", markdown_table(table), ""]
+    manifest = read_json(run / "envs" / "manifest.json") or {}
+    integration = manifest.get("integration")
+    if integration:
+        lines += [
+            f"Function integration: {integration['documents']} documents became {integration['tools']} tools "
+            f"(ratio {integration['ratio_tools_per_document']}; {integration['merges']} merges in "
+            f"{integration['environments_with_merge']} environments). Columns after *merges / env* give the share "
+            "of environments each complexity-scaling operation was applied to.",
+            "",
+        ]
+    return lines
+
+
+def _tool_use(run: Path) -> list[str]:
+    estimates = tool_use_estimates_by_policy(run)
+    if not estimates:
+        return []
+    lines = [
+        "## 2. Tool use: base vs GRPO vs Reinforce++ (the paper's Table 2, in miniature)",
+        "",
+        "Greedy episodes on the held-out test environments; each cell is the mean with its 95% bootstrap "
+        "interval (environments resampled within scenario). `overall` is the mean over scenarios, as FTRL reports.",
+        "",
+    ]
+    for metric, label in (("solve_f1", "Solve-F1"), ("solve_p", "Solve-P"), ("solve_r", "Solve-R")):
+        lines += [f"{label}:", "", markdown_table(tool_use_table(estimates, metric)), ""]
+    return lines + _figures(run, "solve_f1", "rl_curves", "base_loss") + [""]
+
+
+def _general(run: Path) -> list[str]:
+    table = general_table(run)
+    if table is None:
+        return []
+    return [
+        "## 3. General ability (the paper's MMLU/BBH/GSM8K columns, in miniature)",
+        "",
+        "Held-out text loss (lower is better) and exact match on short general tasks asked through the chat "
+        "template, with Wilson 95% intervals.",
+        "",
+        markdown_table(table),
+        "",
+    ]
+
+
+def _roles(run: Path) -> list[str]:
+    table = role_table_by_policy(run)
+    if table is None:
+        return []
+    return [
+        "## 4. Context reading: the role-NLL table",
+        "",
+        "Teacher-forced NLL (nats per token) of held-out oracle trajectories, per token role; *gap* is the NLL with "
+        "another environment's question and tool responses minus the NLL with the real ones: how much the model "
+        "reads its context for that role.",
+        "",
+        markdown_table(table),
+        "",
+    ]
+
+
+def _parameters(run: Path) -> list[str]:
+    lines = []
+    for policy in TRAINED:
+        bands = read_csv(run / "compare" / policy / "bands.csv")
+        if bands is None:
+            continue
+        if not lines:
+            lines = ["## 5. Where the update went (the paper's parameter-change analysis)", ""]
+        lines += [
+            f"{POLICIES[policy]}: share of the squared update norm per depth band and component family.",
+            "",
+            markdown_table(bands),
+            "",
+            *_figures(run, f"heatmap_{policy}", f"bands_{policy}"),
+            "",
+        ]
+    return lines
+
+
+def _ablation(run: Path) -> list[str]:
+    table = ablation_table(run)
+    if table is None:
+        return []
+    summary = (read_json(run / "ablate" / "ablation.json") or {}).get("summary", {})
+    lines = [
+        "## 6. What the gain depends on: ablation of the GRPO update",
+        "",
+        f"`ablate --grid paper` on {summary.get('environments')} test environments: each variant reverts a part "
+        "of the update to the base (or transplants only that part into the base), beside a size-matched random "
+        "control; *gain retained* = (variant - base) / (trained - base), n/a when the gain is within its noise.",
+        "",
+        markdown_table(table),
+        "",
+    ]
+    for control in summary.get("controls", []):
+        note = f" ({control['note']})" if control.get("note") else ""
+        lines.append(
+            f"- control({control['subset']}): {control['parameters']:,} parameters, update energy "
+            f"{control['energy_ratio']:.2f}x the subset's{note}"
+        )
+    return lines + [""] + _figures(run, "gain_retained") + [""]
+
+
+def _probes(run: Path) -> list[str]:
+    frames = probe_frames(run)
+    if "probe_summary" not in frames or "probe_comparison" not in frames:
+        return []
+    lines = [
+        "## 7. Context understanding inside the network: probes and attention",
+        "",
+        "Linear probes per layer (0 = embeddings) on the hidden state at each decision point, for base and "
+        "trained, with Hewitt & Liang control tasks (selectivity = accuracy - control accuracy); mean and 95% "
+        "interval over seeds; differences paired over seeds and Holm-corrected.",
+        "",
+        markdown_table(probe_table(frames["probe_summary"], frames["probe_comparison"])),
+        "",
+    ]
+    attention = frames.get("attention_comparison")
+    if attention is not None and not attention.empty:
+        rows = attention.groupby("region", sort=False).agg(
+            base=("base_mean", "mean"), trained=("trained_mean", "mean"),
+            blocks_that_differ=("significant", lambda s: int(s.astype(bool).sum())),
+        )  # fmt: skip
+        lines += [
+            "Attention mass from the decision token to each region of the context (mean over blocks):",
+            "",
+            markdown_table(rows.reset_index()),
+            "",
+        ]
+    return lines + _figures(run, "probe_curves_resid", "attention_mass", "attention_difference") + [""]
+
+
+def _timings(run: Path) -> list[str]:
+    timings = read_json(run / "timings.json")
+    if not timings:
+        return []
+    rows = [
+        {"stage": name, "this invocation": info.get("status"), "seconds": info.get("seconds")}
+        for name, info in timings.items()
+    ]
+    return [
+        "## Wall time per stage (2 CPU cores unless stated)",
+        "",
+        markdown_table(pd.DataFrame(rows), 1),
+        "",
+    ]
+
+
+def write_report(run: str | Path) -> Path:
+    run = Path(run)
+    lines = _header(run) + _verdicts(run)
+    for section in (_environments, _tool_use, _general, _roles, _parameters, _ablation, _probes, _timings):
+        lines += section(run)
+    path = run / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+def report_document(run: str | Path) -> dict:
+    """The verdicts as JSON (for `reproduce --json`)."""
+    verdicts, by_policy = judge_all(run)
+    claims = [{"claim": v.claim, "verdict": v.verdict, "evidence": v.evidence} for v in verdicts]
+    return {"verdicts": claims, "tool_use_by_policy": by_policy}

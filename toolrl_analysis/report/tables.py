@@ -1,0 +1,287 @@
+"""The run's saved files read back as tables, with their uncertainties. Nothing here runs a model.
+
+Tool-use intervals come from a stratified bootstrap over the evaluated environments (the ablation's
+bootstrap, `analysis/ablate/bootstrap.py`), paired across policies whenever they were evaluated on the same
+environments in the same order, which `reproduce` guarantees.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from toolrl_analysis.analysis.ablate.bootstrap import Estimate, Resamples, binomial, stratified_resamples
+from toolrl_analysis.analysis.ablate.tables import role_estimates, tool_use_estimates
+from toolrl_analysis.envs.schema import SCENARIOS
+
+POLICIES = {"base": "base", "grpo": "GRPO", "reinforce_pp": "Reinforce++"}
+TRAINED = ("grpo", "reinforce_pp")
+REPLICATES = 2000
+SEED = 0
+ORDER = [*SCENARIOS, "overall"]
+
+
+def read_csv(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.is_file() and path.stat().st_size else None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+# -- environments ------------------------------------------------------------------------------------
+def environment_table(run: Path) -> pd.DataFrame | None:
+    """Per scenario (train and test together): environments, sub-questions, tools offered, distractors,
+    merged tools, and the share of environments each complexity-scaling operation was applied to."""
+    from toolrl_analysis.envs.scaling import OPERATIONS
+    from toolrl_analysis.envs.schema import read_envs
+
+    paths = [run / "envs" / f"{split}.jsonl" for split in ("train", "test")]
+    if not all(p.is_file() for p in paths):
+        return None
+    rows = []
+    for split, path in zip(("train", "test"), paths, strict=True):
+        for record in read_envs(path):
+            meta = record.meta
+            row = {
+                "scenario": record.scenario,
+                "split": split,
+                "subquestions": record.n_subquestions,
+                "tools": len(record.tools),
+                "distractors": len(meta.get("distractors") or []),
+                "merges": len(meta.get("merges") or []),
+            }
+            row |= {op: op in (meta.get("scaling") or []) for op in OPERATIONS}
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    out = []
+    for scenario in [s for s in SCENARIOS if s in set(frame["scenario"])]:
+        chosen = frame[frame["scenario"] == scenario]
+        subs = chosen["subquestions"]
+        row = {
+            "scenario": scenario,
+            "train": int((chosen["split"] == "train").sum()),
+            "test": int((chosen["split"] == "test").sum()),
+            "sub-questions": f"{subs.mean():.2f} ({subs.min()}-{subs.max()})",
+            "tools offered": f"{chosen['tools'].mean():.2f}",
+            "distractors": f"{chosen['distractors'].mean():.2f}",
+            "merges / env": f"{chosen['merges'].mean():.2f}",
+        }
+        row |= {op.replace("_", " "): f"{chosen[op].mean():.0%}" for op in OPERATIONS}
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+# -- tool use ------------------------------------------------------------------------------------------
+def episodes_of(run: Path) -> dict[str, pd.DataFrame]:
+    found = {}
+    for policy in POLICIES:
+        frame = read_csv(run / "eval" / policy / "episodes.csv")
+        if frame is not None and not frame.empty:
+            found[policy] = frame
+    return found
+
+
+def resamples_for(episodes: pd.DataFrame, replicates: int = REPLICATES, seed: int = SEED) -> Resamples:
+    return stratified_resamples(episodes["scenario"].tolist(), replicates, seed)
+
+
+def paired(episodes: dict[str, pd.DataFrame]) -> bool:
+    """Whether every policy was evaluated on the same environments in the same order."""
+    ids = [tuple(frame["env_id"].astype(str)) for frame in episodes.values()]
+    return all(i == ids[0] for i in ids)
+
+
+def tool_use_estimates_by_policy(run: Path) -> dict[str, dict[tuple[str, str], Estimate]]:
+    """policy -> (scope, metric) -> Estimate; one set of resamples for all when the evaluations pair."""
+    episodes = episodes_of(run)
+    if not episodes:
+        return {}
+    shared = resamples_for(next(iter(episodes.values()))) if paired(episodes) else None
+    return {
+        policy: tool_use_estimates(frame, shared or resamples_for(frame))
+        for policy, frame in episodes.items()
+    }
+
+
+def interval(estimate: Estimate, digits: int = 3) -> str:
+    low, high = estimate.interval
+    return f"{estimate.value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def tool_use_table(estimates: dict[str, dict[tuple[str, str], Estimate]], metric: str) -> pd.DataFrame:
+    """One row per scenario, one column per policy: `metric` with its 95% interval."""
+    rows = []
+    for scope in ORDER:
+        row = {"scenario": scope}
+        for policy, by_key in estimates.items():
+            if (scope, metric) in by_key:
+                row[POLICIES[policy]] = interval(by_key[(scope, metric)])
+        if len(row) > 1:
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def tool_use_points(run: Path) -> pd.DataFrame:
+    """policy, scenario, solve_p, solve_r, solve_f1 from eval/<policy>/tool_use.csv (for the bar chart)."""
+    frames = []
+    for policy in POLICIES:
+        frame = read_csv(run / "eval" / policy / "tool_use.csv")
+        if frame is not None:
+            frames.append(frame.assign(policy=POLICIES[policy]))
+    if not frames:
+        return pd.DataFrame(columns=["policy", "scenario", "solve_p", "solve_r", "solve_f1"])
+    tidy = pd.concat(frames)
+    return tidy.pivot_table(index=["policy", "scenario"], columns="metric", values="value").reset_index()
+
+
+# -- general ability ---------------------------------------------------------------------------------
+def general_values(run: Path, policy: str) -> dict[str, float] | None:
+    frame = read_csv(run / "eval" / policy / "general.csv")
+    if frame is None:
+        return None
+    return {f"{r.suite}.{r.metric}": float(r.value) for r in frame.itertuples()}
+
+
+def exact_match_change(base: dict[str, float], trained: dict[str, float]) -> dict[str, float]:
+    """trained - base exact match with a 95% normal interval for two independent proportions (the per-task
+    outcomes are not saved, so the pairing is not used: a conservative interval)."""
+    n = int(base.get("tasks.tasks", 0))
+    first = binomial(base["tasks.exact_match"], n)
+    second = binomial(trained["tasks.exact_match"], int(trained.get("tasks.tasks", 0)))
+    se = float(np.hypot(first["se"], second["se"]))
+    diff = second["value"] - first["value"]
+    return {"value": diff, "low": diff - 1.959963984540054 * se, "high": diff + 1.959963984540054 * se}
+
+
+def general_table(run: Path) -> pd.DataFrame | None:
+    values = {p: v for p in POLICIES if (v := general_values(run, p)) is not None}
+    if not values:
+        return None
+    rows = []
+    for policy, found in values.items():
+        accuracy = binomial(found["tasks.exact_match"], int(found.get("tasks.tasks", 0)))
+        row = {
+            "policy": POLICIES[policy],
+            "held-out text loss": f"{found['heldout_text.loss']:.4f}",
+            "exact match [95%]": f"{accuracy['value']:.3f} [{accuracy['low']:.3f}, {accuracy['high']:.3f}]",
+            "contains answer": f"{found.get('tasks.contains_answer', float('nan')):.3f}",
+            "tasks": int(found.get("tasks.tasks", 0)),
+        }
+        if policy != "base" and "base" in values:
+            loss = values["base"]["heldout_text.loss"]
+            row["loss change"] = f"{(found['heldout_text.loss'] - loss) / loss:+.2%}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# -- context reading (role-NLL table) -----------------------------------------------------------------
+def role_table_by_policy(run: Path) -> pd.DataFrame | None:
+    from toolrl_analysis.context_meter import role_table
+
+    tables = {}
+    for policy in POLICIES:
+        frame = read_csv(run / "eval" / policy / "roles.csv")
+        if frame is not None:
+            tables[policy] = role_table(frame).set_index("role")
+    if not tables:
+        return None
+    first = next(iter(tables.values()))
+    out = pd.DataFrame({"role": first.index, "tokens": first["tokens"].to_numpy()})
+    for policy, table in tables.items():
+        out[f"NLL {POLICIES[policy]}"] = out["role"].map(table["nll_real"])
+        out[f"gap {POLICIES[policy]}"] = out["role"].map(table["gap"])
+    return out[out["tokens"] > 0].reset_index(drop=True)
+
+
+# -- ablation ----------------------------------------------------------------------------------------
+def ablation_estimates(run: Path, metric: str = "solve_f1") -> dict[str, Any] | None:
+    """variant -> overall `metric` Estimate, and the context gap of base and trained, from the ablation's
+    saved episodes and meter sums, with the ablation's own bootstrap draws (seed and replicates)."""
+    episodes = read_csv(run / "ablate" / "episodes.csv")
+    document = read_json(run / "ablate" / "ablation.json")
+    if episodes is None or document is None:
+        return None
+    summary = document.get("summary", {})
+    first = episodes[episodes["variant"] == episodes["variant"].iloc[0]]
+    resamples = stratified_resamples(
+        first["scenario"].tolist(),
+        int(summary.get("bootstrap_replicates", 1000)),
+        int(summary.get("seed", 0)),
+    )
+    values = {
+        variant: tool_use_estimates(frame.reset_index(drop=True), resamples)[("overall", metric)]
+        for variant, frame in episodes.groupby("variant", sort=False)
+    }
+    gaps = {}
+    meter = read_csv(run / "ablate" / "meter.csv")
+    if meter is not None:
+        for variant in ("base", "trained"):
+            found = role_estimates(meter[meter["variant"] == variant], len(first), resamples)
+            if ("overall", "context_gap") in found:
+                gaps[variant] = found[("overall", "context_gap")]
+    return {"metric": values, "context_gap": gaps, "environments": len(first), "summary": summary}
+
+
+def ablation_table(run: Path) -> pd.DataFrame | None:
+    variants = read_csv(run / "ablate" / "variants.csv")
+    if variants is None:
+        return None
+    metric = variants["retained_metric"].iloc[0] if "retained_metric" in variants else "solve_f1"
+    rows = []
+    for row in variants.to_dict(orient="records"):
+        retained = "n/a"
+        if not pd.isna(row["gain_retained"]):
+            retained = f"{row['gain_retained']:.2f} [{row['gain_retained_low']:.2f}, {row['gain_retained_high']:.2f}]"
+        rows.append(
+            {
+                "variant": row["variant"],
+                "parameters": int(row["parameters"]),
+                "update share": "" if pd.isna(row["update_share"]) else f"{row['update_share']:.2f}",
+                metric: f"{row.get(metric, float('nan')):.3f} ± {row.get(f'{metric}_se', float('nan')):.3f}",
+                "gain retained [95%]": retained,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# -- probes ------------------------------------------------------------------------------------------
+def probe_frames(run: Path) -> dict[str, pd.DataFrame]:
+    names = (
+        "probe_summary",
+        "probe_comparison",
+        "attention_by_block",
+        "attention_comparison",
+        "head_comparison",
+    )
+    return {name: frame for name in names if (frame := read_csv(run / "probe" / f"{name}.csv")) is not None}
+
+
+def probe_table(summary: pd.DataFrame, comparison: pd.DataFrame) -> pd.DataFrame:
+    """Per task (residual stream): each model's best layer by accuracy, and where trained and base differ."""
+    rows = []
+    summary = summary[summary["site"] == "resid"]
+    for task, frame in summary.groupby("task", sort=False):
+        row = {"task": task}
+        for model in ("base", "trained"):
+            chosen = frame[frame["model"] == model]
+            if chosen.empty:
+                continue
+            top = chosen.loc[chosen["accuracy_mean"].idxmax()]
+            row[f"{model} best layer: accuracy"] = (
+                f"{int(top['layer'])}: {top['accuracy_mean']:.2f} [{top['accuracy_ci_low']:.2f}, "
+                f"{top['accuracy_ci_high']:.2f}]"
+            )
+            row[f"{model} selectivity there"] = f"{top['selectivity_mean']:.2f}"
+        differs = comparison[(comparison["task"] == task) & (comparison["site"] == "resid")]
+        differs = differs[differs["significant"].astype(bool)]
+        row["differs (Holm), trained - base"] = (
+            ", ".join(f"{r.metric} @{int(r.layer)} {r.diff_mean:+.2f}" for r in differs.itertuples())
+            or "nowhere"
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,218 @@
+"""The stages of `reproduce`, in order, each calling the library function its command calls (cli.py):
+
+envs build -> the base (the shipped embedded base, a policy file, or train-base) -> evaluate it ->
+train-grpo with GRPO and with Reinforce++ -> evaluate each -> compare each with the base -> ablate --grid
+paper and probe on the GRPO pair -> figures and report.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from toolrl_analysis.reproduce.settings import ChainSettings
+from toolrl_analysis.reproduce.stages import Stage, StageContext
+
+# The two RL runs: run directory -> train-grpo's --algo.
+ALGORITHMS = {"grpo": "grpo", "reinforce_pp": "reinforce++"}
+ANALYSED = "grpo"  # ablation and probing explain the GRPO pair, the paper's main run
+
+
+def _asdict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def envs_stage(run: Path, settings: ChainSettings) -> Stage:
+    from toolrl_analysis.envs.pipeline import build_envsets, write_envset
+
+    config = settings.envs
+    total = config.train_size + 4 * config.test_per_scenario
+
+    def action(ctx: StageContext) -> None:
+        built = [0]
+
+        def advance(n: int) -> None:
+            built[0] += n
+            ctx.fraction(built[0] / total)
+
+        write_envset(build_envsets(config, progress=advance), run / "envs")
+
+    outputs = ("train.jsonl", "test.jsonl", "manifest.json")
+    return Stage("envs", run / "envs", outputs, {}, _asdict(config), action)
+
+
+def base_stage(run: Path, settings: ChainSettings) -> Stage:
+    from toolrl_analysis.models.embedded import EMBEDDED_DIR, MANIFEST_FILE, embedded_base_path
+
+    out = run / "base"
+    if settings.base == "train":
+        from toolrl_analysis.training.sft import train_base
+
+        def train(ctx: StageContext) -> None:
+            # train-base checkpoints every eval_every steps; stopped before the first, it starts again
+            resume = ctx.resume and (out / "checkpoints" / "state.pt").is_file()
+            train_base(
+                run / "envs", out, settings.sft, resume=resume,
+                on_step=lambda state: ctx.fraction(state.step / max(1, state.total)), log=ctx.log,
+            )  # fmt: skip
+
+        inputs = {
+            "envs/train.jsonl": run / "envs" / "train.jsonl",
+            "envs/manifest.json": run / "envs" / "manifest.json",
+        }
+        config = {"source": "train-base", **_asdict(settings.sft)}
+        return Stage("base", out, ("base.pt",), inputs, config, train, after=("envs",), resumable=True)
+
+    # The shipped base (or a given policy file) is copied into the run, so the run holds every file it used.
+    source = embedded_base_path() if settings.base == "embedded" else Path(settings.base)
+
+    def copy(ctx: StageContext) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out / "base.pt")
+        if settings.base == "embedded" and (EMBEDDED_DIR / MANIFEST_FILE).is_file():
+            shutil.copyfile(EMBEDDED_DIR / MANIFEST_FILE, out / "embedded_manifest.json")
+
+    config = {"source": settings.base if settings.base == "embedded" else "file"}
+    return Stage("base", out, ("base.pt",), {"base": source}, config, copy)
+
+
+def eval_stage(run: Path, settings: ChainSettings, policy: str, model: Path, after: str) -> Stage:
+    from toolrl_analysis.envs.schema import balanced_slice, read_envs, write_envs
+    from toolrl_analysis.evaluate import evaluate_checkpoint
+
+    options = settings.eval
+    out = run / "eval" / policy
+
+    def action(ctx: StageContext) -> None:
+        def on_turn(turn_index, episodes) -> None:  # episodes first; the general suite and roles follow
+            ctx.fraction(0.8 * sum(e.done for e in episodes) / max(1, len(episodes)))
+
+        envs = run / "envs" / "test.jsonl"
+        if options.limit:  # a slice balanced over scenarios (the file's first records are all single-hop)
+            out.mkdir(parents=True, exist_ok=True)
+            write_envs(balanced_slice(read_envs(envs), options.limit), out / "environments.jsonl")
+            envs = out / "environments.jsonl"
+        report = evaluate_checkpoint(
+            model, envs, general=options.general, max_turns=options.max_turns,
+            max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+            n_general_tasks=options.general_tasks, on_turn=on_turn,
+        )  # fmt: skip
+        report.save(out)
+
+    inputs = {"policy": model, "envs/test.jsonl": run / "envs" / "test.jsonl"}
+    outputs = ("evaluation.json", "tool_use.csv", "episodes.csv")
+    return Stage(
+        f"evaluate {ALGORITHMS.get(policy, policy)}",
+        out,
+        outputs,
+        inputs,
+        _asdict(options),
+        action,
+        after=(after, "envs"),
+    )
+
+
+def rl_stage(run: Path, settings: ChainSettings, name: str) -> Stage:
+    from toolrl_analysis.training.commands import train_grpo
+
+    config = dataclasses.replace(settings.grpo, algo=ALGORITHMS[name])
+    out = run / name
+
+    def action(ctx: StageContext) -> None:
+        summary = train_grpo(
+            run / "envs", run / "base" / "base.pt", out, config, resume=ctx.resume,
+            on_iteration=lambda row: ctx.fraction(row["iteration"] / max(1, config.iterations)), log=ctx.log,
+        )  # fmt: skip
+        if summary["interrupted"]:  # Ctrl-C: the trainer saved a checkpoint; the rerun resumes from it
+            raise KeyboardInterrupt
+
+    inputs = {"base/base.pt": run / "base" / "base.pt", "envs/train.jsonl": run / "envs" / "train.jsonl"}
+    return Stage(
+        f"train {ALGORITHMS[name]}", out, ("trained.pt", "metrics.csv"), inputs, _asdict(config), action,
+        after=("base", "envs"), resumable=True,
+    )  # fmt: skip
+
+
+def compare_stage(run: Path, name: str) -> Stage:
+    from toolrl_analysis.analysis.diff import compare_checkpoints
+
+    out = run / "compare" / name
+    base, trained = run / "base" / "base.pt", run / name / "trained.pt"
+
+    def action(ctx: StageContext) -> None:
+        def progress(tensor: str, done: int, total: int) -> None:
+            ctx.fraction(done / max(1, total))
+
+        compare_checkpoints(base, trained, progress=progress).write(out)
+
+    inputs = {"base/base.pt": base, f"{name}/trained.pt": trained}
+    outputs = ("summary.json", "components.csv", "bands.csv")
+    return Stage(f"compare {ALGORITHMS[name]}", out, outputs, inputs, {"spectral": False}, action,
+                 after=("base", f"train {ALGORITHMS[name]}"))  # fmt: skip
+
+
+def ablate_stage(run: Path, settings: ChainSettings) -> Stage:
+    from toolrl_analysis.analysis.ablate import EvaluationOptions, ablate
+
+    options = settings.ablate
+    out = run / "ablate"
+    base, trained = run / "base" / "base.pt", run / ANALYSED / "trained.pt"
+
+    def action(ctx: StageContext) -> None:
+        def progress(name: str, done: int, total: int) -> None:
+            ctx.fraction(done / max(1, total))
+
+        evaluation = EvaluationOptions(
+            general=options.general, roles=options.roles, max_turns=options.max_turns,
+            max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+            general_tasks=options.general_tasks,
+        )  # fmt: skip
+        result = ablate(
+            base, trained, grid="paper", envs=run / "envs", limit=options.limit, seed=options.seed,
+            replicates=options.bootstrap, metric=options.metric, options=evaluation, progress=progress,
+        )  # fmt: skip
+        result.write(out)
+
+    inputs = {
+        "base/base.pt": base,
+        f"{ANALYSED}/trained.pt": trained,
+        "envs/test.jsonl": run / "envs" / "test.jsonl",
+    }
+    outputs = ("variants.csv", "metrics.csv", "episodes.csv", "ablation.json")
+    return Stage(
+        "ablate", out, outputs, inputs, _asdict(options), action, after=("base", "train grpo", "envs")
+    )
+
+
+def probe_stage(run: Path, settings: ChainSettings) -> Stage:
+    from toolrl_analysis.analysis.probe_run import run_probe
+
+    out = run / "probe"
+    base, trained = run / "base" / "base.pt", run / ANALYSED / "trained.pt"
+    envs = run / "envs" / "test.jsonl"
+
+    def action(ctx: StageContext) -> None:
+        run_probe(base, trained, envs, backend="hf", config=settings.probe, log=ctx.log).write(out)
+
+    inputs = {"base/base.pt": base, f"{ANALYSED}/trained.pt": trained, "envs/test.jsonl": envs}
+    outputs = ("probe_summary.csv", "probe_comparison.csv", "probe.json")
+    config = {"backend": "hf", **_asdict(settings.probe)}
+    return Stage("probe", out, outputs, inputs, config, action, after=("base", "train grpo", "envs"))
+
+
+def build_stages(run: Path, settings: ChainSettings) -> list[Stage]:
+    base = run / "base" / "base.pt"
+    stages = [
+        envs_stage(run, settings),
+        base_stage(run, settings),
+        eval_stage(run, settings, "base", base, "base"),
+    ]
+    stages += [rl_stage(run, settings, name) for name in ALGORITHMS]
+    stages += [
+        eval_stage(run, settings, name, run / name / "trained.pt", f"train {algo}")
+        for name, algo in ALGORITHMS.items()
+    ]
+    stages += [compare_stage(run, name) for name in ALGORITHMS]
+    stages += [ablate_stage(run, settings), probe_stage(run, settings)]
+    return stages

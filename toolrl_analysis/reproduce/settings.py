@@ -1,0 +1,153 @@
+"""What each stage of `reproduce` runs with: the repository's TOML configs, the sizes of the default and the
+`--quick` run, and `--set STAGE.KEY=VALUE` overrides on top.
+
+The default run is sized to finish in about an hour on 2 CPU cores from the shipped base: the whole test
+split is evaluated, while ablation and probing use a balanced slice of it (`limit`), which the report says.
+`--quick` cuts every stage down to a smoke run of a few minutes; it is not a result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from toolrl_analysis.config import load_config, require
+from toolrl_analysis.errors import ConfigError
+
+BASE_SOURCES = ("embedded", "train")  # or the path of a policy file
+
+
+@dataclass
+class EvalSettings:
+    """`evaluate` of each policy on the test split (and its general suite and role-NLL table)."""
+
+    limit: int = 0  # environments, balanced over scenarios (0: the whole test split)
+    max_turns: int = 20  # FTRL's episode length
+    max_new_tokens: int = 128  # our policy's turns are ~40 tokens; this stops a rambling one early
+    batch_size: int = 32
+    general: bool = True
+    general_tasks: int = 256  # exact-match tasks: enough for the "general ability is kept" interval
+
+    def validate(self) -> None:
+        require(self.limit >= 0, "limit", "must not be negative")
+        for key in ("max_turns", "max_new_tokens", "batch_size", "general_tasks"):
+            require(getattr(self, key) >= 1, key, "must be at least 1")
+
+
+@dataclass
+class AblateSettings:
+    """`ablate --grid paper` on the GRPO pair."""
+
+    limit: int = 48  # environments, balanced over scenarios; 22 variants are each evaluated on them
+    max_turns: int = 20
+    max_new_tokens: int = 128
+    batch_size: int = 32
+    general: bool = True
+    general_tasks: int = 64
+    roles: bool = True  # the role-NLL table per variant (the behavioural context-reading measure)
+    bootstrap: int = 1000
+    seed: int = 0
+    metric: str = "solve_f1"
+
+    def validate(self) -> None:
+        require(self.limit >= 1, "limit", "must be at least 1")
+        for key in ("max_turns", "max_new_tokens", "batch_size", "general_tasks"):
+            require(getattr(self, key) >= 1, key, "must be at least 1")
+        require(self.bootstrap >= 2, "bootstrap", "must be at least 2")
+
+
+# Overrides of the default run (on top of the TOML files); measured to keep `make reproduce` near an hour.
+DEFAULT = {
+    "envs": [],
+    "base": [],
+    "grpo": [],
+    "eval": [],
+    "ablate": [],
+    "probe": ["limit=64", "rollout_envs=16", "seeds=5"],
+}
+# The smoke run: every stage at a few environments and one or two iterations.
+QUICK = {
+    "envs": ["train_size=80", "test_per_scenario=4"],
+    "base": ["steps=60", "stream_envs=240", "tokenizer_envs=100", "eval_every=60", "val_solve_envs=1",
+             "val_meter_envs=2", "general_tasks=200"],
+    "grpo": ["iterations=2", "envs_per_iteration=4", "max_samples_per_iteration=8", "group_size=4",
+             "eval_every=0", "max_turns=4", "max_new_tokens=48", "save_every=1"],
+    "eval": ["limit=8", "max_turns=4", "max_new_tokens=48", "general_tasks=16"],
+    "ablate": ["limit=8", "max_turns=2", "max_new_tokens=32", "general=false", "bootstrap=200"],
+    "probe": ["limit=16", "rollout_envs=0", "seeds=2", "max_iter=30"],
+}  # fmt: skip
+STAGE_KEYS = tuple(DEFAULT)
+
+
+def split_overrides(items: list[str]) -> dict[str, list[str]]:
+    """`--set STAGE.KEY=VALUE` -> {stage: ["KEY=VALUE", ...]}; the error names the stages there are."""
+    out: dict[str, list[str]] = {stage: [] for stage in STAGE_KEYS}
+    for item in items:
+        key, sep, value = item.partition("=")
+        stage, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(
+                f"--set {item!r} must look like STAGE.KEY=VALUE (STAGE: {', '.join(STAGE_KEYS)})"
+            )
+        if stage not in out:
+            raise ConfigError(f"--set {item!r}: unknown stage {stage!r} (one of {', '.join(STAGE_KEYS)})")
+        out[stage].append(f"{name}={value}")
+    return out
+
+
+def _file(config_dir: Path, name: str) -> Path | None:
+    """The repository's config file if present; elsewhere the dataclass defaults (the same values)."""
+    path = config_dir / name
+    return path if path.is_file() else None
+
+
+@dataclass
+class ChainSettings:
+    quick: bool
+    base: str
+    envs: Any
+    sft: Any
+    grpo: Any
+    eval: EvalSettings
+    ablate: AblateSettings
+    probe: Any
+
+    def document(self) -> dict[str, Any]:
+        fields = ("envs", "sft", "grpo", "eval", "ablate", "probe")
+        return {"quick": self.quick, "base": self.base} | {
+            k: dataclasses.asdict(getattr(self, k)) for k in fields
+        }
+
+
+def load_settings(
+    quick: bool = False,
+    base: str = "embedded",
+    overrides: list[str] | None = None,
+    config_dir: Path | None = None,
+) -> ChainSettings:
+    from toolrl_analysis.analysis.probe_run import ProbeConfig
+    from toolrl_analysis.envs.pipeline import EnvBuildConfig
+    from toolrl_analysis.training.grpo import GRPOConfig
+    from toolrl_analysis.training.sft import SFTConfig
+
+    config_dir = Path(config_dir) if config_dir is not None else Path.cwd()
+    sizes = QUICK if quick else DEFAULT
+    extra = split_overrides(list(overrides or []))
+    if base not in BASE_SOURCES and not Path(base).is_file():
+        raise ConfigError(f"--base must be embedded, train or a policy file; {base} is none of them")
+
+    def merged(stage: str) -> list[str]:
+        return sizes[stage] + extra[stage]
+
+    return ChainSettings(
+        quick=quick,
+        base=base,
+        envs=load_config(EnvBuildConfig, _file(config_dir, "envs/default.toml"), merged("envs")),
+        sft=load_config(SFTConfig, _file(config_dir, "training/base.toml"), merged("base")),
+        grpo=load_config(GRPOConfig, _file(config_dir, "training/grpo.toml"), merged("grpo")),
+        eval=load_config(EvalSettings, None, merged("eval")),
+        ablate=load_config(AblateSettings, None, merged("ablate")),
+        probe=load_config(ProbeConfig, None, merged("probe")),
+    )

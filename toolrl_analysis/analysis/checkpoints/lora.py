@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from toolrl_analysis.analysis.checkpoints.base import Checkpoint, TensorInfo, as_view, read_json, row_range
+from toolrl_analysis.analysis.checkpoints.base import Checkpoint, TensorInfo, as_view, row_range
 from toolrl_analysis.analysis.checkpoints.safetensors_files import SafetensorsCheckpoint
 from toolrl_analysis.analysis.checkpoints.torch_files import TorchCheckpoint
 from toolrl_analysis.errors import CheckpointError, first_names
+from toolrl_analysis.io import read_json_object
 
 PEFT_PREFIX = "base_model.model."
 
@@ -41,7 +42,7 @@ class LoraCheckpoint(Checkpoint):
     def __init__(self, path: Path, base: Checkpoint):
         path = Path(path)
         self.base = base
-        self.adapter_config = read_json(path / "adapter_config.json")
+        self.adapter_config = read_json_object(path / "adapter_config.json")
         peft_type = str(self.adapter_config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise CheckpointError(f"{path}: PEFT adapter type {peft_type} is not supported (only LoRA)")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from toolrl_analysis.analysis.checkpoints.base import Checkpoint, read_json
+from toolrl_analysis.analysis.checkpoints.base import Checkpoint
 from toolrl_analysis.analysis.checkpoints.lora import LoraCheckpoint
 from toolrl_analysis.analysis.checkpoints.safetensors_files import SafetensorsCheckpoint
 from toolrl_analysis.analysis.checkpoints.torch_files import TorchCheckpoint
 from toolrl_analysis.errors import CheckpointError, first_names
+from toolrl_analysis.io import read_json_object
 from toolrl_analysis.models.embedded import resolve_model
 
 
@@ -72,7 +73,7 @@ def open_checkpoint(
         if isinstance(base, LoraCheckpoint):
             raise CheckpointError(f"the base of adapter {path} is itself an adapter ({base.path})")
         return LoraCheckpoint(path, base)
-    config = read_json(path / "config.json") if (path / "config.json").is_file() else None
+    config = read_json_object(path / "config.json") if (path / "config.json").is_file() else None
     if kind == "hf-safetensors":
         return SafetensorsCheckpoint(path, [path / "model.safetensors"], config, format=kind)
     if kind == "hf-sharded":
@@ -104,7 +105,7 @@ def open_pair(
 
 
 def _shard_files(path: Path, index_name: str) -> list[Path]:
-    index = read_json(path / index_name)
+    index = read_json_object(path / index_name)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{path / index_name} has no weight_map")

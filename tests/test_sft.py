@@ -87,7 +87,7 @@ def test_a_failed_call_is_context_but_never_a_target(envset):
 
 
 FAST = [
-    "vocab_size=600", "tokenizer_envs=60", "stream_envs=120", "envs_per_world=60", "general_tasks=40",
+    "vocab_size=600", "curriculum_steps=0", "tokenizer_envs=60", "stream_envs=120", "envs_per_world=60", "general_tasks=40",
     "batch_tokens=2048", "max_seq_len=1024", "warmup_steps=5", "val_meter_envs=2", "val_solve_envs=1",
     "val_max_new_tokens=24", "threads=1", "log_every=5",
 ]  # fmt: skip
@@ -148,24 +148,43 @@ def test_resume_continues_to_the_same_weights(envset, tmp_path):
     )
 
 
-def test_a_finished_run_can_be_continued_to_more_steps(envset, tmp_path):
+def test_a_finished_run_can_be_continued_to_more_steps_or_into_its_decay(envset, tmp_path):
     import torch
 
     envs_dir, _ = envset
     options = ("eval_every=3", "val_solve_envs=0", "val_meter_envs=1", "schedule=constant")
-    train_base(envs_dir, tmp_path / "whole", _fast("steps=9", *options), log=lambda _: None)
-    train_base(envs_dir, tmp_path / "more", _fast("steps=6", *options), log=lambda _: None)
-    summary = train_base(
-        envs_dir, tmp_path / "more", _fast("steps=9", *options), resume=True, log=lambda _: None
-    )
-    assert summary["steps"] == 9
-    whole = torch.load(tmp_path / "whole" / "checkpoints" / "step-000009.pt", weights_only=True)["state_dict"]
-    more = torch.load(tmp_path / "more" / "checkpoints" / "step-000009.pt", weights_only=True)["state_dict"]
+
+    def weights(run):
+        return torch.load(run / "checkpoints" / "step-000009.pt", weights_only=True)["state_dict"]
+
+    def quiet(*overrides, run, resume=False):
+        return train_base(
+            envs_dir, tmp_path / run, _fast(*options, *overrides), resume=resume, log=lambda _: None
+        )
+
+    quiet("steps=9", run="whole")
+    quiet("steps=6", run="more")
+    assert quiet("steps=9", run="more", resume=True)["steps"] == 9
+    whole, more = weights(tmp_path / "whole"), weights(tmp_path / "more")
     assert all(torch.equal(whole[k], more[k]) for k in whole)
+    # a constant run branched at step 6 into a 3-step linear decay is the wsd run asked for from the start
+    quiet("steps=9", "schedule=wsd", "decay_steps=3", run="wsd")
+    quiet("steps=6", run="branch")
+    quiet("steps=9", "schedule=wsd", "decay_steps=3", run="branch", resume=True)
+    wsd, branch = weights(tmp_path / "wsd"), weights(tmp_path / "branch")
+    assert all(torch.equal(wsd[k], branch[k]) for k in wsd)
+    assert not all(torch.equal(wsd[k], whole[k]) for k in wsd)  # the decay did change the last steps
+    with pytest.raises(ConfigError, match="changed: steps"):  # fewer steps than already trained
+        train_base(envs_dir, tmp_path / "more", _fast(*options, "steps=3"), resume=True)
     with pytest.raises(
-        ConfigError, match="changed: steps"
-    ):  # fewer steps than already trained is no extension
-        train_base(envs_dir, tmp_path / "more", _fast("steps=3", *options), resume=True)
+        ConfigError, match="changed: steps, schedule, decay_steps"
+    ):  # a decay that began at step 7
+        train_base(
+            envs_dir,
+            tmp_path / "more",
+            _fast(*options, "steps=12", "schedule=wsd", "decay_steps=5"),
+            resume=True,
+        )
 
 
 def test_resume_refuses_a_changed_recipe_and_a_missing_run(envset, tmp_path):

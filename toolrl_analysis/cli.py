@@ -196,7 +196,8 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
         lambda: console().print(
             f"base written to {summary['out']}/base.pt and {summary['out']}/hf "
             f"({summary['parameters']:,} parameters, {summary['steps']} steps, loss "
-            f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, {summary['seconds']:.0f}s); "
+            f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, {summary['train_seconds']:.0f}s of training "
+            f"over all sessions, {summary['seconds']:.0f}s this one); "
             f"chose step {summary['chosen_step']}: {summary['chosen_because']}"
         ),
     )

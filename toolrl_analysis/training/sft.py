@@ -31,16 +31,18 @@ import torch
 from toolrl_analysis.config import require
 from toolrl_analysis.envs.schema import SCENARIOS
 from toolrl_analysis.training.base_data import Example
-from toolrl_analysis.training.schedules import warmup_then_cosine
+from toolrl_analysis.training.schedules import warmup_stable_decay, warmup_then_cosine
 
 LOSS_ON = ("all", "assistant")
 DATA_SOURCES = ("stream", "envs")
 SELECTIONS = ("band", "last")
 # Keys that say how a run is driven, not what it computes: a resumed run may change them.
 RUN_CONTROL = ("log_every", "time_limit_s")
-# Keys a resumed run may raise to continue training further: with a constant schedule the continued run is the
-# run that was asked for that many steps from the start (with a cosine one the decay is stretched).
-EXTENDABLE = ("steps",)
+# Keys a resumed run may change to continue training further, as long as the learning rate of every step
+# already taken stays what it was: the continued run is then the run that had asked for them from the start
+# (more steps at a constant rate, or a constant run branched into its wsd decay).
+EXTENDABLE = ("steps", "schedule", "decay_steps")
+SCHEDULES = ("cosine", "constant", "wsd")
 
 
 @dataclass
@@ -91,9 +93,11 @@ class SFTConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    # Linear warm-up steps; then "cosine" (to 10% of lr at the last step) or "constant".
+    # Linear warm-up steps; then "cosine" (to 10% of lr at the last step), "constant", or "wsd": constant
+    # until the last `decay_steps`, then linearly to 0 (a constant run can be resumed into its decay).
     warmup_steps: int = 50
     schedule: str = "cosine"
+    decay_steps: int = 0
     # Maximum global L2 norm of the gradient per optimiser step.
     grad_clip: float = 1.0
     # Validation every this many steps (and at the end): the role-NLL meter on `val_meter_envs` per scenario
@@ -150,7 +154,9 @@ class SFTConfig:
             "must be two numbers in [0, 1)",
         )
         require(self.warmup_steps >= 0, "warmup_steps", "must not be negative")
-        require(self.schedule in ("cosine", "constant"), "schedule", "must be cosine or constant")
+        require(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
+        require(0 <= self.decay_steps <= self.steps, "decay_steps", "must be between 0 and steps")
+        require(self.schedule != "wsd" or self.decay_steps > 0, "decay_steps", "must be positive with wsd")
         require(self.grad_clip > 0, "grad_clip", "must be positive")
         require(self.eval_every >= 1, "eval_every", "must be at least 1")
         require(self.val_meter_envs >= 0, "val_meter_envs", "must not be negative")
@@ -169,7 +175,16 @@ class SFTConfig:
     def lr_factor(self, step: int) -> float:
         if self.schedule == "constant":
             return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.schedule == "wsd":
+            return warmup_stable_decay(step, self.warmup_steps, self.steps, self.decay_steps)
         return warmup_then_cosine(step, self.warmup_steps, self.steps)
+
+
+def _same_past(saved: SFTConfig, config: SFTConfig, step: int) -> bool:
+    """Whether `config` trains at least `step` steps and gives each of them the learning rate it had."""
+    return config.steps >= step and all(
+        math.isclose(saved.lr_factor(s), config.lr_factor(s), rel_tol=1e-12) for s in range(step)
+    )
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -338,9 +353,13 @@ def train_base(
         changed = sorted(
             k
             for k, v in asdict(config).items()
-            if k not in RUN_CONTROL and saved["config"].get(k) != v
-            and not (k in EXTENDABLE and v >= saved["step"])
-        )  # fmt: skip
+            if k not in RUN_CONTROL and k not in EXTENDABLE and saved["config"].get(k) != v
+        )
+        extended = [
+            k for k in EXTENDABLE if saved["config"].get(k, getattr(SFTConfig, k, None)) != getattr(config, k)
+        ]
+        if extended and not _same_past(SFTConfig(**saved["config"]), config, saved["step"]):
+            changed += extended
         if changed:
             raise ConfigError(f"--resume with a different config (changed: {', '.join(changed)})")
         model, tokenizer = load_policy(state_path)
@@ -468,7 +487,7 @@ def train_base(
         "first_loss": curve[0]["loss"] if curve else None,
         "final_loss": curve[-1]["loss"] if curve else None,
         "tokens": tokens_seen,
-        "train_seconds": spent,
+        "train_seconds": spent,  # every session of the run (resumed ones too), validation included
         "seconds": time.perf_counter() - started,
         "data": data_info,
         "envs_seed": build.seed,

@@ -30,7 +30,7 @@ reproduce: $(STAMP)
 reproduce-quick: $(STAMP)
 	$(BIN)/toolrl-analyze reproduce --out $(RUN)-quick --quick
 
-# Regenerate the shipped embedded base from training/base.toml (about an hour and a half on 2 cores),
+# Regenerate the shipped embedded base from training/base.toml (about 50 minutes on 2 cores),
 # then copy the chosen checkpoint and its manifest into toolrl_analysis/data/embedded/.
 base: $(STAMP)
 	$(BIN)/toolrl-analyze envs build --config envs/default.toml --out $(BASE_RUN)/envs

@@ -358,7 +358,8 @@ def train_base(
         extended = [
             k for k in EXTENDABLE if saved["config"].get(k, getattr(SFTConfig, k, None)) != getattr(config, k)
         ]
-        if extended and not _same_past(SFTConfig(**saved["config"]), config, saved["step"]):
+        known = {k: v for k, v in saved["config"].items() if k in SFTConfig.__dataclass_fields__}
+        if extended and not _same_past(SFTConfig(**known), config, saved["step"]):
             changed += extended
         if changed:
             raise ConfigError(f"--resume with a different config (changed: {', '.join(changed)})")

@@ -1,4 +1,5 @@
-"""Reading checkpoint files safely: shared by the policy loader (models/) and the diff readers (analysis/).
+"""Reading files safely: checkpoints (shared by the policy loader in models/ and the diff readers in
+analysis/), JSON objects, and content hashes.
 
 `torch.load(weights_only=True)` never unpickles code; every failure a user can cause becomes a one-line
 `CheckpointError` naming the file.
@@ -59,3 +60,14 @@ def read_json_object(path: str | Path, error: type[Exception] = CheckpointError)
     if not isinstance(document, dict):
         raise error(f"{path} is not a JSON object")
     return document
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoints can be large)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

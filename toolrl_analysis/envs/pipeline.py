@@ -11,7 +11,6 @@ same subjects count as the same question, whatever the wording).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 import statistics
@@ -30,6 +29,7 @@ from toolrl_analysis.envs.scaling import OPERATIONS, ScalingSettings, scale
 from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord, write_envs
 from toolrl_analysis.envs.world import World, build_world
 from toolrl_analysis.errors import ConfigError, UserError
+from toolrl_analysis.io import file_sha256
 
 
 @dataclass
@@ -315,7 +315,7 @@ def write_envset(build: EnvSetBuild, out_dir: str | Path) -> dict[str, Path]:
     write_envs(build.train, paths["train"])
     write_envs(build.test, paths["test"])
     build.manifest["files"] = {
-        name: {"records": len(records), "sha256": hashlib.sha256(paths[name].read_bytes()).hexdigest()}
+        name: {"records": len(records), "sha256": file_sha256(paths[name])}
         for name, records in (("train", build.train), ("test", build.test))
     }
     paths["manifest"].write_text(

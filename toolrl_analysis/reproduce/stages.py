@@ -13,7 +13,6 @@ and a rerun upstream stage that wrote the same bytes leaves everything after it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -22,16 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolrl_analysis.io import file_sha256
+
 RECORD = "stage.json"
 RUNNING, DONE = "running", "done"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:

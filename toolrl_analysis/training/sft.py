@@ -30,8 +30,10 @@ import torch
 
 from toolrl_analysis.config import require
 from toolrl_analysis.envs.schema import SCENARIOS
+from toolrl_analysis.errors import UserError
+from toolrl_analysis.io import read_json_object
 from toolrl_analysis.training.base_data import Example
-from toolrl_analysis.training.schedules import warmup_stable_decay, warmup_then_cosine
+from toolrl_analysis.training.schedules import linear_warmup, warmup_stable_decay, warmup_then_cosine
 
 LOSS_ON = ("all", "assistant")
 DATA_SOURCES = ("stream", "envs")
@@ -174,7 +176,7 @@ class SFTConfig:
 
     def lr_factor(self, step: int) -> float:
         if self.schedule == "constant":
-            return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+            return linear_warmup(step, self.warmup_steps)
         if self.schedule == "wsd":
             return warmup_stable_decay(step, self.warmup_steps, self.steps, self.decay_steps)
         return warmup_then_cosine(step, self.warmup_steps, self.steps)
@@ -258,7 +260,7 @@ def build_settings(envs_dir: Path):
 
     manifest = envs_dir / "manifest.json" if envs_dir.is_dir() else envs_dir.parent / "manifest.json"
     if manifest.is_file():
-        values = json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}
+        values = read_json_object(manifest, UserError).get("config") or {}
         return build_config(EnvBuildConfig, values, source=str(manifest))
     return EnvBuildConfig()
 

@@ -9,13 +9,13 @@ template, the validation curves, the chosen step and why, and the run's wall tim
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from toolrl_analysis.errors import UserError
+from toolrl_analysis.io import file_sha256, read_json_object
 from toolrl_analysis.models.embedded import BASE_FILE, EMBEDDED_DIR, MANIFEST_FILE
 
 MANIFEST_FORMAT = "toolrl-analysis.embedded/1"
@@ -32,7 +32,7 @@ def ship(run_dir: str | Path, dest: Path = EMBEDDED_DIR, dtype: str = "float32")
     summary_path = run_dir / "train_base.json"
     if not summary_path.is_file():
         raise UserError(f"{run_dir} is not a finished train-base run (no train_base.json)")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary = read_json_object(summary_path, UserError)
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     model, tokenizer = load_policy(run_dir / "base.pt")
@@ -42,7 +42,7 @@ def ship(run_dir: str | Path, dest: Path = EMBEDDED_DIR, dtype: str = "float32")
     build = {}
     manifest_path = run_dir.parent / "envs" / "manifest.json"
     if manifest_path.is_file():
-        build = json.loads(manifest_path.read_text(encoding="utf-8")).get("config", {})
+        build = read_json_object(manifest_path, UserError).get("config", {})
     validation = run_dir / "validation.csv"
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -61,7 +61,7 @@ def ship(run_dir: str | Path, dest: Path = EMBEDDED_DIR, dtype: str = "float32")
         "train_seconds": summary["train_seconds"],
         "total_seconds": summary["seconds"],
         "torch": torch.__version__,
-        "base_sha256": hashlib.sha256((dest / BASE_FILE).read_bytes()).hexdigest(),
+        "base_sha256": file_sha256(dest / BASE_FILE),
     }
     (dest / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest

@@ -174,6 +174,20 @@ def test_a_finished_run_can_be_continued_to_more_steps_or_into_its_decay(envset,
     wsd, branch = weights(tmp_path / "wsd"), weights(tmp_path / "branch")
     assert all(torch.equal(wsd[k], branch[k]) for k in wsd)
     assert not all(torch.equal(wsd[k], whole[k]) for k in wsd)  # the decay did change the last steps
+    # a run without general material, continued into a late general phase, is the run that planned it
+    late = ("general_from_step=6", "general_every=2", "general_tasks=40", "general_text_share=0")
+    quiet("steps=9", *late, run="late")
+    quiet("steps=6", "general_tasks=0", "general_text_share=0", run="added")
+    assert quiet("steps=9", *late, run="added", resume=True)["data"]["general"]["examples"] == 40
+    planned, added = weights(tmp_path / "late"), weights(tmp_path / "added")
+    assert all(torch.equal(planned[k], added[k]) for k in planned)
+    assert not all(torch.equal(planned[k], whole[k]) for k in planned)
+    pools = pd.read_csv(tmp_path / "added" / "loss.csv")
+    assert pools["pool"].tolist()[-2:] == ["main", "general"]  # rows at steps 5 and 9 (0-based 4 and 8)
+    with pytest.raises(ConfigError, match="changed: .*general_from_step"):  # general batches in the past
+        quiet("steps=9", "general_from_step=4", "general_tasks=40", run="more", resume=True)
+    with pytest.raises(ConfigError, match="changed: .*general_tasks"):  # general material mixed into the past
+        quiet("steps=9", "general_tasks=80", run="more", resume=True)
     with pytest.raises(ConfigError, match="changed: steps"):  # fewer steps than already trained
         train_base(envs_dir, tmp_path / "more", _fast(*options, "steps=3"), resume=True)
     with pytest.raises(
@@ -206,6 +220,8 @@ def test_bad_config_values_name_the_key(tmp_path):
         load_config(SFTConfig, None, ["mix=1,1,1"])
     with pytest.raises(ConfigError, match="'curriculum_steps'"):
         load_config(SFTConfig, None, ["steps=10", "curriculum_steps=20"])
+    with pytest.raises(ConfigError, match="'general_from_step'"):
+        load_config(SFTConfig, None, ["general_from_step=5", "general_tasks=0", "general_text_share=0"])
     with pytest.raises(ConfigError, match="'band'"):
         load_config(SFTConfig, None, ["band=0.6,0.2"])
     with pytest.raises(ConfigError, match="'loss_on'"):

@@ -71,7 +71,7 @@ DEFAULT = {
 QUICK = {
     "envs": ["train_size=80", "test_per_scenario=4"],
     "base": ["steps=60", "curriculum_steps=0", "stream_envs=240", "tokenizer_envs=100", "eval_every=60", "val_solve_envs=1",
-             "val_meter_envs=2", "general_tasks=200"],
+             "val_meter_envs=2", "general_tasks=200", "general_from_step=0"],
     "grpo": ["iterations=2", "envs_per_iteration=4", "max_samples_per_iteration=8", "group_size=4",
              "eval_every=0", "max_turns=4", "max_new_tokens=48", "save_every=1"],
     "eval": ["limit=8", "max_turns=4", "max_new_tokens=48", "general_tasks=16"],

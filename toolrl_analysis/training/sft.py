@@ -1,9 +1,9 @@
 """Supervised warm-up of the embedded base: a from-scratch tiny model that reads its context.
 
 The data are oracle trajectories (golden calls, the real tools' output from the sandbox, a final answer) on
-a stream of fresh worlds (`base_data`), with general tasks and prose mixed in. Reading the question comes as
-a phase change after a few hundred focused steps: first the entity kind of the tool, then the relation, and
-last (and slowest) copying the entity name into the argument. The context-reading meter (`context_meter`)
+a stream of fresh worlds (`base_data`), with general tasks and prose (mixed in, or late). Reading the
+question comes as a phase change after a few hundred focused steps: first the entity kind of the tool, then
+the relation, and last (and slowest) copying the entity name into the argument. The context-reading meter (`context_meter`)
 measures each of these every `eval_every` steps on a validation slice, beside greedy Solve-F1.
 
 The base must be competent but clearly imperfect, so that RL has room to show gains (held-out Solve-F1
@@ -40,10 +40,12 @@ DATA_SOURCES = ("stream", "envs")
 SELECTIONS = ("band", "last")
 # Keys that say how a run is driven, not what it computes: a resumed run may change them.
 RUN_CONTROL = ("log_every", "time_limit_s")
-# Keys a resumed run may change to continue training further, as long as the learning rate of every step
-# already taken stays what it was: the continued run is then the run that had asked for them from the start
-# (more steps at a constant rate, or a constant run branched into its wsd decay).
-EXTENDABLE = ("steps", "schedule", "decay_steps")
+# Keys a resumed run may change to continue training further, as long as every step already taken keeps its
+# learning rate and its batches: the continued run is then the run that had asked for them from the start
+# (more steps at a constant rate, a constant run branched into its wsd decay, a late general-material phase).
+EXTENDABLE = (
+    "steps", "schedule", "decay_steps", "general_from_step", "general_every", "general_tasks", "general_text_share"
+)  # fmt: skip
 SCHEDULES = ("cosine", "constant", "wsd")
 
 
@@ -84,6 +86,11 @@ class SFTConfig:
     general_text_share: float = 0.05
     # Short general tasks (arithmetic, copying, reversing) added as chat examples.
     general_tasks: int = 1500
+    # 0: the general material is mixed into every pool from the start. Otherwise it is a pool of its own, and
+    # from this step on one batch in `general_every` comes from it (after the copy circuit has formed, which
+    # general material from the start slowed).
+    general_from_step: int = 0
+    general_every: int = 4
     # Optimiser steps in all.
     steps: int = 3000
     # Padded tokens per batch (examples of similar length are batched together).
@@ -145,6 +152,13 @@ class SFTConfig:
         require(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}")
         require(self.general_text_share >= 0, "general_text_share", "must not be negative")
         require(self.general_tasks >= 0, "general_tasks", "must not be negative")
+        require(self.general_from_step >= 0, "general_from_step", "must not be negative")  # past steps: never
+        require(self.general_every >= 1, "general_every", "must be at least 1")
+        require(
+            not self.general_from_step or self.general_tasks or self.general_text_share,
+            "general_from_step",
+            "needs general material (general_tasks or general_text_share above 0)",
+        )
         require(self.steps >= 1, "steps", "must be at least 1")
         require(self.max_seq_len >= 64, "max_seq_len", "must be at least 64")
         require(self.batch_tokens >= self.max_seq_len, "batch_tokens", "must be at least max_seq_len")
@@ -174,6 +188,17 @@ class SFTConfig:
         require(self.log_every >= 1, "log_every", "must be at least 1")
         require(self.time_limit_s >= 0, "time_limit_s", "must not be negative")
 
+    def pool_at(self, step: int) -> str:
+        """The pool that the batch of 0-based optimiser step `step` is drawn from."""
+        late = step - self.general_from_step
+        if self.general_from_step and late >= 0 and late % self.general_every == 0:
+            return "general"
+        return "curriculum" if step < self.curriculum_steps else "main"
+
+    def mixed_general(self) -> tuple[int, float]:
+        """General material inside the tool-use pools: (tasks, text share); none with a late phase."""
+        return (0, 0.0) if self.general_from_step else (self.general_tasks, self.general_text_share)
+
     def lr_factor(self, step: int) -> float:
         if self.schedule == "constant":
             return linear_warmup(step, self.warmup_steps)
@@ -183,9 +208,16 @@ class SFTConfig:
 
 
 def _same_past(saved: SFTConfig, config: SFTConfig, step: int) -> bool:
-    """Whether `config` trains at least `step` steps and gives each of them the learning rate it had."""
-    return config.steps >= step and all(
-        math.isclose(saved.lr_factor(s), config.lr_factor(s), rel_tol=1e-12) for s in range(step)
+    """Whether `config` trains at least `step` steps and gives each of them the learning rate and the pools
+    it had."""
+    return (
+        config.steps >= step
+        and saved.mixed_general() == config.mixed_general()
+        and all(
+            math.isclose(saved.lr_factor(s), config.lr_factor(s), rel_tol=1e-12)
+            and saved.pool_at(s) == config.pool_at(s)
+            for s in range(step)
+        )
     )
 
 
@@ -280,7 +312,8 @@ def base_tokenizer(config: SFTConfig, build, records):
 
 
 def _pools(config: SFTConfig, build, records, validation_ids, tokenizer, sandbox) -> tuple[dict, dict]:
-    """The example pools (`main`, and `curriculum` when used), each with general material mixed in."""
+    """The example pools (`main`, and `curriculum` when used), each with general material mixed in, or
+    a `general` pool of its own when the general material comes late (`general_from_step`)."""
     from toolrl_analysis.training.base_data import general_examples, stream_records, tool_use_examples
 
     def demonstrations(count: int, mix: list[float], purpose: str) -> list:
@@ -292,6 +325,7 @@ def _pools(config: SFTConfig, build, records, validation_ids, tokenizer, sandbox
         return [r for r in pool if rng.random() < weights.get(r.scenario, 0) / max(mix)]
 
     options = {"seed": config.seed, "correction_prob": config.correction_prob, "loss_on": config.loss_on}
+    mixed_tasks, mixed_share = config.mixed_general()
     pools, info = {}, {}
     plan = [("main", config.stream_envs, config.mix)]
     if config.curriculum_steps:
@@ -306,13 +340,22 @@ def _pools(config: SFTConfig, build, records, validation_ids, tokenizer, sandbox
         )
         general = general_examples(
             tokenizer,
-            tasks=config.general_tasks,
-            text_count=int(config.general_text_share * len(examples)),
+            tasks=mixed_tasks,
+            text_count=int(mixed_share * len(examples)),
             seed=config.seed,
             max_len=config.max_seq_len,
         )
         info[name]["general_examples"] = len(general)
         pools[name] = examples + general
+    if config.general_from_step:
+        pools["general"] = general_examples(
+            tokenizer,
+            tasks=config.general_tasks,
+            text_count=int(config.general_text_share * len(pools["main"])),
+            seed=config.seed,
+            max_len=config.max_seq_len,
+        )
+        info["general"] = {"examples": len(pools["general"]), "from_step": config.general_from_step}
     return pools, info
 
 
@@ -402,7 +445,8 @@ def train_base(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             for name, stream in streams.items():
-                stream.load(state["streams"][name])
+                if name in state["streams"]:  # a pool added by the extension starts fresh
+                    stream.load(state["streams"][name])
             torch.set_rng_state(state["torch_rng"])
         pad_id = tokenizer.pad_token_id
 
@@ -422,8 +466,8 @@ def train_base(
         model.train()
         segment_start, segment_tokens, stopped_early = time.perf_counter(), 0, False
         while step < config.steps:
-            stream = streams["curriculum" if step < config.curriculum_steps else "main"]
-            batch = stream.next(pad_id)
+            pool = config.pool_at(step)
+            batch = streams[pool].next(pad_id)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -441,7 +485,7 @@ def train_base(
             if step % config.log_every == 0 or step == config.steps:
                 curve.append(
                     {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-                     "seconds": spent + elapsed, "pool": "curriculum" if step <= config.curriculum_steps else "main"}
+                     "seconds": spent + elapsed, "pool": pool}
                 )  # fmt: skip
             if step % config.eval_every == 0 or step == config.steps:
                 model.eval()

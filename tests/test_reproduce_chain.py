@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import tomllib
 from conftest import tiny_random_qwen2
 
 from toolrl_analysis.report import CLAIMS, RULES, judge_all, write_figures
@@ -105,11 +107,15 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
     # before it reruns, and rerunning the same command resumes it from its checkpoint, then runs everything
     # after it.
     grpo_toml = configs / "training" / "grpo.toml"
-    grpo_toml.write_text(grpo_toml.read_text().replace("lr = 5e-5", "lr = 1e-4", 1))
+    text = grpo_toml.read_text()
+    changed = re.sub(r"(?m)^lr = .*$", "lr = 1.234e-4", text, count=1)
+    assert changed != text
+    grpo_toml.write_text(changed)
     lines.clear()
     with interrupted_after_one_grpo_iteration(), pytest.raises(KeyboardInterrupt):
         run_chain(run, base_policy, configs, lines)
-    assert "[4/12] train grpo: run (configuration changed: lr 5e-05 -> 0.0001)" in "\n".join(lines)
+    old_lr = tomllib.loads(text)["optimiser"]["lr"]
+    assert f"[4/12] train grpo: run (configuration changed: lr {old_lr!r} -> 0.0001234)" in "\n".join(lines)
     assert [line.split(":")[0] for line in lines if ": skip (up to date)" in line] == [
         "[1/12] envs", "[2/12] base", "[3/12] evaluate base",
     ]  # fmt: skip
@@ -124,7 +130,7 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
     assert "resumed from iteration 1" in "\n".join(lines)
     assert pd.read_csv(run / "grpo" / "metrics.csv")["iteration"].tolist() == [1, 2]
     assert any(line.startswith("[6/12] evaluate grpo: run (inputs changed: policy)") for line in lines)
-    assert json.loads((run / "grpo" / "stage.json").read_text())["config"]["lr"] == 1e-4
+    assert json.loads((run / "grpo" / "stage.json").read_text())["config"]["lr"] == 1.234e-4
 
 
 @contextlib.contextmanager

@@ -3,8 +3,9 @@
 The data are oracle trajectories (golden calls, the real tools' output from the sandbox, a final answer) on
 a stream of fresh worlds (`base_data`), with general tasks and prose (mixed in, or late). Reading the
 question comes as a phase change after a few hundred focused steps: first the entity kind of the tool, then
-the relation, and last (and slowest) copying the entity name into the argument. The context-reading meter (`context_meter`)
-measures each of these every `eval_every` steps on a validation slice, beside greedy Solve-F1.
+the relation, and last (and slowest) copying the entity name into the argument. The context-reading meter
+(`context_meter`) measures each of these every `eval_every` steps on a validation slice, beside greedy
+Solve-F1.
 
 The base must be competent but clearly imperfect, so that RL has room to show gains (held-out Solve-F1
 0.2-0.6, multi-hop weaker). `select = "band"` keeps every evaluated checkpoint and ships the last one whose

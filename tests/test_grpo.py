@@ -202,6 +202,9 @@ def test_config_errors_name_the_key(setup, tmp_path, capsys):
         load_config(GRPOConfig, None, ["kl_in_reward=true"])  # GRPO takes its KL as a loss
     with pytest.raises(ConfigError, match="'val_solve_envs'"):
         load_config(GRPOConfig, None, ["val_solve_envs=-1"])
+    with pytest.raises(ConfigError, match="'warmup_steps'.*no effect"):  # a ramp the schedule would ignore
+        load_config(GRPOConfig, None, ["schedule=constant", "warmup_steps=5"])
+    assert load_config(GRPOConfig, None, ["schedule=warmup", "warmup_steps=5"]).warmup_steps == 5
     with pytest.raises(ConfigError, match="'test_at_end'"):
         load_config(GRPOConfig, None, ["test_at_end=maybe"])
     root, _ = setup

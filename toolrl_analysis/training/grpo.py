@@ -203,6 +203,11 @@ class GRPOConfig:
         require(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1)")
         require(self.clip_eps_high >= self.clip_eps, "clip_eps_high", "must be at least clip_eps")
         require(self.kl_clamp > 0, "kl_clamp", "must be positive")
+        require(  # a constant schedule has no ramp: a warm-up set with it would silently do nothing
+            self.schedule != "constant" or self.warmup_steps == 0,
+            "warmup_steps",
+            "has no effect with schedule 'constant' (use schedule 'warmup' or 'cosine')",
+        )
         require(
             not self.kl_in_reward or self.algo == "reinforce++",
             "kl_in_reward",

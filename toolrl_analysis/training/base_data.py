@@ -114,6 +114,8 @@ def general_examples(tokenizer, *, tasks: int, text_count: int, seed: int, max_l
     from toolrl_analysis.models.general import general_tasks, general_text, task_chat
 
     task_examples = [chat_example(tokenizer, task_chat(t)) for t in general_tasks(tasks, seed, "train")]
+    if not text_count:  # tokenising the whole prose corpus for none of it would only slow start-up
+        return task_examples
     prose = text_examples(tokenizer, general_text("train"), max_len)
     random.Random(f"sft-prose/{seed}").shuffle(prose)
     return task_examples + prose[:text_count]

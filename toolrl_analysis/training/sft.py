@@ -325,8 +325,13 @@ def _pools(config: SFTConfig, build, records, validation_ids, tokenizer, sandbox
         weights = dict(zip(SCENARIOS, mix, strict=True))
         return [r for r in pool if rng.random() < weights.get(r.scenario, 0) / max(mix)]
 
+    def general(tasks: int, text_share: float, tool_examples: int) -> list:
+        text_count = int(text_share * tool_examples)  # prose windows, as a share of the tool-use examples
+        return general_examples(
+            tokenizer, tasks=tasks, text_count=text_count, seed=config.seed, max_len=config.max_seq_len
+        )
+
     options = {"seed": config.seed, "correction_prob": config.correction_prob, "loss_on": config.loss_on}
-    mixed_tasks, mixed_share = config.mixed_general()
     pools, info = {}, {}
     plan = [("main", config.stream_envs, config.mix)]
     if config.curriculum_steps:
@@ -339,23 +344,11 @@ def _pools(config: SFTConfig, build, records, validation_ids, tokenizer, sandbox
             max_len=config.max_seq_len,
             **options,
         )
-        general = general_examples(
-            tokenizer,
-            tasks=mixed_tasks,
-            text_count=int(mixed_share * len(examples)),
-            seed=config.seed,
-            max_len=config.max_seq_len,
-        )
-        info[name]["general_examples"] = len(general)
-        pools[name] = examples + general
+        mixed = general(*config.mixed_general(), len(examples))
+        info[name]["general_examples"] = len(mixed)
+        pools[name] = examples + mixed
     if config.general_from_step:
-        pools["general"] = general_examples(
-            tokenizer,
-            tasks=config.general_tasks,
-            text_count=int(config.general_text_share * len(pools["main"])),
-            seed=config.seed,
-            max_len=config.max_seq_len,
-        )
+        pools["general"] = general(config.general_tasks, config.general_text_share, len(pools["main"]))
         info["general"] = {"examples": len(pools["general"]), "from_step": config.general_from_step}
     return pools, info
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from toolrl_analysis.analysis.ablate.control import energy_ratio_text
 from toolrl_analysis.report.tables import (
     POLICIES,
     TRAINED,
@@ -190,7 +191,7 @@ def _ablation(run: Path) -> list[str]:
         note = f" ({control['note']})" if control.get("note") else ""
         lines.append(
             f"- control({control['subset']}): {control['parameters']:,} parameters, update energy "
-            f"{control['energy_ratio']:.2f}x the subset's{note}"
+            f"{energy_ratio_text(control['energy_ratio'])}{note}"
         )
     return lines + [""] + _figures(run, "gain_retained") + [""]
 

@@ -127,6 +127,12 @@ class GRPOConfig:
     loss_aggregation: str = "token-mean"
     # Divide group-centred rewards by the group's std (GRPO); False leaves them unscaled (Dr.GRPO).
     normalize_std: bool = True
+    # Leave groups whose completions all scored the same out of the update. Under GRPO their advantages are 0,
+    # so they only add KL and entropy terms and cost a forward and backward pass; under Reinforce++ (baseline:
+    # the batch mean) they would carry the batch-level signal, which the filter removes, as verl's does.
+    # DAPO's dynamic-sampling filter (verl's `algorithm.filter_groups`, which filters before any estimator)
+    # without its refill: the update is smaller, not topped up with new samples.
+    drop_flat_groups: bool = False
     # Passes over one iteration's samples (PPO epochs).
     ppo_epochs: int = 1
     # Completions per optimiser step, rounded down to whole groups in step credit (at least one group).
@@ -353,6 +359,30 @@ class GRPOTrainer:
         """Policy-gradient steps on one iteration's samples. Shapes: N completions of U distinct prompts,
         T completion tokens (padded)."""
         c = self.config
+        all_rewards = torch.tensor([s.reward for s in samples])  # [N]
+        all_groups = torch.tensor([s.group for s in samples])  # [N]
+        spreads = [all_rewards[all_groups == g] for g in torch.unique(all_groups)]
+        logged = dict(
+            reward_mean=all_rewards.mean().item(),
+            reward_std=all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
+            zero_spread_groups=float(np.mean([float(r.max() == r.min()) for r in spreads])),
+            samples=len(samples),
+        )
+        if c.drop_flat_groups:
+            flat = {
+                int(g) for g, r in zip(torch.unique(all_groups), spreads, strict=True) if r.max() == r.min()
+            }
+            samples = [s for s in samples if s.group not in flat]
+        logged["updated_samples"] = len(samples)
+        if not samples:  # every group flat: nothing to learn from; the schedule still advances
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            return {
+                **dict.fromkeys(("loss", "kl", "entropy", "grad_norm", "ppo_kl", *CLIP_STATS), 0.0),
+                **logged,
+                "tokens": 0,
+                "lr": lr,
+            }
         rewards = torch.tensor([s.reward for s in samples])  # [N]
         groups = torch.tensor([s.group for s in samples])  # [N]
         episodes = torch.tensor([s.episode for s in samples])  # [N]
@@ -420,15 +450,7 @@ class GRPOTrainer:
         summary = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
         if c.kl_in_reward and ref_logprobs is not None:  # the k1 paid in the return, per token
             summary["kl"] = (((old_logprobs - ref_logprobs) * mask).sum() / mask.sum().clamp(min=1.0)).item()
-        spreads = [rewards[groups == g] for g in torch.unique(groups)]
-        summary.update(
-            reward_mean=rewards.mean().item(),
-            reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
-            zero_spread_groups=float(np.mean([float(r.max() == r.min()) for r in spreads])),
-            samples=len(samples),
-            tokens=int(mask.sum().item()),
-            lr=lr,
-        )
+        summary.update(**logged, tokens=int(mask.sum().item()), lr=lr)
         return summary
 
     def _advantages(self, rewards, groups, episodes, old_logprobs, ref_logprobs, mask) -> torch.Tensor:

@@ -105,6 +105,14 @@ class Control:
         return self.energy / self.target_energy if self.target_energy > 0 else float("nan")
 
 
+def energy_ratio_text(ratio: float | None) -> str:
+    """A control's update energy relative to its subset's, for reports: the subset may not have moved at all
+    (a run whose updates left it unchanged), and the ratio is then undefined (NaN, or None read from JSON)."""
+    if ratio is None or ratio != ratio:
+        return "undefined (the subset did not change)"
+    return f"{ratio:.2f}x the subset's"
+
+
 def _in_pool(energy: PartEnergy, blocks: bool) -> bool:
     part = energy.part
     in_blocks = part.layer is not None and component_family(part.component) in ("attn", "mlp")

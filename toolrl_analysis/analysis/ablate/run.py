@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from toolrl_analysis.analysis.ablate.bootstrap import DEFAULT_REPLICATES, stratified_resamples
-from toolrl_analysis.analysis.ablate.control import energy_pairs_in_memory, update_energies
+from toolrl_analysis.analysis.ablate.control import energy_pairs_in_memory, energy_ratio_text, update_energies
 from toolrl_analysis.analysis.ablate.grid import Variant, custom_variants, grid_variants
 from toolrl_analysis.analysis.ablate.save import DEFAULT_SHARD_BYTES, save_spliced
 from toolrl_analysis.analysis.ablate.splice import Operation, compile_operations
@@ -271,6 +271,6 @@ def render_ablation(ablation: Ablation, console) -> None:
         console.print(
             escape(
                 f"control({control['subset']}): {control['parameters']:,} parameters from {control['tensors']} "
-                f"tensors, update energy {control['energy_ratio']:.2f}x the subset's{note}"
+                f"tensors, update energy {energy_ratio_text(control['energy_ratio'])}{note}"
             )
         )

@@ -72,8 +72,10 @@ QUICK = {
     "envs": ["train_size=80", "test_per_scenario=4"],
     "base": ["steps=60", "curriculum_steps=0", "stream_envs=240", "tokenizer_envs=100", "eval_every=60", "val_solve_envs=1",
              "val_meter_envs=2", "general_tasks=200", "general_from_step=0"],
+    # a 60-step base rarely has reward spread: its flat groups stay in the update so that the weights still
+    # move and compare and ablate have an update to read
     "grpo": ["iterations=2", "envs_per_iteration=4", "max_samples_per_iteration=8", "group_size=4",
-             "eval_every=0", "max_turns=4", "max_new_tokens=48", "save_every=1"],
+             "eval_every=0", "max_turns=4", "max_new_tokens=48", "save_every=1", "drop_flat_groups=false"],
     "eval": ["limit=8", "max_turns=4", "max_new_tokens=48", "general_tasks=16"],
     "ablate": ["limit=8", "max_turns=2", "max_new_tokens=32", "general=false", "bootstrap=200"],
     "probe": ["limit=16", "rollout_envs=0", "seeds=2", "max_iter=30"],

@@ -129,9 +129,9 @@ class GRPOConfig:
     normalize_std: bool = True
     # Leave groups whose completions all scored the same out of the update. Under GRPO their advantages are 0,
     # so they only add KL and entropy terms and cost a forward and backward pass; under Reinforce++ (baseline:
-    # the batch mean) they would carry the batch-level signal, which the filter removes, as verl's does.
-    # DAPO's dynamic-sampling filter (verl's `algorithm.filter_groups`, which filters before any estimator)
-    # without its refill: the update is smaller, not topped up with new samples.
+    # the batch mean) they would carry batch-level signal, which the filter removes. DAPO's dynamic-sampling
+    # filter (`algorithm.filter_groups` in verl's DAPO recipe, applied before the advantages are computed)
+    # without its refill: the update is smaller, not topped up with new samples. Not in FTRL's recipe.
     drop_flat_groups: bool = False
     # Passes over one iteration's samples (PPO epochs).
     ppo_epochs: int = 1

@@ -207,7 +207,9 @@ def test_control_is_seeded_and_matches_the_update_magnitude(spread):
         assert 0.8 <= control.energy_ratio <= 1.25, control.energy_ratio
     assert energy_ratio_text(first.energy_ratio) == f"{first.energy_ratio:.2f}x the subset's"
     # a subset the run never moved: the ratio is NaN in memory and null once read back from ablation.json
-    assert energy_ratio_text(float("nan")) == energy_ratio_text(None) == "undefined (the subset did not change)"
+    assert (
+        energy_ratio_text(float("nan")) == energy_ratio_text(None) == "undefined (the subset did not change)"
+    )
     _, account = splice_in_memory(Splice("c", "trained", [Step("c", 0.0, first.regions)]), spread.pairs)
     assert account.update_energy == pytest.approx(first.energy, rel=0.05)
 

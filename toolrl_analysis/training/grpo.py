@@ -374,7 +374,7 @@ class GRPOTrainer:
             }
             samples = [s for s in samples if s.group not in flat]
         logged["updated_samples"] = len(samples)
-        if not samples:  # every group flat: nothing to learn from; the schedule still advances
+        if not samples:  # every group flat: no step is taken (its loss terms log as 0); the schedule advances
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             return {

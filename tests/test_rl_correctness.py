@@ -143,12 +143,15 @@ def test_flat_groups_can_be_left_out_of_the_update(tokenizer, tmp_path):
     row = kept.train()[0]
     assert row["updated_samples"] == row["samples"] == 64
     model = tiny_random_qwen2(tokenizer).train()
+    initial = [p.detach().clone() for p in model.parameters()]
     config = task_config(iterations=1, drop_flat_groups=True)
     dropped = HalfFlatTask(config, model, tokenizer, [], tmp_path / "dropped", None, log=lambda _: None)
     row = dropped.train()[0]
-    # the four flat groups (prompts 0-3) leave; whether a group of the real task is flat depends on the draw
-    assert row["samples"] == 64 and row["updated_samples"] <= 32
-    assert row["zero_spread_groups"] >= 0.5  # logged over everything sampled, before the filter
+    # the four flat groups (prompts 0-3) leave, and any flat group of the real task with them: exactly the
+    # flat share, counted over everything sampled before the filter
+    assert row["samples"] == 64 and row["zero_spread_groups"] >= 0.5
+    assert 0 < row["updated_samples"] == round(64 * (1 - row["zero_spread_groups"])) <= 32
+    assert not all(torch.equal(a, b) for a, b in zip(initial, model.parameters(), strict=True))  # it stepped
 
     # every group flat: no optimiser step at all (not even the KL and entropy terms), a warning, no crash
     model = tiny_random_qwen2(tokenizer).train()

@@ -57,6 +57,9 @@ from toolrl_analysis.training.schedules import cosine_under_warmup, linear_warmu
 from toolrl_analysis.training.sequences import check_logits_path, completion_logprobs, pack_sequences
 from toolrl_analysis.training.step_samples import Sample, score_completions, step_states
 
+# What one update logs from its optimiser steps (means over them; 0 when no step was taken).
+UPDATE_STATS = ("loss", "kl", "entropy", "grad_norm", "ppo_kl", *CLIP_STATS)
+
 
 @dataclass
 class GRPOConfig:
@@ -361,28 +364,19 @@ class GRPOTrainer:
         c = self.config
         all_rewards = torch.tensor([s.reward for s in samples])  # [N]
         all_groups = torch.tensor([s.group for s in samples])  # [N]
-        spreads = [all_rewards[all_groups == g] for g in torch.unique(all_groups)]
+        group_ids = torch.unique(all_groups)
+        flat = {int(g) for g in group_ids if all_rewards[all_groups == g].unique().numel() == 1}
         logged = dict(
             reward_mean=all_rewards.mean().item(),
             reward_std=all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
-            zero_spread_groups=float(np.mean([float(r.max() == r.min()) for r in spreads])),
+            zero_spread_groups=len(flat) / len(group_ids),
             samples=len(samples),
         )
         if c.drop_flat_groups:
-            flat = {
-                int(g) for g, r in zip(torch.unique(all_groups), spreads, strict=True) if r.max() == r.min()
-            }
             samples = [s for s in samples if s.group not in flat]
         logged["updated_samples"] = len(samples)
         if not samples:  # every group flat: no step is taken (its loss terms log as 0); the schedule advances
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
-            return {
-                **dict.fromkeys(("loss", "kl", "entropy", "grad_norm", "ppo_kl", *CLIP_STATS), 0.0),
-                **logged,
-                "tokens": 0,
-                "lr": lr,
-            }
+            return {**dict.fromkeys(UPDATE_STATS, 0.0), **logged, "tokens": 0, "lr": self._advance_schedule()}
         rewards = torch.tensor([s.reward for s in samples])  # [N]
         groups = torch.tensor([s.group for s in samples])  # [N]
         episodes = torch.tensor([s.episode for s in samples])  # [N]
@@ -400,8 +394,7 @@ class GRPOTrainer:
         ref_logprobs = self._reference_logprobs(batch) if self.reference is not None else None  # [N, T]
         advantages = self._advantages(rewards, groups, episodes, old_logprobs, ref_logprobs, mask)  # [N, T]
 
-        keys = ("loss", "kl", "entropy", "grad_norm", "ppo_kl", *CLIP_STATS)
-        stats: dict[str, list[float]] = {k: [] for k in keys}
+        stats: dict[str, list[float]] = {k: [] for k in UPDATE_STATS}
         order_rng = torch.Generator().manual_seed(c.seed * 7919 + self.iteration)
         self.model.train()
         prompts_per_step = max(1, c.mini_batch_size // share)
@@ -445,13 +438,18 @@ class GRPOTrainer:
                 # on the first step of an iteration, when sampling and training log-probs agree.
                 drift = (old_logprobs[index] - logprobs.detach()) * sub.completion_mask  # [n, T]
                 stats["ppo_kl"].append((drift.sum() / sub.completion_mask.sum().clamp(min=1.0)).item())
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()  # the schedule runs over iterations
+        lr = self._advance_schedule()
         summary = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
         if c.kl_in_reward and ref_logprobs is not None:  # the k1 paid in the return, per token
             summary["kl"] = (((old_logprobs - ref_logprobs) * mask).sum() / mask.sum().clamp(min=1.0)).item()
         summary.update(**logged, tokens=int(mask.sum().item()), lr=lr)
         return summary
+
+    def _advance_schedule(self) -> float:
+        """The learning rate this iteration used; the schedule runs over iterations, updated or not."""
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return lr
 
     def _advantages(self, rewards, groups, episodes, old_logprobs, ref_logprobs, mask) -> torch.Tensor:
         """[N, T] advantages: GRPO's group-normalised episode reward on every token, or Reinforce++'s

@@ -37,7 +37,18 @@ def run(argv, capsys):
         (["envs", "build", "--config", "{tmp}/none.toml", "--out", "{tmp}/o"], "config file not found"),
         (["envs", "build", "--out", "{tmp}/notes.jsonl", "--set", "train_size=1"], "is not a directory"),
         (
-            ["envs", "build", "--out", "{tmp}/o", "--set", "train_size=400", "--set", "train_mix=1,0,0,0"]
+            [
+                "envs",
+                "build",
+                "--out",
+                "{tmp}/o",
+                "--set",
+                "train_size=400",
+                "--set",
+                "train_mix=1,0,0,0",
+                "--set",
+                "train_worlds=1",
+            ]
             + [f"--set=world_{kind}=20" for kind in ("people", "places", "organisations", "artefacts")],
             "the world is too small",
         ),

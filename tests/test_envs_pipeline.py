@@ -13,7 +13,8 @@ from toolrl_analysis.envs.schema import FTRL_FIELDS, SCENARIOS, read_envs
 REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_CONFIG = str(REPO / "envs" / "default.toml")
-SMALL = ["--set", "train_size=20", "--set", "test_per_scenario=2"]
+SMALL = ["--set", "train_size=20", "--set", "test_per_scenario=2", "--set", "validation_per_scenario=2",
+         "--set", "same_world_test_per_scenario=2", "--set", "train_worlds=5"]  # fmt: skip
 
 
 def build(out: Path, *extra: str) -> dict:
@@ -44,16 +45,20 @@ def exec_tools(record) -> dict:
     return namespace
 
 
-def test_build_writes_the_three_files_with_the_configured_counts(small):
+def test_build_writes_every_split_with_the_configured_counts(small):
     out, manifest = small
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test.jsonl", "train.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "test.jsonl", "test_same_world.jsonl", "train.jsonl", "validation.jsonl",
+    ]  # fmt: skip
     train, test = read_envs(out / "train.jsonl"), read_envs(out / "test.jsonl")
     assert len(train) == 20 and len(test) == 8
-    assert manifest["counts"]["test"] == {s: 2 for s in SCENARIOS}
+    for split in ("test", "test_same_world", "validation"):
+        assert manifest["counts"][split] == {s: 2 for s in SCENARIOS}
     assert sum(manifest["counts"]["train"].values()) == 20
     assert {r.split for r in train} == {"train"} and {r.split for r in test} == {"test"}
+    assert len(manifest["worlds"]["train"]) == 5 and manifest["worlds"]["train"][0] == "0"
     on_disk = json.loads((out / "manifest.json").read_text())
-    assert on_disk["files"]["test"]["records"] == 8
+    assert on_disk["files"]["test"]["records"] == 8 and on_disk["files"]["validation"]["records"] == 8
     assert on_disk["integration"]["documents"] >= on_disk["integration"]["tools"]
 
 
@@ -188,3 +193,51 @@ def test_samples_are_what_the_default_config_builds(tmp_path):
     assert [p.name for p in written] == [f"{s}.json" for s in SCENARIOS]
     for path in written:
         assert path.read_text() == (REPO / "envs" / "samples" / path.name).read_text(), path.name
+
+
+def entity_names(record) -> set[str]:
+    """The entities a record's questions are about and answer with (numbers left out)."""
+    names = set()
+    for sub in record.meta["subquestions"]:
+        names.add(sub["subject"])
+        if not str(sub["answer"]).isdigit():
+            names.add(str(sub["answer"]))
+    return names
+
+
+def test_held_out_splits_share_no_entity_with_train_and_the_same_world_split_does(small):
+    out, _ = small
+    train_text = (out / "train.jsonl").read_text(encoding="utf-8").lower()
+    held_out = {split: read_envs(out / f"{split}.jsonl") for split in ("test", "validation")}
+    for split, records in held_out.items():
+        names = set().union(*(entity_names(r) for r in records))
+        assert len(names) > 20
+        assert not [n for n in names if n.lower() in train_text], split  # not as a name, nor inside one
+    # test and validation come from different held-out worlds as well
+    test_names = set().union(*(entity_names(r) for r in held_out["test"]))
+    validation_text = (out / "validation.jsonl").read_text(encoding="utf-8").lower()
+    assert not [n for n in test_names if n.lower() in validation_text]
+    # the same-world split asks new questions about the training worlds' entities
+    from toolrl_analysis.envs.pipeline import EnvBuildConfig, split_worlds
+
+    worlds = split_worlds(EnvBuildConfig(**json.loads((out / "manifest.json").read_text())["config"]))
+    train_world_names = {n for w in worlds["train"] for n in w.names()}
+    same = read_envs(out / "test_same_world.jsonl")
+    assert set().union(*(entity_names(r) for r in same)) <= train_world_names
+    assert not set().union(*(entity_names(r) for r in held_out["test"])) & train_world_names
+    train_questions = {r.question for r in read_envs(out / "train.jsonl")}
+    assert not train_questions & {r.question for r in same}
+
+
+def test_the_default_build_keeps_its_headline_test_split_out_of_the_training_worlds():
+    """At the shipped sizes (50 training worlds), every test environment's entities are new to train."""
+    from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets
+
+    built = build_envsets(
+        EnvBuildConfig(test_per_scenario=5, validation_per_scenario=0, same_world_test_per_scenario=0)
+    )
+    train_names = {n.lower() for r in built.train for n in entity_names(r)}
+    test_names = {n.lower() for r in built.test for n in entity_names(r)}
+    assert len(built.train) == 2000 and len({w for w in built.manifest["worlds"]["train"]}) == 50
+    assert not test_names & train_names
+    assert not [t for t in test_names if any(t in n or n in t for n in train_names)]

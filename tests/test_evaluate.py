@@ -212,3 +212,22 @@ def test_report_metric_lookup():
     assert report.metric("solve_f1") == 0.25
     with pytest.raises(KeyError):
         report.metric("solve_f1", "single_hop")
+
+
+def test_an_environment_set_is_evaluated_on_held_out_worlds_and_on_its_training_worlds(tmp_path, capsys):
+    from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_envset
+
+    config = EnvBuildConfig(seed=2, train_size=4, test_per_scenario=1, validation_per_scenario=0,
+                            same_world_test_per_scenario=1, train_worlds=2)  # fmt: skip
+    write_envset(build_envsets(config), tmp_path / "set")
+    argv = ["evaluate", "embedded", "--envs", str(tmp_path / "set"), "--no-general", "--max-turns", "2",
+            "--max-new-tokens", "48", "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["info"]["envs"].endswith("test.jsonl")
+    assert document["same_world"]["info"]["envs"].endswith("test_same_world.jsonl")
+    test_ids = {e["env_id"] for e in document["episodes"]}
+    same_ids = {e["env_id"] for e in document["same_world"]["episodes"]}
+    assert len(test_ids) == len(same_ids) == 4 and not test_ids & same_ids
+    assert (tmp_path / "out" / "same_world" / "tool_use.csv").is_file()
+    assert document["same_world"]["general"] is None and document["same_world"]["roles"] is None

@@ -23,7 +23,8 @@ from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    build = build_envsets(EnvBuildConfig(seed=5, train_size=12, test_per_scenario=1))
+    build = build_envsets(EnvBuildConfig(seed=5, train_size=12, test_per_scenario=1, validation_per_scenario=2,
+                                         same_world_test_per_scenario=1))  # fmt: skip
     tokenizer = build_policy_tokenizer(build.train, vocab_size=600)
     root = tmp_path_factory.mktemp("grpo")
     write_envset(build, root / "envs")
@@ -164,21 +165,21 @@ def test_episode_group_advantages_count_each_episode_once():
     assert adv.tolist() == [0.5, 0.5, 0.5, -0.5]
 
 
-def test_train_grpo_validates_on_held_out_training_envs_and_tests_once(setup, tmp_path):
+def test_train_grpo_validates_on_held_out_worlds_and_tests_once(setup, tmp_path):
     root, build = setup
     lines = []
     config = small_config(iterations=1, eval_every=5, val_solve_envs=1, val_meter_envs=1, test_at_end=True)
     summary = train_grpo(root / "envs", root / "init.pt", tmp_path, config, log=lines.append)
     assert summary["iterations"] == 1
-    # Validation: before the first iteration and after the last (eval_every is not reached here), on the end
-    # of train.jsonl (never test.jsonl), which RL never trains on.
+    # Validation: before the first iteration and after the last (eval_every is not reached here), on the
+    # build's validation split (held-out worlds; never test.jsonl), so every train environment stays in RL.
     validation = pd.read_csv(tmp_path / "validation.csv")
     assert validation["iteration"].tolist() == [0, 1]
     assert {"val_f1_overall", "nll_format", "gap_format", "top1_format"} <= set(validation.columns)
     held_out = summary["validation_envs"]
-    train_ids, test_ids = {r.env_id for r in build.train}, {r.env_id for r in build.test}
-    assert held_out and set(held_out) <= train_ids and not set(held_out) & test_ids
-    assert summary["training_envs"] == len(train_ids) - len(held_out)
+    assert held_out and set(held_out) <= {r.env_id for r in build.validation}
+    assert summary["training_envs"] == len(build.train)
+    assert any("held-out worlds (validation.jsonl)" in line for line in lines)
     assert all("val_f1_overall" in row for row in summary["history"])
     assert any(line.startswith("validation at iteration 0: Solve-F1") for line in lines)
     assert any(line.strip().startswith("role") and "gap" in line for line in lines)  # the role-NLL table
@@ -245,3 +246,34 @@ def test_cosine_schedule_runs_over_iterations(setup, tmp_path):
     assert [round(row["lr"], 6) for row in history] == [
         pytest.approx(1e-3 * f) for f in (1.0, 0.1 + 0.9 * 0.75, 0.1 + 0.9 * 0.25)
     ]
+
+
+def test_without_a_validation_split_the_end_of_train_is_held_out(setup, tmp_path):
+    root, build = setup
+    config = small_config(iterations=1, eval_every=5, val_solve_envs=1, val_meter_envs=1)
+    summary = train_grpo(
+        root / "envs" / "train.jsonl", root / "init.pt", tmp_path, config, log=lambda _: None
+    )
+    held_out, train_ids = summary["validation_envs"], {r.env_id for r in build.train}
+    assert held_out and set(held_out) <= train_ids
+    assert summary["training_envs"] == len(train_ids) - len(held_out)
+
+
+def test_oracle_prefixes_put_later_hops_among_the_states(setup, tmp_path):
+    """With oracle_prefix_share, part of each iteration's states come from golden trajectories after one or
+    more correct turns: something already solved, something (or the final answer) left."""
+    from toolrl_analysis.training.step_samples import oracle_prefix_states
+
+    root, build = setup
+    _, tokenizer = load_policy(root / "init.pt")
+    multi = [r for r in build.train if r.scenario in ("multi_hop", "parallel_multi_hop")][:2]
+    with Sandbox(workers=1) as sandbox:
+        states = oracle_prefix_states(multi, tokenizer, sandbox, max_prompt_tokens=4096)
+    assert states and all(s.solve_rate > 0 for s in states)
+    hops = sum(len(r.meta["golden_turns"]) for r in multi)
+    assert len(states) == hops  # after each golden turn: the next hop, or the final answer after the last
+    assert any(s.unsolved_set and any(s.unsolved_set.values()) for s in states)
+    trainer, history = run(root, build, tmp_path, small_config(iterations=1, oracle_prefix_share=0.5))
+    assert history[0]["oracle_states"] >= 1 and history[0]["step_states"] <= 3
+    with pytest.raises(ConfigError, match="'oracle_prefix_share'"):
+        load_config(GRPOConfig, None, ["credit=episode", "oracle_prefix_share=0.5"])

@@ -30,11 +30,12 @@ TINY = [
     "grpo.max_turns=2", "grpo.max_new_tokens=16", "grpo.mini_batch_size=8",
     "eval.limit=0", "eval.max_turns=2", "eval.max_new_tokens=16", "eval.general_tasks=8",
     "ablate.limit=8", "ablate.max_turns=1", "ablate.max_new_tokens=8", "ablate.bootstrap=100",
-    "probe.seeds=2", "probe.min_class_count=2", "probe.max_iter=20",
+    "probe.seeds=2", "probe.min_class_count=2", "probe.max_iter=20", "grpo.seeds=2", "eval.samples=2",
 ]  # fmt: skip
 STAGES = [
-    "envs", "base", "evaluate base", "train grpo", "train reinforce++", "evaluate grpo", "evaluate reinforce++",
-    "compare grpo", "compare reinforce++", "ablate", "probe",
+    "envs", "base", "evaluate base", "pass@k base", "train grpo", "train grpo seed 1", "train reinforce++",
+    "evaluate grpo", "evaluate grpo seed 1", "evaluate reinforce++", "pass@k grpo", "compare grpo",
+    "compare reinforce++", "ablate", "probe",
 ]  # fmt: skip
 
 
@@ -86,7 +87,19 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
     assert verdicts["lower_mlp"] == "inconclusive" and verdicts["context"] == "inconclusive"
     assert verdicts["general"] in ("reproduced", "not reproduced", "inconclusive")
     log = (run / "reproduce.log").read_text()
-    assert "[4/12] train grpo: run (not run yet)" in log and "[12/12] report" in log and "ETA" in log
+    assert "[5/16] train grpo: run (not run yet)" in log and "[16/16] report" in log and "ETA" in log
+    # Held-out worlds and the training worlds' own split, a second training seed, and pass@k, in the report
+    assert (run / "eval" / "grpo" / "same_world" / "episodes.csv").is_file()
+    assert (run / "grpo-seed1" / "trained.pt").is_file()
+    assert json.loads((run / "grpo-seed1" / "stage.json").read_text())["config"]["seed"] == 1
+    for text in (
+        "same world [95%]",
+        "grpo-seed1",
+        "mean ± sd over 2 seeds",
+        "pass@k and coverage",
+        "Kind of gain",
+    ):
+        assert text in report
 
     # Every figure again, from the saved tables alone, as the README runs it: the same bytes, within 30 s.
     started = time.perf_counter()
@@ -115,9 +128,9 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
     with interrupted_after_one_grpo_iteration(), pytest.raises(KeyboardInterrupt):
         run_chain(run, base_policy, configs, lines)
     old_lr = tomllib.loads(text)["optimiser"]["lr"]
-    assert f"[4/12] train grpo: run (configuration changed: lr {old_lr!r} -> 0.0001234)" in "\n".join(lines)
+    assert f"[5/16] train grpo: run (configuration changed: lr {old_lr!r} -> 0.0001234)" in "\n".join(lines)
     assert [line.split(":")[0] for line in lines if ": skip (up to date)" in line] == [
-        "[1/12] envs", "[2/12] base", "[3/12] evaluate base",
+        "[1/16] envs", "[2/16] base", "[3/16] evaluate base", "[4/16] pass@k base",
     ]  # fmt: skip
     assert lines[-1] == "interrupted during train grpo; run the same command again to continue there"
     assert json.loads((run / "grpo" / "stage.json").read_text())["status"] == "running"
@@ -125,11 +138,12 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
     lines.clear()
     after = statuses(run_chain(run, base_policy, configs, lines))
     assert after == {name: {"envs": "skipped", "base": "skipped", "evaluate base": "skipped",
-                            "train grpo": "resumed"}.get(name, "ran") for name in STAGES}  # fmt: skip
-    assert "[4/12] train grpo: resume (did not finish; resuming from its last checkpoint)" in "\n".join(lines)
+                            "pass@k base": "skipped", "train grpo": "resumed"}.get(name, "ran")
+                     for name in STAGES}  # fmt: skip
+    assert "[5/16] train grpo: resume (did not finish; resuming from its last checkpoint)" in "\n".join(lines)
     assert "resumed from iteration 1" in "\n".join(lines)
     assert pd.read_csv(run / "grpo" / "metrics.csv")["iteration"].tolist() == [1, 2]
-    assert any(line.startswith("[6/12] evaluate grpo: run (inputs changed: policy)") for line in lines)
+    assert any(line.startswith("[8/16] evaluate grpo: run (inputs changed: policy)") for line in lines)
     assert json.loads((run / "grpo" / "stage.json").read_text())["config"]["lr"] == 1.234e-4
 
 

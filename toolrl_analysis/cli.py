@@ -70,13 +70,19 @@ def _cmd_envs_build(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from toolrl_analysis.config import load_config
-    from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, render_build, write_envset
+    from toolrl_analysis.envs.pipeline import (
+        EnvBuildConfig,
+        build_envsets,
+        build_size,
+        render_build,
+        write_envset,
+    )
 
     # The default path is relative to the repository; elsewhere its values are the dataclass defaults.
     config_path = args.config if args.config != "envs/default.toml" or Path(args.config).is_file() else None
     overrides = list(args.set) + ([f"seed={args.seed}"] if args.seed is not None else [])
     config = load_config(EnvBuildConfig, config_path, overrides)
-    total = config.train_size + 4 * config.test_per_scenario
+    total = build_size(config)
     columns = (TextColumn("building environments"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=progress_console(), transient=True) as progress:
         task = progress.add_task("build", total=total)
@@ -258,6 +264,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     from toolrl_analysis.evaluate import evaluate_checkpoint, render_report
 
+    if args.samples is not None and args.samples < 1:
+        raise UserError(f"--samples must be at least 1 (leave it out for greedy only), got {args.samples}")
     stderr = progress_console()
     with Progress(
         TextColumn("episodes"),
@@ -280,6 +288,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             max_turns=args.max_turns,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
+            samples=args.samples or 0,
+            temperature=args.temperature,
+            success_threshold=args.success_threshold,
+            seed=args.seed,
             on_turn=on_turn,
         )
     if args.out:
@@ -519,9 +531,22 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", parents=[common, episodes], help="Solve-P/R/F1 per scenario and general metrics"
     )
     p.add_argument("model")
-    p.add_argument("--envs", required=True)
+    p.add_argument(
+        "--envs", required=True,
+        help="a .jsonl/.parquet file, or an environment set (its test.jsonl, and its test_same_world.jsonl)",
+    )  # fmt: skip
     p.add_argument("--out", default=None)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N environments only")
+    p.add_argument(
+        "--samples", type=int, default=None,
+        help="also sample N episodes per environment and report pass@1..N (default: greedy only)",
+    )  # fmt: skip
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --samples (1.0)")
+    p.add_argument(
+        "--success-threshold", type=float, default=1.0,
+        help="an episode succeeds for pass@k when its Solve-F1 reaches this (1.0: solved, no wasted call)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled episodes (0)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("compare", parents=[common], help="per-layer, per-component checkpoint diff")

@@ -94,6 +94,44 @@ def evaluate_tool_use(
         )
 
 
+def sample_tool_use(
+    model: torch.nn.Module,
+    tokenizer,
+    records: Sequence[EnvRecord],
+    *,
+    samples: int,
+    temperature: float,
+    sandbox,
+    seed: int = 0,
+    max_turns: int = DEFAULT_MAX_TURNS,
+    max_new_tokens: int = DEFAULT_EVAL_MAX_NEW_TOKENS,
+    max_prompt_tokens: int | None = None,
+    batch_size: int = 16,
+    on_turn: Callable[[int, list[Episode]], None] | None = None,
+) -> pd.DataFrame:
+    """`samples` episodes of every record at `temperature` (one seeded generator, so a rerun gives the same
+    episodes): the episode table with a `sample` column, for pass@k (pass_at_k.py)."""
+    policy = ModelPolicy(
+        model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    return sampled_episodes(policy, records, samples, sandbox, max_turns, max_prompt_tokens, on_turn)
+
+
+def sampled_episodes(
+    policy, records: Sequence[EnvRecord], samples: int, sandbox, max_turns: int = DEFAULT_MAX_TURNS,
+    max_prompt_tokens: int | None = None, on_turn: Callable[[int, list[Episode]], None] | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """`samples` episodes of every record with any policy: the episode table with a `sample` column."""
+    repeated = [record for record in records for _ in range(samples)]
+    episodes = run_episodes(
+        policy, repeated, sandbox, max_turns=max_turns, max_prompt_tokens=max_prompt_tokens, on_turn=on_turn
+    )
+    table = episode_table(episodes)
+    table.insert(1, "sample", [index % samples for index in range(len(table))])
+    return table
+
+
 def episode_table(episodes: Sequence[Episode]) -> pd.DataFrame:
     """One row per episode: identity, counts, stop reason and its Solve metrics."""
     rows = []
@@ -356,6 +394,12 @@ class EvaluationReport:
     # role x context NLL table of the context-reading meter (context_meter.meter_frame); None when the
     # environments have no golden calls to build oracle trajectories from (e.g. FTRL's files)
     roles: pd.DataFrame | None = None
+    # With sampling (samples > 0): one row per sampled episode, successes per environment, and pass@k
+    samples: pd.DataFrame | None = None
+    success: pd.DataFrame | None = None
+    pass_at_k: pd.DataFrame | None = None
+    # An environment set's same-world split (its training worlds), greedy, beside the headline test split
+    same_world: EvaluationReport | None = None
 
     def metric(self, metric: str, scenario: str = OVERALL) -> float:
         return summary_value(self.tool_use, metric, scenario)
@@ -370,12 +414,14 @@ class EvaluationReport:
             "hops": records(self.hops),
             "general": records(self.general),
             "roles": records(self.roles),
+            "pass_at_k": records(self.pass_at_k),
+            "success_counts": records(self.success),
             "episodes": records(self.episodes),
-        }
+        } | ({"same_world": self.same_world.to_dict()} if self.same_world is not None else {})
 
     def save(self, out_dir: str | Path) -> list[Path]:
-        """`tool_use.csv`, `hops.csv`, `episodes.csv`, `general.csv` and `roles.csv` (when run), and
-        `evaluation.json`."""
+        """`tool_use.csv`, `hops.csv`, `episodes.csv`, `general.csv`, `roles.csv`, `samples.csv` and
+        `pass_at_k.csv` (when run), and `evaluation.json`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = []
@@ -385,12 +431,16 @@ class EvaluationReport:
             ("episodes", self.episodes),
             ("general", self.general),
             ("roles", self.roles),
+            ("samples", self.samples),
+            ("pass_at_k", self.pass_at_k),
         ):
             if frame is not None:
                 frame.to_csv(out / f"{name}.csv", index=False)
                 written.append(out / f"{name}.csv")
         (out / "evaluation.json").write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
         written.append(out / "evaluation.json")
+        if self.same_world is not None:
+            written += self.same_world.save(out / "same_world")
         return written
 
 
@@ -407,10 +457,16 @@ def evaluate(
     max_prompt_tokens: int | None = None,
     batch_size: int = 16,
     n_general_tasks: int = GENERAL_TASKS,
+    samples: int = 0,
+    temperature: float = 1.0,
+    success_threshold: float = 1.0,
+    seed: int = 0,
     on_turn: Callable[[int, list[Episode]], None] | None = None,
 ) -> EvaluationReport:
-    """Tool-use evaluation on `records`, the context-reading meter on their oracle trajectories (unless
-    `roles=False`; skipped for records without golden calls) and (unless `general=False`) the general suite."""
+    """Greedy tool-use evaluation on `records`; with `samples` > 0 also that many sampled episodes per
+    record at `temperature`, and pass@1..samples (a success: Solve-F1 >= `success_threshold`); the
+    context-reading meter on their oracle trajectories (unless `roles=False`; skipped for records without
+    golden calls) and (unless `general=False`) the general suite."""
     if sandbox is None:
         from toolrl_analysis.envs.sandbox import Sandbox
 
@@ -418,35 +474,55 @@ def evaluate(
             return evaluate(
                 model, tokenizer, records, general=general, roles=roles, sandbox=own_sandbox,
                 max_turns=max_turns, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                batch_size=batch_size, n_general_tasks=n_general_tasks, on_turn=on_turn,
+                batch_size=batch_size, n_general_tasks=n_general_tasks, samples=samples,
+                temperature=temperature, success_threshold=success_threshold, seed=seed, on_turn=on_turn,
             )  # fmt: skip
     from toolrl_analysis.context_meter import measure_roles
+    from toolrl_analysis.pass_at_k import pass_at_k_table, success_counts
 
+    budgets = dict(max_turns=max_turns, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
     episodes = evaluate_tool_use(
-        model,
-        tokenizer,
-        records,
-        sandbox=sandbox,
-        max_turns=max_turns,
-        max_new_tokens=max_new_tokens,
-        max_prompt_tokens=max_prompt_tokens,
-        batch_size=batch_size,
-        on_turn=on_turn,
+        model, tokenizer, records, sandbox=sandbox, batch_size=batch_size, on_turn=on_turn, **budgets
     )
     table = episode_table(episodes)
+    info: dict[str, Any] = {
+        "environments": len(records),
+        "max_turns": max_turns,
+        "max_new_tokens": max_new_tokens,
+        "decoding": "greedy",
+    }
+    sampled = success = passk = None
+    if samples:
+        sampled = sample_tool_use(
+            model, tokenizer, records, samples=samples, temperature=temperature, sandbox=sandbox, seed=seed,
+            batch_size=batch_size, on_turn=on_turn, **budgets,
+        )  # fmt: skip
+        success = success_counts(sampled, success_threshold)
+        passk = pass_at_k_table(success)
+        info |= {"samples": samples, "temperature": temperature, "success_threshold": success_threshold}
     return EvaluationReport(
         episodes=table,
         tool_use=summarize_tool_use(table),
         hops=hop_breakdown(episodes),
         general=evaluate_general(model, tokenizer, n_tasks=n_general_tasks) if general else None,
         roles=measure_roles(model, tokenizer, records, sandbox) if roles else None,
-        info={
-            "environments": len(records),
-            "max_turns": max_turns,
-            "max_new_tokens": max_new_tokens,
-            "decoding": "greedy",
-        },
+        info=info,
+        samples=sampled,
+        success=success,
+        pass_at_k=passk,
     )
+
+
+def check_sampling(samples: int, temperature: float, threshold: float) -> None:
+    """One-line errors for the sampling options, named as the command line names them."""
+    from toolrl_analysis.errors import ConfigError
+
+    if samples < 0:
+        raise ConfigError(f"--samples must be at least 1 (or left out for greedy only), got {samples}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ConfigError(f"--temperature must be a positive number when sampling, got {temperature}")
+    if not 0 < threshold <= 1:
+        raise ConfigError(f"--success-threshold must be in (0, 1] (a Solve-F1), got {threshold}")
 
 
 def evaluate_checkpoint(
@@ -457,8 +533,10 @@ def evaluate_checkpoint(
     general: bool = True,
     **options: Any,
 ) -> EvaluationReport:
-    """Load a checkpoint (our `.pt` or an HF directory) and environments from disk, then `evaluate`.
-    A missing or unreadable checkpoint raises CheckpointError; a bad environment file EnvFormatError."""
+    """Load a checkpoint (our `.pt` or an HF directory) and environments from disk, then `evaluate`. An
+    environment-set directory evaluates its test.jsonl (held-out worlds) and, greedy, its test_same_world.jsonl
+    (the training worlds) into `.same_world`. A missing or unreadable checkpoint raises CheckpointError; a bad
+    environment file EnvFormatError."""
     from toolrl_analysis.envs.schema import read_envs
     from toolrl_analysis.errors import CheckpointError, ConfigError
     from toolrl_analysis.models.checkpoint import load_policy
@@ -469,12 +547,24 @@ def evaluate_checkpoint(
     for name in ("max_turns", "max_new_tokens", "batch_size"):
         if name in options and int(options[name]) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}")
+    check_sampling(
+        options.get("samples", 0), options.get("temperature", 1.0), options.get("success_threshold", 1.0)
+    )
     if not is_embedded(model_path) and not Path(model_path).exists():
         raise CheckpointError(f"no such checkpoint: {model_path}")
+    envs_path, same_path = Path(envs_path), None
+    if envs_path.is_dir():  # an environment set: its headline test split, and its same-world split if built
+        envs_path, same_path = envs_path / "test.jsonl", envs_path / "test_same_world.jsonl"
     records = read_envs(envs_path)[:limit]
     model, tokenizer = load_policy(model_path)
     report = evaluate(model, tokenizer, records, general=general, **options)
     report.info.update({"model": str(model_path), "envs": str(envs_path)})
+    if same_path is not None and same_path.is_file():
+        greedy = {k: v for k, v in options.items() if k not in ("samples", "roles")}
+        report.same_world = evaluate(
+            model, tokenizer, read_envs(same_path)[:limit], general=False, roles=False, **greedy
+        )
+        report.same_world.info.update({"model": str(model_path), "envs": str(same_path)})
     return report
 
 
@@ -534,8 +624,40 @@ def render_report(report: EvaluationReport, console) -> None:
             general.add_row(row.suite, row.metric, f"{row.value:.4g}")
         console.print(general)
 
+    if report.pass_at_k is not None:
+        render_pass_at_k(report.pass_at_k, report.info, console)
+
+    if report.same_world is not None:
+        f1 = report.same_world.tool_use.query("metric == 'solve_f1'")
+        console.print(
+            "Same world (test_same_world.jsonl: new questions about the training worlds), greedy Solve-F1: "
+            + ", ".join(f"{r.scenario} {r.value:.3f}" for r in f1.itertuples())
+        )
+
     if report.roles is not None:
         render_role_table(report.roles, console)
+
+
+def render_pass_at_k(frame: pd.DataFrame, info: dict[str, Any], console) -> None:
+    """pass@k per scenario (columns k = 1, 2, 4, ..., N), each with its 95% interval half-width."""
+    from rich import box
+    from rich.table import Table
+
+    n = int(frame["k"].max())
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, n) if k <= n})
+    title = f"pass@k: {info.get('samples')} samples at T={info.get('temperature')}"
+    caption = f"success: Solve-F1 >= {info.get('success_threshold')}; ± half a 95% interval over environments"
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
+    table.add_column("scenario", no_wrap=True)
+    for k in ks:
+        table.add_column(f"@{k}", justify="right", no_wrap=True)
+    for scenario in frame["scenario"].unique():
+        rows = frame[frame["scenario"] == scenario].set_index("k")
+        cells = [
+            f"{rows.loc[k, 'pass_at_k']:.2f}±{(rows.loc[k, 'high'] - rows.loc[k, 'low']) / 2:.2f}" for k in ks
+        ]
+        table.add_row(scenario, *cells, style="bold" if scenario == OVERALL else None)
+    console.print(table)
 
 
 def render_role_table(

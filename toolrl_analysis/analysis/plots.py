@@ -225,3 +225,25 @@ def plot_loss_curve(curve: pd.DataFrame) -> Figure:
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     return figure
+
+
+def plot_pass_at_k(levels: pd.DataFrame) -> Figure:
+    """pass@k against k (log scale), one panel per scenario and overall, one line per policy with its 95%
+    interval over environments. `levels`: pass_at_k.pass_at_k_table frames with a `policy` column."""
+    scopes = list(dict.fromkeys(levels["scenario"]))
+    figure = Figure(figsize=(3.0 * len(scopes), 3.0))
+    axes = figure.subplots(1, len(scopes), sharey=True, squeeze=False)[0]
+    for ax, scope in zip(axes, scopes, strict=True):
+        for policy, frame in levels[levels["scenario"] == scope].groupby("policy", sort=False):
+            frame = frame.sort_values("k")
+            ax.plot(frame["k"], frame["pass_at_k"], marker="o", markersize=3, label=policy)
+            ax.fill_between(frame["k"], frame["low"].clip(0, 1), frame["high"].clip(0, 1), alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ks = sorted(levels["k"].unique())
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_title(scope.replace("_", " "), fontsize=9)
+        ax.set_xlabel("k")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("pass@k (Solve-F1 success)")
+    axes[0].legend(fontsize=8)
+    return figure

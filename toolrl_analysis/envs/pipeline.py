@@ -1,11 +1,18 @@
 """The build chain: world -> scenario decomposition -> documents -> integration -> scaling -> deployment.
 
-`build_envsets(config)` returns FTRL-compatible records for both splits and a manifest;
-`write_envset(...)` writes DIR/train.jsonl, DIR/test.jsonl and DIR/manifest.json. Everything is
-seeded from strings (random.Random(str) hashes with SHA-512, not with Python's salted hash), orders
-are fixed, and no timestamps are written, so one seed always gives the same bytes. Test questions
-are built first and train questions may not repeat any of them (same chains of relations from the
-same subjects count as the same question, whatever the wording).
+`build_envsets(config)` returns FTRL-compatible records for every split and a manifest; `write_envset(...)`
+writes them (SPLIT_FILES) and DIR/manifest.json. The splits live in worlds of their own:
+
+- `train`: `train_worlds` worlds, environments dealt round-robin over them;
+- `test` (the headline split) and `validation`: held-out worlds whose entity names occur nowhere in the
+  training worlds (nor in each other), so a policy can score there only by reading its context;
+- `test_same_world`: unseen questions about the training worlds, so the gap between the two test splits
+  is what a policy recalls of its training world rather than reads.
+
+Everything is seeded from strings (random.Random(str) hashes with SHA-512, not with Python's salted hash),
+orders are fixed, and no timestamps are written, so one seed always gives the same bytes. Same-world test
+questions are built first and train questions may not repeat any of them (same chains of relations from
+the same subjects count as the same question, whatever the wording).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from toolrl_analysis.envs.documents import document
 from toolrl_analysis.envs.integrate import integrate
 from toolrl_analysis.envs.scaling import OPERATIONS, ScalingSettings, scale
 from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord, write_envs
-from toolrl_analysis.envs.world import World, build_world
+from toolrl_analysis.envs.world import NameGuard, World, build_world
 from toolrl_analysis.errors import ConfigError, UserError
 from toolrl_analysis.io import file_sha256
 
@@ -41,6 +48,14 @@ class EnvBuildConfig:
     test_per_scenario: int = 50
     # Relative weights of single_hop, parallel_single_hop, multi_hop, parallel_multi_hop in train.
     train_mix: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    # Worlds. train: this many worlds share train_size (and test_same_world); test and validation come from
+    # worlds of their own whose names occur nowhere in the training worlds. World 0 of train is the
+    # integer-seeded world of every earlier build.
+    train_worlds: int = 50
+    test_worlds: int = 4
+    validation_worlds: int = 2
+    validation_per_scenario: int = 50  # held-out worlds, for choosing recipes (train-grpo validates on it)
+    same_world_test_per_scenario: int = 50  # training worlds, questions train never asks
     # World size.
     world_people: int = 400
     world_places: int = 120
@@ -73,6 +88,10 @@ class EnvBuildConfig:
     def validate(self) -> None:
         require(self.train_size >= 0, "train_size", "must be >= 0")
         require(self.test_per_scenario >= 0, "test_per_scenario", "must be >= 0")
+        for key in ("validation_per_scenario", "same_world_test_per_scenario"):
+            require(getattr(self, key) >= 0, key, "must be >= 0")
+        for key in ("train_worlds", "test_worlds", "validation_worlds"):
+            require(1 <= getattr(self, key) <= 1000, key, "must be between 1 and 1000")
         require(len(self.train_mix) == len(SCENARIOS), "train_mix", f"must list {len(SCENARIOS)} weights")
         require(
             all(w >= 0 for w in self.train_mix) and sum(self.train_mix) > 0, "train_mix", "needs weights >= 0"
@@ -127,11 +146,26 @@ class EnvBuildConfig:
         return ScalingSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
 
+# Split -> file, in the order they are written; `test` is the headline split (held-out worlds).
+SPLIT_FILES = {
+    "train": "train.jsonl",
+    "test": "test.jsonl",
+    "test_same_world": "test_same_world.jsonl",
+    "validation": "validation.jsonl",
+}
+NEW_WORLD_SPLITS = ("test", "validation")
+
+
 @dataclass
 class EnvSetBuild:
     train: list[EnvRecord]
     test: list[EnvRecord]
     manifest: dict[str, Any]
+    test_same_world: list[EnvRecord] = field(default_factory=list)
+    validation: list[EnvRecord] = field(default_factory=list)
+
+    def splits(self) -> dict[str, list[EnvRecord]]:
+        return {split: getattr(self, split) for split in SPLIT_FILES}
 
 
 # -- one environment -------------------------------------------------------------------------------
@@ -149,15 +183,22 @@ def _decompose(
             return decomposition, rng
     raise ConfigError(
         f"could not compose a new {scenario} question for {stream}: the world is too small for this many "
-        "environments (raise world_people, world_places, world_organisations, world_artefacts)"
+        "environments (raise world_people, world_places, world_organisations, world_artefacts, or the split's "
+        "number of worlds)"
     )
 
 
 def build_environment(
-    world: World, scenario: str, split: str, index: int, config: EnvBuildConfig, taken: set[tuple]
+    world: World,
+    scenario: str,
+    split: str,
+    index: int,
+    config: EnvBuildConfig,
+    taken: set[tuple],
+    id_prefix: str | None = None,
 ) -> EnvRecord:
-    """Run the five stages for one environment."""
-    env_id = f"{split}-{index:05d}"
+    """Run the five stages for one environment; its id is `{id_prefix or split}-{index:05d}`."""
+    env_id = f"{id_prefix or split}-{index:05d}"
     d, rng = _decompose(world, scenario, config, f"toolrl-env/{config.seed}/{env_id}", taken)
 
     # Documents (one per sub-question) and their integration into tools.
@@ -250,28 +291,76 @@ def train_scenarios(config: EnvBuildConfig) -> list[str]:
     return out
 
 
+def split_worlds(config: EnvBuildConfig) -> dict[str, list[World]]:
+    """The worlds of each split. Held-out worlds are built against a guard holding every name before them
+    (train, then test, then validation), so they share no entity, and no name inside another, with those."""
+
+    def world(seed: int | str, guard: NameGuard | None = None) -> World:
+        return build_world(
+            seed,  # type: ignore[arg-type]  # a string seed keeps each split's worlds apart
+            config.world_people,
+            config.world_places,
+            config.world_organisations,
+            config.world_artefacts,
+            exclude=guard,
+        )
+
+    # A split never has more worlds than environments (a world nobody asks about would cost time only).
+    used = max(1, min(config.train_worlds, max(config.train_size, 4 * config.same_world_test_per_scenario)))
+    train = [world(config.seed if k == 0 else f"build/{config.seed}/train/{k}") for k in range(used)]
+    guard = NameGuard(name for w in train for name in w.names())
+    worlds = {"train": train}
+    for split in NEW_WORLD_SPLITS:
+        size = len(SCENARIOS) * getattr(
+            config, f"{split}_per_scenario" if split != "test" else "test_per_scenario"
+        )
+        count = max(1, min(getattr(config, f"{split}_worlds"), size))
+        worlds[split] = [world(f"build/{config.seed}/{split}/{k}", guard) for k in range(count)]
+        for w in worlds[split]:
+            for name in w.names():
+                guard.add(name)
+    return worlds
+
+
 def build_envsets(config: EnvBuildConfig, progress: Callable[[int], None] | None = None) -> EnvSetBuild:
-    """Build test (test_per_scenario per scenario) and train (train_size, mixed) environments."""
-    world = build_world(
-        config.seed,
-        config.world_people,
-        config.world_places,
-        config.world_organisations,
-        config.world_artefacts,
-    )
-    taken: set[tuple] = set()
-    test: list[EnvRecord] = []
-    for scenario in SCENARIOS:
-        for _ in range(config.test_per_scenario):
-            test.append(build_environment(world, scenario, "test", len(test), config, taken))
+    """Build every split: per scenario, `test_per_scenario` (held-out worlds), `validation_per_scenario`
+    (other held-out worlds) and `same_world_test_per_scenario` (training worlds); and train (train_size,
+    mixed by train_mix). Environments are dealt round-robin over their split's worlds."""
+    worlds = split_worlds(config)
+    taken: dict[int, set[tuple]] = {id(w): set() for ws in worlds.values() for w in ws}
+
+    def make(
+        split: str, pool: list[World], scenarios: list[str], prefix: str | None = None
+    ) -> list[EnvRecord]:
+        out: list[EnvRecord] = []
+        for index, scenario in enumerate(scenarios):
+            w = pool[index % len(pool)]
+            out.append(build_environment(w, scenario, split, index, config, taken[id(w)], prefix))
             if progress:
                 progress(1)
-    train: list[EnvRecord] = []
-    for scenario in train_scenarios(config):
-        train.append(build_environment(world, scenario, "train", len(train), config, taken))
-        if progress:
-            progress(1)
-    return EnvSetBuild(train=train, test=test, manifest=manifest(train, test, config, world))
+        return out
+
+    def balanced(per_scenario: int) -> list[str]:
+        return [s for s in SCENARIOS for _ in range(per_scenario)]
+
+    # Same-world test questions first: train may not repeat them.
+    same = make("test", worlds["train"], balanced(config.same_world_test_per_scenario), "same")
+    train = make("train", worlds["train"], train_scenarios(config))
+    test = make("test", worlds["test"], balanced(config.test_per_scenario))
+    validation = make("validation", worlds["validation"], balanced(config.validation_per_scenario))
+    splits = {"train": train, "test": test, "test_same_world": same, "validation": validation}
+    return EnvSetBuild(
+        train=train, test=test, test_same_world=same, validation=validation,
+        manifest=manifest(splits, config, worlds),
+    )  # fmt: skip
+
+
+def build_size(config: EnvBuildConfig) -> int:
+    """Environments `build_envsets` makes (for progress bars)."""
+    per_scenario = (
+        config.test_per_scenario + config.validation_per_scenario + config.same_world_test_per_scenario
+    )
+    return config.train_size + len(SCENARIOS) * per_scenario
 
 
 def stream_environments(
@@ -307,17 +396,24 @@ def stream_environments(
 
 
 def write_envset(build: EnvSetBuild, out_dir: str | Path) -> dict[str, Path]:
+    """Every split's file (SPLIT_FILES; train and test always, the others when they hold records) and
+    manifest.json with each file's record count and SHA-256."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "manifest": out / "manifest.json"}
-    write_envs(build.train, paths["train"])
-    write_envs(build.test, paths["test"])
-    build.manifest["files"] = {
-        name: {"records": len(records), "sha256": file_sha256(paths[name])}
-        for name, records in (("train", build.train), ("test", build.test))
-    }
+    paths: dict[str, Path] = {}
+    files: dict[str, dict[str, Any]] = {}
+    for split, records in build.splits().items():
+        path = out / SPLIT_FILES[split]
+        if not records and split not in ("train", "test"):
+            path.unlink(missing_ok=True)  # a rebuild without this split leaves no stale file behind
+            continue
+        write_envs(records, path)
+        paths[split] = path
+        files[split] = {"records": len(records), "sha256": file_sha256(path)}
+    build.manifest["files"] = files
+    paths["manifest"] = out / "manifest.json"
     paths["manifest"].write_text(
         json.dumps(build.manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
@@ -342,10 +438,9 @@ def _histogram(values: list[int]) -> dict[str, int]:
 
 
 def manifest(
-    train: list[EnvRecord], test: list[EnvRecord], config: EnvBuildConfig, world: World
+    by_split: dict[str, list[EnvRecord]], config: EnvBuildConfig, worlds: dict[str, list[World]]
 ) -> dict[str, Any]:
-    records = test + train
-    by_split = {"train": train, "test": test}
+    records = [r for rs in by_split.values() for r in rs]
     counts = {
         split: {s: sum(r.scenario == s for r in rs) for s in SCENARIOS} for split, rs in by_split.items()
     }
@@ -372,7 +467,14 @@ def manifest(
         "seed": config.seed,
         "counts": counts,
         "totals": {split: len(rs) for split, rs in by_split.items()},
-        "world": world.stats(),
+        "world": worlds["train"][0].stats(),  # every world has these sizes
+        "worlds": {split: [str(w.seed) for w in ws] for split, ws in worlds.items()},
+        "split_worlds": {  # which split's worlds each split's environments come from
+            "train": "train",
+            "test": "test (held out: no entity of train)",
+            "test_same_world": "train (unseen questions)",
+            "validation": "validation (held out: no entity of train or test)",
+        },
         "integration": {
             "documents": n_docs,
             "distinct_documents": distinct_docs,
@@ -404,13 +506,13 @@ def render_build(manifest: dict[str, Any], out_dir: str, console: Any) -> None:
     from rich.table import Table
 
     table = Table(title=f"environments written to {out_dir} (seed {manifest['seed']})")
-    for column in ("scenario", "train", "test", "sub-questions", "tools", "question chars"):
+    splits = list(manifest["counts"])
+    for column in ("scenario", *splits, "sub-questions", "tools", "question chars"):
         table.add_column(column, justify="left" if column == "scenario" else "right")
     for scenario, row in manifest["scenarios"].items():
         table.add_row(
             scenario,
-            str(manifest["counts"]["train"][scenario]),
-            str(manifest["counts"]["test"][scenario]),
+            *(str(manifest["counts"][split][scenario]) for split in splits),
             f"{row['subquestions'].get('min', 0)}-{row['subquestions'].get('max', 0)}",
             f"{row['tools'].get('mean', 0)}",
             f"{row['question_chars'].get('mean', 0)}",
@@ -422,11 +524,18 @@ def render_build(manifest: dict[str, Any], out_dir: str, console: Any) -> None:
         f"(ratio {integration['ratio_tools_per_document']}, {integration['merges']} merges)"
     )
     scaling = Table(title="complexity scaling (environments)")
-    for column in ("operation", "train", "test", "tools"):
+    for column in ("operation", *splits, "tools"):
         scaling.add_column(column, justify="left" if column == "operation" else "right")
     for op, counts in manifest["scaling"]["environments"].items():
-        scaling.add_row(op, str(counts["train"]), str(counts["test"]), str(manifest["scaling"]["tools"][op]))
+        scaling.add_row(op, *(str(counts[split]) for split in splits), str(manifest["scaling"]["tools"][op]))
     console.print(scaling)
+    worlds = {split: len(seeds) for split, seeds in manifest.get("worlds", {}).items()}
+    if worlds:
+        console.print(
+            "worlds: "
+            + ", ".join(f"{split} {n}" for split, n in worlds.items())
+            + " (test and validation share no entity name with train; test_same_world asks about train's worlds)"
+        )
     tools = manifest["tools_per_environment"]["all"]
     if tools.get("n"):
         console.print(f"tools per environment: {tools['min']}-{tools['max']} (mean {tools['mean']})")

@@ -128,6 +128,9 @@ class World:
         out["facts"] = sum(len(table) for table in self.facts.values())
         return out
 
+    def names(self) -> list[str]:
+        return [name for kind in KINDS for name in self.entities[kind]]
+
 
 def _token(rng: random.Random) -> str:
     first = rng.choice(_ONSETS) + rng.choice(_VOWELS)
@@ -145,9 +148,39 @@ def _name(kind: str, rng: random.Random) -> str:
     return f"{_token(rng)} {rng.choice(_ARTEFACT_NOUNS)}"
 
 
-def _distinct_names(sizes: dict[str, int], rng: random.Random) -> dict[str, list[str]]:
-    """Names such that no name occurs inside another name or inside our fixed text (case-insensitive)."""
-    taken: list[str] = []  # lower-case names so far, in creation order
+class NameGuard:
+    """The names taken so far, lower-cased, under one rule: no name occurs inside another. Used within a
+    world, and across worlds to keep a held-out world's names out of every training world's text."""
+
+    GRAM = 3  # every name has at least this many characters (a syllable pair)
+
+    def __init__(self, names=()):
+        self._names: set[str] = set()
+        self._by_gram: dict[str, list[str]] = {}  # a name that contains `low` contains low's first gram
+        for name in names:
+            self.add(name)
+
+    def clashes(self, low: str) -> bool:
+        if any(low in other for other in self._by_gram.get(low[: self.GRAM], ())):
+            return True
+        # a taken name inside this one: every substring of a short name is cheap to enumerate
+        return any(low[i:j] in self._names for i in range(len(low)) for j in range(i + 1, len(low) + 1))
+
+    def add(self, name: str) -> None:
+        low = name.lower()
+        if low in self._names:
+            return
+        self._names.add(low)
+        for gram in {low[i : i + self.GRAM] for i in range(len(low) - self.GRAM + 1)}:
+            self._by_gram.setdefault(gram, []).append(low)
+
+
+def _distinct_names(
+    sizes: dict[str, int], rng: random.Random, exclude: NameGuard | None
+) -> dict[str, list[str]]:
+    """Names such that no name occurs inside another name, inside our fixed text (case-insensitive), or
+    inside or around a name of `exclude`."""
+    taken = NameGuard()
     out: dict[str, list[str]] = {kind: [] for kind in KINDS}
     for kind in KINDS:
         while len(out[kind]) < sizes[kind]:
@@ -155,9 +188,9 @@ def _distinct_names(sizes: dict[str, int], rng: random.Random) -> dict[str, list
             low = name.lower()
             if any(t in _FIXED_TEXT for t in low.split() if t not in _SUFFIX_WORDS):
                 continue
-            if any(low in other or other in low for other in taken):
+            if taken.clashes(low) or (exclude is not None and exclude.clashes(low)):
                 continue
-            taken.append(low)
+            taken.add(low)
             out[kind].append(name)
     return out
 
@@ -171,11 +204,14 @@ def build_world(
     places: int = 120,
     organisations: int = 120,
     artefacts: int = 160,
+    exclude: NameGuard | None = None,
 ) -> World:
-    """Build the world for `seed`. Same seed, same world; every entity has every relation of its kind."""
+    """Build the world for `seed`. Same seed (and `exclude`), same world; every entity has every relation of
+    its kind. No name occurs inside or around a name of `exclude` (the names of other worlds that this one
+    must share nothing with)."""
     rng = random.Random(f"toolrl-world/{seed}")
     sizes = {"person": people, "place": places, "organisation": organisations, "artefact": artefacts}
-    entities = _distinct_names(sizes, rng)
+    entities = _distinct_names(sizes, rng, exclude)
     world = World(seed=seed, entities=entities)
     for rel in RELATIONS:
         subjects = entities[rel.subject]

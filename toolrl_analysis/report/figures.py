@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from toolrl_analysis.report.tables import ORDER, POLICIES, TRAINED, read_csv, tool_use_points
+from toolrl_analysis.report.tables import (
+    ORDER,
+    POLICIES,
+    TRAINED,
+    read_csv,
+    success_counts_of,
+    tool_use_points,
+)
 
 DPI = 120
 METADATA = {"Software": None}
@@ -28,6 +35,21 @@ def training_curves(run: Path) -> pd.DataFrame:
         if (frame := read_csv(run / policy / "metrics.csv")) is not None
     ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def pass_at_k_levels(run: Path) -> pd.DataFrame | None:
+    """pass@k with intervals of the base and GRPO, on the environments both were sampled on."""
+    from toolrl_analysis.pass_at_k import pass_at_k_table
+
+    found = {policy: success_counts_of(run, policy) for policy in ("base", "grpo")}
+    if any(v is None for v in found.values()):
+        return None
+    shared = set(found["base"][0]["env_id"]) & set(found["grpo"][0]["env_id"])
+    frames = [
+        pass_at_k_table(counts[counts["env_id"].isin(shared)]).assign(policy=POLICIES[policy])
+        for policy, (counts, _) in found.items()
+    ]
+    return pd.concat(frames, ignore_index=True)
 
 
 def write_figures(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -51,6 +73,8 @@ def write_figures(run: str | Path, out_dir: str | Path | None = None) -> list[Pa
     points = tool_use_points(run)
     if not points.empty:
         save(plots.plot_policy_scores(points, "solve_f1", order=ORDER), "solve_f1.png")
+    if (levels := pass_at_k_levels(run)) is not None:
+        save(plots.plot_pass_at_k(levels), "pass_at_k.png")
     curves = training_curves(run)
     if not curves.empty:
         save(plots.plot_training_curves(curves), "rl_curves.png")

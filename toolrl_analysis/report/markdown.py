@@ -13,11 +13,13 @@ from toolrl_analysis.report.tables import (
     ablation_table,
     environment_table,
     general_table,
+    pass_at_k_comparison,
     probe_frames,
     probe_table,
     read_csv,
     read_json,
     role_table_by_policy,
+    seed_table,
     tool_use_estimates_by_policy,
     tool_use_table,
 )
@@ -113,13 +115,84 @@ def _tool_use(run: Path) -> list[str]:
     lines = [
         "## 2. Tool use: base vs GRPO vs Reinforce++ (the paper's Table 2, in miniature)",
         "",
-        "Greedy episodes on the held-out test environments; each cell is the mean with its 95% bootstrap "
-        "interval (environments resampled within scenario). `overall` is the mean over scenarios, as FTRL reports.",
+        "Greedy episodes on the test split, built in held-out worlds: none of its entities occurs in the "
+        "training worlds, so a policy scores there by reading its context, not by recalling its training world. "
+        "Each cell is the mean with its 95% bootstrap interval (environments resampled within scenario). "
+        "`overall` is the mean over scenarios, as FTRL reports.",
         "",
     ]
     for metric, label in (("solve_f1", "Solve-F1"), ("solve_p", "Solve-P"), ("solve_r", "Solve-R")):
         lines += [f"{label}:", "", markdown_table(tool_use_table(estimates, metric)), ""]
-    return lines + _figures(run, "solve_f1", "rl_curves", "base_loss") + [""]
+    same = tool_use_estimates_by_policy(run, "test_same_world")
+    if same:
+        lines += [
+            "The same policies on unseen questions about the *training* worlds (`test_same_world.jsonl`): the gain "
+            "here is skill plus whatever the policy recalls of its training worlds; the difference from the "
+            "held-out gain is the part that does not transfer. Solve-F1:",
+            "",
+            markdown_table(tool_use_table(same, "solve_f1")),
+            "",
+        ]
+    seeds = seed_table(run)
+    if seeds is not None:
+        lines += [
+            "GRPO's overall Solve-F1 gain over the base per training seed (paired over environments):",
+            "",
+            markdown_table(seeds),
+            "",
+        ]
+    return lines + _pass_at_k(run) + _figures(run, "solve_f1", "pass_at_k", "rl_curves", "base_loss") + [""]
+
+
+def _pass_at_k(run: Path) -> list[str]:
+    found = pass_at_k_comparison(run)
+    if found is None:
+        return []
+    info, gains, cover, kind = found["info"], found["gains"], found["coverage"], found["kind"]
+    overall = gains[gains["scenario"] == "overall"]
+    n = int(overall["k"].max())
+    shown = sorted({k for k in (1, 2, 4, 8, 16, 32, n) if k <= n})
+    table = pd.DataFrame(
+        {
+            "k": r.k,
+            "base": f"{r.base:.3f}",
+            "GRPO": f"{r.trained:.3f}",
+            "gain [95%]": f"{r.gain:+.3f} [{r.low:+.3f}, {r.high:+.3f}]",
+        }
+        for r in overall.itertuples()
+        if r.k in shown
+    )
+    last = gains[gains["k"] == n]
+    per_scenario = pd.DataFrame(
+        {
+            "scenario": r.scenario,
+            "pass@1 base → GRPO": f"{gains[(gains['k'] == 1) & (gains['scenario'] == r.scenario)]['base'].iloc[0]:.3f}"
+            f" → {gains[(gains['k'] == 1) & (gains['scenario'] == r.scenario)]['trained'].iloc[0]:.3f}",
+            f"pass@{n} base → GRPO": f"{r.base:.3f} → {r.trained:.3f}",
+            f"pass@{n} gain [95%]": f"{r.gain:+.3f} [{r.low:+.3f}, {r.high:+.3f}]",
+        }
+        for r in last.itertuples()
+    )
+    crossover = cover["crossover_k"]
+    return [
+        "### pass@k and coverage: sharpening or new capability?",
+        "",
+        f"{info.get('samples')} episodes per environment sampled at temperature {info.get('temperature')} on "
+        f"{cover['environments']} test environments (held-out worlds, balanced over scenarios); a success is an "
+        f"episode with Solve-F1 ≥ {info.get('success_threshold')}; pass@k is Chen et al.'s unbiased estimator, "
+        "its gain paired over environments (95% normal intervals).",
+        "",
+        markdown_table(table),
+        "",
+        markdown_table(per_scenario),
+        "",
+        f"Coverage over {cover['environments']} environments: solved at least once by both {cover['both']}, "
+        f"only by the base {len(cover['only_base'])}, only by GRPO {len(cover['only_trained'])}, by neither "
+        f"{cover['neither']}. Crossover k* (the base no longer behind): "
+        + (f"{crossover}." if crossover is not None else f"none up to k = {n}.")
+        + f" **Kind of gain: {kind['kind']}** ({kind['rule']}).",
+        "",
+    ]
 
 
 def _general(run: Path) -> list[str]:

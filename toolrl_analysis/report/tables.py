@@ -35,16 +35,20 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 # -- environments ------------------------------------------------------------------------------------
 def environment_table(run: Path) -> pd.DataFrame | None:
-    """Per scenario (train and test together): environments, sub-questions, tools offered, distractors,
-    merged tools, and the share of environments each complexity-scaling operation was applied to."""
+    """Per scenario (every split together): environments per split, sub-questions, tools offered,
+    distractors, merged tools, and the share of environments each complexity-scaling operation was applied
+    to."""
+    from toolrl_analysis.envs.pipeline import SPLIT_FILES
     from toolrl_analysis.envs.scaling import OPERATIONS
     from toolrl_analysis.envs.schema import read_envs
 
-    paths = [run / "envs" / f"{split}.jsonl" for split in ("train", "test")]
-    if not all(p.is_file() for p in paths):
+    paths = {split: run / "envs" / name for split, name in SPLIT_FILES.items()}
+    if not all(paths[split].is_file() for split in ("train", "test")):
         return None
+    splits = [split for split, path in paths.items() if path.is_file()]
     rows = []
-    for split, path in zip(("train", "test"), paths, strict=True):
+    for split in splits:
+        path = paths[split]
         for record in read_envs(path):
             meta = record.meta
             row = {
@@ -64,8 +68,7 @@ def environment_table(run: Path) -> pd.DataFrame | None:
         subs = chosen["subquestions"]
         row = {
             "scenario": scenario,
-            "train": int((chosen["split"] == "train").sum()),
-            "test": int((chosen["split"] == "test").sum()),
+            **{split: int((chosen["split"] == split).sum()) for split in splits},
             "sub-questions": f"{subs.mean():.2f} ({subs.min()}-{subs.max()})",
             "tools offered": f"{chosen['tools'].mean():.2f}",
             "distractors": f"{chosen['distractors'].mean():.2f}",
@@ -77,10 +80,15 @@ def environment_table(run: Path) -> pd.DataFrame | None:
 
 
 # -- tool use ------------------------------------------------------------------------------------------
-def episodes_of(run: Path) -> dict[str, pd.DataFrame]:
+# Where each test split's evaluation lives under eval/<policy>/: the headline split of held-out worlds, and
+# the split about the training worlds (reproduce/chain.py writes both).
+SPLIT_DIRS = {"test": "", "test_same_world": "same_world"}
+
+
+def episodes_of(run: Path, split: str = "test", policies=None) -> dict[str, pd.DataFrame]:
     found = {}
-    for policy in POLICIES:
-        frame = read_csv(run / "eval" / policy / "episodes.csv")
+    for policy in policies or POLICIES:
+        frame = read_csv(run / "eval" / policy / SPLIT_DIRS[split] / "episodes.csv")
         if frame is not None and not frame.empty:
             found[policy] = frame
     return found
@@ -96,9 +104,11 @@ def paired(episodes: dict[str, pd.DataFrame]) -> bool:
     return all(i == ids[0] for i in ids)
 
 
-def tool_use_estimates_by_policy(run: Path) -> dict[str, dict[tuple[str, str], Estimate]]:
+def tool_use_estimates_by_policy(
+    run: Path, split: str = "test", policies=None
+) -> dict[str, dict[tuple[str, str], Estimate]]:
     """policy -> (scope, metric) -> Estimate; one set of resamples for all when the evaluations pair."""
-    episodes = episodes_of(run)
+    episodes = episodes_of(run, split, policies)
     if not episodes:
         return {}
     shared = resamples_for(next(iter(episodes.values()))) if paired(episodes) else None
@@ -106,6 +116,50 @@ def tool_use_estimates_by_policy(run: Path) -> dict[str, dict[tuple[str, str], E
         policy: tool_use_estimates(frame, shared or resamples_for(frame))
         for policy, frame in episodes.items()
     }
+
+
+def grpo_seed_runs(run: Path) -> list[str]:
+    """The GRPO runs evaluated in this run directory: grpo, then grpo-seed1, grpo-seed2, ..."""
+    names = [p.name for p in (run / "eval").glob("grpo-seed*") if p.name.removeprefix("grpo-seed").isdigit()]
+    first = ["grpo"] if (run / "eval" / "grpo").is_dir() else []
+    return first + sorted(names, key=lambda n: int(n.removeprefix("grpo-seed")))
+
+
+def seed_gains(run: Path) -> dict[str, dict[str, Estimate]]:
+    """GRPO run -> split -> the paired overall Solve-F1 gain over the base on that split."""
+    out: dict[str, dict[str, Estimate]] = {}
+    policies = ["base", *grpo_seed_runs(run)]
+    for split in SPLIT_DIRS:
+        estimates = tool_use_estimates_by_policy(run, split, policies)
+        if "base" not in estimates:
+            continue
+        base = estimates["base"][("overall", "solve_f1")]
+        for name, found in estimates.items():
+            if name != "base":
+                out.setdefault(name, {})[split] = found[("overall", "solve_f1")] - base
+    return out
+
+
+def seed_table(run: Path) -> pd.DataFrame | None:
+    """One row per GRPO training seed: its paired gain on held-out worlds and on the training worlds, then
+    the mean and standard deviation of the gains over seeds."""
+    gains = seed_gains(run)
+    if not gains:
+        return None
+    labels = {"test": "gain, held-out worlds [95%]", "test_same_world": "gain, same world [95%]"}
+    rows = []
+    for index, (name, by_split) in enumerate(gains.items()):
+        row = {"GRPO run": name, "seed offset": index}
+        row |= {labels[split]: interval(estimate) for split, estimate in by_split.items()}
+        rows.append(row)
+    if len(gains) > 1:
+        row = {"GRPO run": f"mean ± sd over {len(gains)} seeds", "seed offset": ""}
+        for split, text in labels.items():
+            values = [by[split].value for by in gains.values() if split in by]
+            if len(values) > 1:
+                row[text] = f"{np.mean(values):+.3f} ± {np.std(values, ddof=1):.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def interval(estimate: Estimate, digits: int = 3) -> str:
@@ -126,11 +180,11 @@ def tool_use_table(estimates: dict[str, dict[tuple[str, str], Estimate]], metric
     return pd.DataFrame(rows)
 
 
-def tool_use_points(run: Path) -> pd.DataFrame:
+def tool_use_points(run: Path, split: str = "test") -> pd.DataFrame:
     """policy, scenario, solve_p, solve_r, solve_f1 from eval/<policy>/tool_use.csv (for the bar chart)."""
     frames = []
     for policy in POLICIES:
-        frame = read_csv(run / "eval" / policy / "tool_use.csv")
+        frame = read_csv(run / "eval" / policy / SPLIT_DIRS[split] / "tool_use.csv")
         if frame is not None:
             frames.append(frame.assign(policy=POLICIES[policy]))
     if not frames:
@@ -285,3 +339,26 @@ def probe_table(summary: pd.DataFrame, comparison: pd.DataFrame) -> pd.DataFrame
         )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# -- pass@k and coverage -------------------------------------------------------------------------------
+def success_counts_of(run: Path, policy: str) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """The per-environment successes of eval/<policy>/pass_at_k/ and the sampling settings."""
+    from toolrl_analysis.pass_at_k import counts_from_records
+
+    document = read_json(run / "eval" / policy / "pass_at_k" / "evaluation.json")
+    if not document or not document.get("success_counts"):
+        return None
+    return counts_from_records(document["success_counts"]), document.get("info", {})
+
+
+def pass_at_k_comparison(run: Path, trained: str = "grpo") -> dict[str, Any] | None:
+    """Paired pass@k gains, coverage and the kind of gain (pass_at_k.py) of `trained` against the base."""
+    from toolrl_analysis.pass_at_k import coverage, gain_kind, paired_gain
+
+    base, other = success_counts_of(run, "base"), success_counts_of(run, trained)
+    if base is None or other is None:
+        return None
+    gains = paired_gain(base[0], other[0])
+    return {"gains": gains, "coverage": coverage(base[0], other[0], gains), "kind": gain_kind(gains),
+            "info": base[1], "trained": trained}  # fmt: skip

@@ -22,6 +22,7 @@ from toolrl_analysis.report.tables import (
     general_values,
     interval,
     read_csv,
+    seed_gains,
     tool_use_estimates_by_policy,
 )
 
@@ -34,11 +35,14 @@ LOWER_MLP = "mlp@lower"
 
 RULES = {
     "tool_use": (
-        "D = overall Solve-F1 (mean over scenarios) of the trained policy minus the base on the same held-out "
-        "test environments, with a 95% paired bootstrap interval (environments resampled within scenario). "
+        "D = overall Solve-F1 (mean over scenarios) of the trained policy minus the base on the same test "
+        "environments of held-out worlds (no entity of the training worlds: the gain must transfer), with a 95% "
+        "paired bootstrap interval (environments resampled within scenario). "
         f"Reproduced if the interval's lower bound is above 0; not reproduced if its lower bound is at or below 0 "
         f"and its upper bound is below {SMALLEST_GAIN} (the data exclude a gain of {SMALLEST_GAIN:.2f}); "
-        "inconclusive otherwise. GRPO decides; Reinforce++ is judged by the same rule beside it."
+        "inconclusive otherwise. GRPO (its first training seed) decides; Reinforce++ is judged by the same rule "
+        "beside it. The gain on the training worlds' own test split and the other seeds' gains are reported "
+        "with it, never used for it."
     ),
     "general": (
         "The held-out text loss (a fixed text, so no sampling noise) may rise by at most "
@@ -120,7 +124,27 @@ def judge_tool_use(run: Path) -> tuple[Verdict, dict[str, str]]:
             f"{POLICIES[policy]}: Solve-F1 {base.value:.3f} -> {trained.value:.3f}, D = {interval(gain)} "
             f"({verdicts[policy]})"
         )
-    return Verdict("tool_use", verdicts["grpo"], "; ".join(parts) + "."), verdicts
+    return Verdict("tool_use", verdicts["grpo"], "; ".join(parts + _beside_tool_use(run)) + "."), verdicts
+
+
+def _beside_tool_use(run: Path) -> list[str]:
+    """The same-world gain and the spread over training seeds, reported with the verdict."""
+    import numpy as np
+
+    parts = []
+    gains = seed_gains(run)
+    same = gains.get("grpo", {}).get("test_same_world")
+    if same is not None:
+        parts.append(
+            f"on the training worlds' own test split (recall plus skill) GRPO's D = {interval(same)}"
+        )
+    held_out = [by["test"].value for by in gains.values() if "test" in by]
+    if len(held_out) > 1:
+        parts.append(
+            f"over {len(held_out)} GRPO training seeds D = {np.mean(held_out):+.3f} ± "
+            f"{np.std(held_out, ddof=1):.3f} (mean ± sd; {min(held_out):+.3f} to {max(held_out):+.3f})"
+        )
+    return parts
 
 
 # -- 2. general ability --------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The stages of `reproduce`, in order, each calling the library function its command calls (cli.py):
 
-envs build -> the base (the shipped embedded base, a policy file, or train-base) -> evaluate it ->
-train-grpo with GRPO and with Reinforce++ -> evaluate each -> compare each with the base -> ablate --grid
-paper and probe on the GRPO pair -> figures and report.md.
+envs build -> the base (the shipped embedded base, a policy file, or train-base) -> evaluate it (test
+split of held-out worlds and the same-world split) and its pass@k -> train-grpo with GRPO (one run per
+training seed) and with Reinforce++ -> evaluate each, pass@k of the first GRPO run -> compare each
+algorithm's run with the base -> ablate --grid paper and probe on the GRPO pair -> figures and report.md.
 """
 
 from __future__ import annotations
@@ -14,9 +15,29 @@ from pathlib import Path
 from toolrl_analysis.reproduce.settings import ChainSettings
 from toolrl_analysis.reproduce.stages import Stage, StageContext
 
-# The two RL runs: run directory -> train-grpo's --algo.
+# The two RL algorithms: run directory -> train-grpo's --algo.
 ALGORITHMS = {"grpo": "grpo", "reinforce_pp": "reinforce++"}
 ANALYSED = "grpo"  # ablation and probing explain the GRPO pair, the paper's main run
+SAME_WORLD = "same_world"  # eval/<policy>/same_world/: the split about the training worlds
+PASS_AT_K = "pass_at_k"  # eval/<policy>/pass_at_k/: sampled episodes and pass@k
+
+
+def seed_run(index: int) -> str:
+    """Run directory of GRPO training seed `index` (0 is the analysed run)."""
+    return ANALYSED if index == 0 else f"{ANALYSED}-seed{index}"
+
+
+def rl_runs(settings: ChainSettings) -> dict[str, tuple[str, int]]:
+    """Run directory -> (algorithm, seed offset): every GRPO seed, then Reinforce++."""
+    runs = {seed_run(i): ("grpo", i) for i in range(settings.grpo_seeds)}
+    return runs | {"reinforce_pp": ("reinforce++", 0)}
+
+
+def label(run_name: str) -> str:
+    """How stages name a run: grpo, grpo seed 1, reinforce++."""
+    if run_name.startswith(f"{ANALYSED}-seed"):
+        return f"{ANALYSED} seed {run_name.removeprefix(f'{ANALYSED}-seed')}"
+    return ALGORITHMS.get(run_name, run_name)
 
 
 def _asdict(config) -> dict:
@@ -24,10 +45,10 @@ def _asdict(config) -> dict:
 
 
 def envs_stage(run: Path, settings: ChainSettings) -> Stage:
-    from toolrl_analysis.envs.pipeline import build_envsets, write_envset
+    from toolrl_analysis.envs.pipeline import SPLIT_FILES, build_envsets, build_size, write_envset
 
     config = settings.envs
-    total = config.train_size + 4 * config.test_per_scenario
+    total = build_size(config)
 
     def action(ctx: StageContext) -> None:
         built = [0]
@@ -38,7 +59,7 @@ def envs_stage(run: Path, settings: ChainSettings) -> Stage:
 
         write_envset(build_envsets(config, progress=advance), run / "envs")
 
-    outputs = ("train.jsonl", "test.jsonl", "manifest.json")
+    outputs = (*SPLIT_FILES.values(), "manifest.json")
     return Stage("envs", run / "envs", outputs, {}, _asdict(config), action)
 
 
@@ -78,45 +99,91 @@ def base_stage(run: Path, settings: ChainSettings) -> Stage:
 
 
 def eval_stage(run: Path, settings: ChainSettings, policy: str, model: Path, after: str) -> Stage:
+    """Greedy evaluation on the test split (held-out worlds; with the general suite and the role table) into
+    eval/<policy>/, and on the same-world split, when the build has one, into eval/<policy>/same_world/."""
     from toolrl_analysis.envs.schema import balanced_slice, read_envs, write_envs
     from toolrl_analysis.evaluate import evaluate_checkpoint
 
     options = settings.eval
     out = run / "eval" / policy
+    splits = {"test": (run / "envs" / "test.jsonl", out)}
+    if (
+        settings.envs.same_world_test_per_scenario
+    ):  # the envs stage writes it (stages are built before it runs)
+        splits["test_same_world"] = (run / "envs" / "test_same_world.jsonl", out / SAME_WORLD)
 
     def action(ctx: StageContext) -> None:
-        def on_turn(turn_index, episodes) -> None:  # episodes first; the general suite and roles follow
-            ctx.fraction(0.8 * sum(e.done for e in episodes) / max(1, len(episodes)))
+        for index, (split, (envs, where)) in enumerate(splits.items()):
+            share = 1 / len(splits)
 
-        envs = run / "envs" / "test.jsonl"
-        if options.limit:  # a slice balanced over scenarios (the file's first records are all single-hop)
-            out.mkdir(parents=True, exist_ok=True)
-            write_envs(balanced_slice(read_envs(envs), options.limit), out / "environments.jsonl")
-            envs = out / "environments.jsonl"
-        report = evaluate_checkpoint(
-            model, envs, general=options.general, max_turns=options.max_turns,
-            max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-            n_general_tasks=options.general_tasks, on_turn=on_turn,
-        )  # fmt: skip
-        report.save(out)
+            def on_turn(turn_index, episodes, index=index, share=share) -> None:
+                done = sum(e.done for e in episodes) / max(1, len(episodes))
+                ctx.fraction(share * (index + 0.8 * done))  # the test split's suite and roles follow
 
-    inputs = {"policy": model, "envs/test.jsonl": run / "envs" / "test.jsonl"}
+            if options.limit:  # a slice balanced over scenarios (the file's first records are all single-hop)
+                where.mkdir(parents=True, exist_ok=True)
+                write_envs(balanced_slice(read_envs(envs), options.limit), where / "environments.jsonl")
+                envs = where / "environments.jsonl"
+            main = split == "test"  # the general suite and the role table belong to the policy, measured once
+            report = evaluate_checkpoint(
+                model, envs, general=options.general and main, roles=main, max_turns=options.max_turns,
+                max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+                n_general_tasks=options.general_tasks, on_turn=on_turn,
+            )  # fmt: skip
+            report.save(where)
+
+    inputs = {"policy": model} | {f"envs/{split}.jsonl": path for split, (path, _) in splits.items()}
     outputs = ("evaluation.json", "tool_use.csv", "episodes.csv")
+    if "test_same_world" in splits:
+        outputs += (f"{SAME_WORLD}/episodes.csv",)
     return Stage(
-        f"evaluate {ALGORITHMS.get(policy, policy)}",
-        out,
-        outputs,
-        inputs,
-        _asdict(options),
-        action,
-        after=(after, "envs"),
+        f"evaluate {label(policy)}", out, outputs, inputs, _asdict(options), action, after=(after, "envs")
     )
 
 
-def rl_stage(run: Path, settings: ChainSettings, name: str) -> Stage:
+def pass_at_k_stage(run: Path, settings: ChainSettings, policy: str, model: Path, after: str) -> Stage:
+    """`samples` sampled episodes per environment on a balanced slice of the test split, and pass@k."""
+    from toolrl_analysis.envs.schema import balanced_slice, read_envs
+    from toolrl_analysis.evaluate import evaluate
+    from toolrl_analysis.models.checkpoint import load_policy
+
+    options = settings.eval
+    out = run / "eval" / policy / PASS_AT_K
+    envs = run / "envs" / "test.jsonl"
+
+    def action(ctx: StageContext) -> None:
+        records = read_envs(envs)
+        records = balanced_slice(records, options.sample_limit) if options.sample_limit else records
+        greedy = len(records) / (len(records) * (1 + options.samples))  # the greedy pass comes first
+
+        def on_turn(turn_index, episodes) -> None:
+            done = sum(e.done for e in episodes) / max(1, len(episodes))
+            sampling = len(episodes) > len(records)
+            ctx.fraction(greedy + (1 - greedy) * done if sampling else greedy * done)
+
+        policy_model, tokenizer = load_policy(model)
+        report = evaluate(
+            policy_model, tokenizer, records, general=False, roles=False, max_turns=options.max_turns,
+            max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, samples=options.samples,
+            temperature=options.temperature, success_threshold=options.success_threshold, on_turn=on_turn,
+        )  # fmt: skip
+        report.save(out)
+
+    sampling = {
+        k: getattr(options, k) for k in ("samples", "sample_limit", "temperature", "success_threshold")
+    }
+    config = sampling | {k: getattr(options, k) for k in ("max_turns", "max_new_tokens", "batch_size")}
+    inputs = {"policy": model, "envs/test.jsonl": envs}
+    return Stage(
+        f"pass@k {label(policy)}", out, ("pass_at_k.csv", "evaluation.json"), inputs, config, action,
+        after=(after, "envs"),
+    )  # fmt: skip
+
+
+def rl_stage(run: Path, settings: ChainSettings, name: str, algo: str, seed_offset: int) -> Stage:
     from toolrl_analysis.training.commands import train_grpo
 
-    config = dataclasses.replace(settings.grpo, algo=ALGORITHMS[name])
+    config = dataclasses.replace(settings.grpo, algo=algo, seed=settings.grpo.seed + seed_offset)
     out = run / name
 
     def action(ctx: StageContext) -> None:
@@ -128,8 +195,10 @@ def rl_stage(run: Path, settings: ChainSettings, name: str) -> Stage:
             raise KeyboardInterrupt
 
     inputs = {"base/base.pt": run / "base" / "base.pt", "envs/train.jsonl": run / "envs" / "train.jsonl"}
+    if settings.envs.validation_per_scenario:  # train-grpo validates on it (training/commands.py)
+        inputs["envs/validation.jsonl"] = run / "envs" / "validation.jsonl"
     return Stage(
-        f"train {ALGORITHMS[name]}", out, ("trained.pt", "metrics.csv"), inputs, _asdict(config), action,
+        f"train {label(name)}", out, ("trained.pt", "metrics.csv"), inputs, _asdict(config), action,
         after=("base", "envs"), resumable=True,
     )  # fmt: skip
 
@@ -203,16 +272,20 @@ def probe_stage(run: Path, settings: ChainSettings) -> Stage:
 
 def build_stages(run: Path, settings: ChainSettings) -> list[Stage]:
     base = run / "base" / "base.pt"
+    runs = rl_runs(settings)
+    sampling = settings.eval.samples > 0
     stages = [
         envs_stage(run, settings),
         base_stage(run, settings),
         eval_stage(run, settings, "base", base, "base"),
     ]
-    stages += [rl_stage(run, settings, name) for name in ALGORITHMS]
+    stages += [pass_at_k_stage(run, settings, "base", base, "base")] if sampling else []
+    stages += [rl_stage(run, settings, name, algo, offset) for name, (algo, offset) in runs.items()]
     stages += [
-        eval_stage(run, settings, name, run / name / "trained.pt", f"train {algo}")
-        for name, algo in ALGORITHMS.items()
+        eval_stage(run, settings, name, run / name / "trained.pt", f"train {label(name)}") for name in runs
     ]
+    if sampling:
+        stages += [pass_at_k_stage(run, settings, ANALYSED, run / ANALYSED / "trained.pt", "train grpo")]
     stages += [compare_stage(run, name) for name in ALGORITHMS]
     stages += [ablate_stage(run, settings), probe_stage(run, settings)]
     return stages

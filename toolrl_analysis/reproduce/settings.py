@@ -29,11 +29,21 @@ class EvalSettings:
     batch_size: int = 32
     general: bool = True
     general_tasks: int = 256  # exact-match tasks: enough for the "general ability is kept" interval
+    # pass@k of the base and the (first) GRPO policy: `samples` episodes per environment at `temperature`
+    # on a slice of `sample_limit` test environments, balanced over scenarios (0: the whole split)
+    samples: int = 8
+    sample_limit: int = 100
+    temperature: float = 1.0
+    success_threshold: float = 1.0  # Solve-F1 an episode needs to count as a success
 
     def validate(self) -> None:
         require(self.limit >= 0, "limit", "must not be negative")
         for key in ("max_turns", "max_new_tokens", "batch_size", "general_tasks"):
             require(getattr(self, key) >= 1, key, "must be at least 1")
+        require(self.samples >= 0, "samples", "must not be negative (0: no pass@k)")
+        require(self.sample_limit >= 0, "sample_limit", "must not be negative")
+        require(self.temperature > 0, "temperature", "must be positive (sampling)")
+        require(0 < self.success_threshold <= 1, "success_threshold", "must be in (0, 1]")
 
 
 @dataclass
@@ -69,18 +79,22 @@ DEFAULT = {
 }
 # The smoke run: every stage at a few environments and one or two iterations.
 QUICK = {
-    "envs": ["train_size=80", "test_per_scenario=4"],
+    "envs": ["train_size=80", "test_per_scenario=4", "validation_per_scenario=2", "same_world_test_per_scenario=4",
+             "train_worlds=4", "test_worlds=1", "validation_worlds=1"],
     "base": ["steps=60", "curriculum_steps=0", "stream_envs=240", "tokenizer_envs=100", "eval_every=60", "val_solve_envs=1",
              "val_meter_envs=2", "general_tasks=200", "general_from_step=0"],
     # a 60-step base rarely has reward spread: its flat groups stay in the update so that the weights still
     # move and compare and ablate have an update to read
     "grpo": ["iterations=2", "envs_per_iteration=4", "max_samples_per_iteration=8", "group_size=4",
              "eval_every=0", "max_turns=4", "max_new_tokens=48", "save_every=1", "drop_flat_groups=false"],
-    "eval": ["limit=8", "max_turns=4", "max_new_tokens=48", "general_tasks=16"],
+    "eval": ["limit=8", "max_turns=4", "max_new_tokens=48", "general_tasks=16", "samples=2", "sample_limit=4"],
     "ablate": ["limit=8", "max_turns=2", "max_new_tokens=32", "general=false", "bootstrap=200"],
     "probe": ["limit=16", "rollout_envs=0", "seeds=2", "max_iter=30"],
 }  # fmt: skip
 STAGE_KEYS = tuple(DEFAULT)
+# GRPO runs of the default recipe with seeds seed, seed + 1, ...: `--set grpo.seeds=N` (a key of the chain,
+# not of GRPOConfig). The first is the analysed pair; the others give the gain's spread over training seeds.
+GRPO_SEEDS = {False: 3, True: 1}
 
 
 def split_overrides(items: list[str]) -> dict[str, list[str]]:
@@ -109,6 +123,7 @@ def _file(config_dir: Path, name: str) -> Path | None:
 class ChainSettings:
     quick: bool
     base: str
+    grpo_seeds: int
     envs: Any
     sft: Any
     grpo: Any
@@ -118,7 +133,7 @@ class ChainSettings:
 
     def document(self) -> dict[str, Any]:
         fields = ("envs", "sft", "grpo", "eval", "ablate", "probe")
-        return {"quick": self.quick, "base": self.base} | {
+        return {"quick": self.quick, "base": self.base, "grpo_seeds": self.grpo_seeds} | {
             k: dataclasses.asdict(getattr(self, k)) for k in fields
         }
 
@@ -140,12 +155,21 @@ def load_settings(
     if base not in BASE_SOURCES and not Path(base).is_file():
         raise ConfigError(f"--base must be embedded, train or a policy file; {base} is none of them")
 
+    seeds = GRPO_SEEDS[quick]
+    for item in [i for i in extra["grpo"] if i.partition("=")[0].strip() == "seeds"]:
+        extra["grpo"].remove(item)
+        value = item.partition("=")[2].strip()
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"--set grpo.seeds={value}: must be a whole number of runs, at least 1")
+        seeds = int(value)
+
     def merged(stage: str) -> list[str]:
         return sizes[stage] + extra[stage]
 
     return ChainSettings(
         quick=quick,
         base=base,
+        grpo_seeds=seeds,
         envs=load_config(EnvBuildConfig, _file(config_dir, "envs/default.toml"), merged("envs")),
         sft=load_config(SFTConfig, _file(config_dir, "training/base.toml"), merged("base")),
         grpo=load_config(GRPOConfig, _file(config_dir, "training/grpo.toml"), merged("grpo")),

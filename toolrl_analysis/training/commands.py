@@ -29,6 +29,15 @@ def training_records(envs_dir: str | Path) -> list[EnvRecord]:
     return read_envs(train_path)
 
 
+def validation_source(envs_dir: Path, records: list[EnvRecord]) -> tuple[list[EnvRecord], str]:
+    """Where a run validates: the build's validation.jsonl (held-out worlds, so a recipe is chosen for what
+    transfers), else the end of the training records, held out of training (older builds, single files)."""
+    path = envs_dir / "validation.jsonl"
+    if envs_dir.is_dir() and path.is_file():
+        return read_envs(path), "environments of held-out worlds (validation.jsonl)"
+    return records, "training environments held out of RL (the end of train.jsonl)"
+
+
 def seed_torch(seed: int, threads: int = 0) -> None:
     """torch's global seed, and its intra-op thread count unless `threads` is 0 (torch's default)."""
     if threads:
@@ -77,14 +86,16 @@ def train_grpo(
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     with Sandbox(workers=config.sandbox_workers) as sandbox:
         validation = None
+        source, where = validation_source(envs_dir, records)
         if config.eval_every:
             validation = Validation.build(
-                tokenizer, records, sandbox, config.val_meter_envs, config.val_solve_envs,
+                tokenizer, source, sandbox, config.val_meter_envs, config.val_solve_envs,
                 config.max_new_tokens, max_turns=config.max_turns, batch_size=config.generation_batch_size,
             )  # fmt: skip
         held_out = {id(r) for r in validation.records} if validation else set()
         train_records = [r for r in records if id(r) not in held_out]
-        log(f"{len(train_records)} training environments; {len(held_out)} held out for validation")
+        n_val = len(validation.records) if validation else 0
+        log(f"{len(train_records)} training environments; validation on {n_val} {where}")
         trainer = GRPOTrainer(config, model, tokenizer, train_records, out_dir, sandbox, validation, log=log)
         history = trainer.train(resume=resume, on_iteration=on_iteration)
         save_trained_policy(model, tokenizer, out_dir, "trained.pt")

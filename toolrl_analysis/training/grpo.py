@@ -55,7 +55,7 @@ from toolrl_analysis.training.base_validation import Validation
 from toolrl_analysis.training.rl_curves import plot_rl_curves, validation_lines, zero_spread_warning
 from toolrl_analysis.training.schedules import cosine_under_warmup, linear_warmup
 from toolrl_analysis.training.sequences import check_logits_path, completion_logprobs, pack_sequences
-from toolrl_analysis.training.step_samples import Sample, score_completions, step_states
+from toolrl_analysis.training.step_samples import Sample, oracle_prefix_states, score_completions, step_states
 
 # What one update logs from its optimiser steps (means over them; 0 when no step was taken).
 UPDATE_STATS = ("loss", "kl", "entropy", "grad_norm", "ppo_kl", *CLIP_STATS)
@@ -136,6 +136,11 @@ class GRPOConfig:
     # filter (`algorithm.filter_groups` in verl's DAPO recipe, applied before the advantages are computed)
     # without its refill: the update is smaller, not topped up with new samples. Not in FTRL's recipe.
     drop_flat_groups: bool = False
+    # Share of each iteration's states (max_samples_per_iteration) taken from oracle prefixes: the states on
+    # an environment's golden trajectory after one or more correct turns, so later hops and the final answer
+    # get practised although the policy rarely reaches them itself (step credit only; the rest are the
+    # policy's own states, as in FTRL). Not in FTRL's recipe; 0 turns it off.
+    oracle_prefix_share: float = 0.0
     # Passes over one iteration's samples (PPO epochs).
     ppo_epochs: int = 1
     # Completions per optimiser step, rounded down to whole groups in step credit (at least one group).
@@ -208,6 +213,12 @@ class GRPOConfig:
         ):
             require(getattr(self, key) >= 0, key, "must not be negative")
         require(self.temperature > 0, "temperature", "must be positive (sampling)")
+        require(0.0 <= self.oracle_prefix_share <= 1.0, "oracle_prefix_share", "must be a share in [0, 1]")
+        require(
+            self.credit == "step" or self.oracle_prefix_share == 0,
+            "oracle_prefix_share",
+            "needs credit 'step' (oracle prefixes are states, not episodes)",
+        )
         require(self.grad_clip > 0, "grad_clip", "must be positive")
         require(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1)")
         require(self.clip_eps_high >= self.clip_eps, "clip_eps_high", "must be at least clip_eps")
@@ -285,9 +296,10 @@ class GRPOTrainer:
 
     def collect_step_samples(self) -> tuple[list[Sample], dict[str, float]]:
         c = self.config
+        records = self._iteration_records()
         episodes = run_episodes(
             self._policy(1),
-            self._iteration_records(),
+            records,
             self.sandbox,
             max_turns=c.max_turns,
             max_prompt_tokens=c.max_prompt_tokens,
@@ -295,8 +307,15 @@ class GRPOTrainer:
         )
         states = step_states(episodes)
         rng = random.Random(f"{c.seed}-{self.iteration}")
-        if len(states) > c.max_samples_per_iteration:
-            states = rng.sample(states, c.max_samples_per_iteration)
+        oracle: list = []
+        if c.oracle_prefix_share > 0:
+            found = oracle_prefix_states(records, self.tokenizer, self.sandbox, c.max_prompt_tokens)
+            wanted = round(c.max_samples_per_iteration * c.oracle_prefix_share)
+            oracle = rng.sample(found, min(wanted, len(found)))
+        own = c.max_samples_per_iteration - len(oracle)
+        if len(states) > own:
+            states = rng.sample(states, own)
+        states += oracle
         completions = []
         generator = self._generator(2)
         per_batch = max(1, c.generation_batch_size // c.group_size)
@@ -320,7 +339,11 @@ class GRPOTrainer:
             for index, (prompt, comp, reward) in enumerate(zip(prompts, completions, rewards, strict=True))
         ]
         rollout_f1 = float(np.mean([e.metrics()["solve_f1"] for e in episodes])) if episodes else 0.0
-        return samples, {"rollout_solve_f1": rollout_f1, "step_states": len(states)}
+        return samples, {
+            "rollout_solve_f1": rollout_f1,
+            "step_states": len(states),
+            "oracle_states": len(oracle),
+        }
 
     def collect_episode_samples(self) -> tuple[list[Sample], dict[str, float]]:
         c = self.config

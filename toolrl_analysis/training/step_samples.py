@@ -40,6 +40,57 @@ def step_states(episodes) -> list[StepState]:
     ]
 
 
+def oracle_scripts(records: list[EnvRecord]) -> list[list[str]]:
+    """Each record's golden turns as assistant texts (the calls of a turn as tool-call blocks), then the
+    final answer: what a perfect policy would write, turn by turn."""
+    import json
+
+    from toolrl_analysis.envs.check import golden_calls
+    from toolrl_analysis.envs.toolcalls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+    scripts = []
+    for record in records:
+        turns = [
+            "\n".join(
+                f"{TOOL_CALL_OPEN}\n{json.dumps({'name': name, 'arguments': args}, ensure_ascii=False)}\n"
+                f"{TOOL_CALL_CLOSE}"
+                for _, name, args in turn
+            )
+            for turn in golden_calls(record)
+        ]
+        scripts.append([*turns, f"The answer is {record.answer}."])
+    return scripts
+
+
+def oracle_prefix_states(
+    records: list[EnvRecord], tokenizer, sandbox, max_prompt_tokens: int
+) -> list[StepState]:
+    """The states along each record's golden trajectory after at least one correct turn: later hops (and the
+    final answer) in the histories a policy that got the earlier hops right would have. The oracle turns run
+    through the real rollout (tools in the sandbox, the same history format), so these states are exactly
+    those a policy reaches on that path."""
+    from toolrl_analysis.rollout import ScriptedPolicy, run_episodes
+
+    usable = [r for r in records if r.meta.get("golden_turns")]
+    if not usable:
+        return []
+    scripts = oracle_scripts(usable)
+    episodes = run_episodes(
+        ScriptedPolicy(tokenizer, scripts), usable, sandbox, max_turns=max(len(s) for s in scripts),
+        max_prompt_tokens=max_prompt_tokens,
+    )  # fmt: skip
+    return [state for state, turn in _states_with_turns(episodes) if turn.index >= 1]
+
+
+def _states_with_turns(episodes):
+    for episode in episodes:
+        for turn in episode.turns:
+            yield (
+                StepState(episode.record, turn.prompt_ids, turn.unsolved_set_before, turn.solve_rate_before),
+                turn,
+            )
+
+
 def score_completions(texts: list[str], states: list[StepState], sandbox, variant: str) -> list[float]:
     """Step reward of each completion text in its state; all tool calls run in one concurrent batch."""
     parsed = [parse_tool_calls(text) for text in texts]

@@ -310,11 +310,11 @@ def split_worlds(config: EnvBuildConfig) -> dict[str, list[World]]:
     train = [world(config.seed if k == 0 else f"build/{config.seed}/train/{k}") for k in range(used)]
     guard = NameGuard(name for w in train for name in w.names())
     worlds = {"train": train}
+    sizes = {"test": (config.test_worlds, config.test_per_scenario),
+             "validation": (config.validation_worlds, config.validation_per_scenario)}  # fmt: skip
     for split in NEW_WORLD_SPLITS:
-        size = len(SCENARIOS) * getattr(
-            config, f"{split}_per_scenario" if split != "test" else "test_per_scenario"
-        )
-        count = max(1, min(getattr(config, f"{split}_worlds"), size))
+        wanted, per_scenario = sizes[split]
+        count = max(1, min(wanted, len(SCENARIOS) * per_scenario))
         worlds[split] = [world(f"build/{config.seed}/{split}/{k}", guard) for k in range(count)]
         for w in worlds[split]:
             for name in w.names():

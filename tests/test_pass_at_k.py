@@ -147,6 +147,7 @@ def test_coverage_crossover_and_the_kind_of_gain():
     gains = paired_gain(base, trained)
     overall = gains[gains["scenario"] == "overall"].set_index("k")
     assert overall.loc[1, "gain"] > 0 and overall.loc[8, "gain"] < 0
+    assert overall.loc[1, "differ"] == 6 and overall.loc[1, "environments"] == 12  # e0-e5 differ, e6-e11 not
     found = coverage(base, trained, gains)
     assert found["only_base"] == ["e4", "e5"] and found["only_trained"] == [] and found["both"] == 4
     assert found["neither"] == 6 and 1 < found["crossover_k"] <= 8

@@ -85,7 +85,8 @@ def pass_at_k_table(counts: pd.DataFrame, ks: Sequence[int] | None = None) -> pd
 
 def paired_gain(base: pd.DataFrame, trained: pd.DataFrame) -> pd.DataFrame:
     """pass@k of both policies on the environments they share, and the paired gain per k:
-    `scenario, k, base, trained, gain, low, high, environments`."""
+    `scenario, k, base, trained, gain, low, high, environments, differ` (differ: environments whose pass@k
+    is not the same for both; an interval over a handful of them is not to be trusted)."""
     joined = base.merge(trained, on=["env_id", "scenario"], suffixes=("_base", "_trained"))
     if joined.empty:
         raise ValueError("the two sampled evaluations share no environment")
@@ -101,11 +102,14 @@ def paired_gain(base: pd.DataFrame, trained: pd.DataFrame) -> pd.DataFrame:
         gains = _mean_rows({s: t - b for s, (b, t) in per_env.items()})
         levels_b = _mean_rows({s: b for s, (b, _) in per_env.items()})
         levels_t = _mean_rows({s: t for s, (_, t) in per_env.items()})
+        # environments whose pass@k differs: with none (or a handful) the normal interval says nothing
+        differ = {s: int((np.abs(t - b) > 1e-12).sum()) for s, (b, t) in per_env.items()}
+        differ[OVERALL] = sum(differ.values())
         for (scenario, gain, se, envs), lb, lt in zip(gains, levels_b, levels_t, strict=True):
-            rows.append((scenario, k, lb[1], lt[1], gain, gain - Z95 * se, gain + Z95 * se, envs))
-    return pd.DataFrame(
-        rows, columns=["scenario", "k", "base", "trained", "gain", "low", "high", "environments"]
-    )
+            row = (scenario, k, lb[1], lt[1], gain, gain - Z95 * se, gain + Z95 * se, envs, differ[scenario])
+            rows.append(row)
+    columns = ["scenario", "k", "base", "trained", "gain", "low", "high", "environments", "differ"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def coverage(base: pd.DataFrame, trained: pd.DataFrame, gains: pd.DataFrame | None = None) -> dict[str, Any]:

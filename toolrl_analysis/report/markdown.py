@@ -158,6 +158,7 @@ def _pass_at_k(run: Path) -> list[str]:
             "base": f"{r.base:.3f}",
             "GRPO": f"{r.trained:.3f}",
             "gain [95%]": f"{r.gain:+.3f} [{r.low:+.3f}, {r.high:+.3f}]",
+            "environments that differ": f"{r.differ} of {r.environments}",
         }
         for r in overall.itertuples()
         if r.k in shown
@@ -170,6 +171,7 @@ def _pass_at_k(run: Path) -> list[str]:
             f" → {gains[(gains['k'] == 1) & (gains['scenario'] == r.scenario)]['trained'].iloc[0]:.3f}",
             f"pass@{n} base → GRPO": f"{r.base:.3f} → {r.trained:.3f}",
             f"pass@{n} gain [95%]": f"{r.gain:+.3f} [{r.low:+.3f}, {r.high:+.3f}]",
+            "environments that differ": f"{r.differ} of {r.environments}",
         }
         for r in last.itertuples()
     )

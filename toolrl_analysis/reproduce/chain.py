@@ -107,9 +107,8 @@ def eval_stage(run: Path, settings: ChainSettings, policy: str, model: Path, aft
     options = settings.eval
     out = run / "eval" / policy
     splits = {"test": (run / "envs" / "test.jsonl", out)}
-    if (
-        settings.envs.same_world_test_per_scenario
-    ):  # the envs stage writes it (stages are built before it runs)
+    # The envs stage writes the same-world split; stages are built before it runs, so the settings decide.
+    if settings.envs.same_world_test_per_scenario:
         splits["test_same_world"] = (run / "envs" / "test_same_world.jsonl", out / SAME_WORLD)
 
     def action(ctx: StageContext) -> None:
@@ -154,7 +153,7 @@ def pass_at_k_stage(run: Path, settings: ChainSettings, policy: str, model: Path
     def action(ctx: StageContext) -> None:
         records = read_envs(envs)
         records = balanced_slice(records, options.sample_limit) if options.sample_limit else records
-        greedy = len(records) / (len(records) * (1 + options.samples))  # the greedy pass comes first
+        greedy = 1 / (1 + options.samples)  # the share of episodes in the greedy pass, which comes first
 
         def on_turn(turn_index, episodes) -> None:
             done = sum(e.done for e in episodes) / max(1, len(episodes))

@@ -18,11 +18,12 @@ LOG_FILE = "reproduce.log"
 RUN_FILE = "reproduce.json"
 REPORT = "report"  # the last step: figures and report.md, always redone (seconds, from saved tables)
 
-# Measured wall times (s) on 2 CPU cores, used for the ETA until a stage has run once in the directory.
+# Measured wall times (s) on 2 CPU cores (the default run of December 2026 from a fresh clone; every further
+# GRPO seed is expected to take as long as the first), used for the ETA until a stage has run here once.
 EXPECTED_SECONDS = {
-    False: {"envs": 60, "base": 2, "evaluate base": 180, "train grpo": 1200, "train reinforce++": 1200,
-            "evaluate grpo": 180, "evaluate reinforce++": 180, "compare grpo": 5, "compare reinforce++": 5,
-            "ablate": 600, "probe": 240, "pass@k base": 200, "pass@k grpo": 200, REPORT: 20},
+    False: {"envs": 4, "base": 1, "evaluate base": 80, "pass@k base": 110, "train grpo": 855,
+            "train reinforce++": 930, "evaluate grpo": 60, "evaluate reinforce++": 75, "pass@k grpo": 95,
+            "compare grpo": 1, "compare reinforce++": 1, "ablate": 440, "probe": 20, REPORT: 5},
     True: {"envs": 5, "base": 2, "evaluate base": 15, "train grpo": 20, "train reinforce++": 20,
            "evaluate grpo": 15, "evaluate reinforce++": 15, "compare grpo": 2, "compare reinforce++": 2,
            "ablate": 40, "probe": 30, "pass@k base": 10, "pass@k grpo": 10, REPORT: 10},

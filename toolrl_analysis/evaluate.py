@@ -467,6 +467,8 @@ def evaluate(
     record at `temperature`, and pass@1..samples (a success: Solve-F1 >= `success_threshold`); the
     context-reading meter on their oracle trajectories (unless `roles=False`; skipped for records without
     golden calls) and (unless `general=False`) the general suite."""
+    if samples:
+        check_sampling(samples, temperature, success_threshold)
     if sandbox is None:
         from toolrl_analysis.envs.sandbox import Sandbox
 

@@ -3,7 +3,8 @@
 One iteration:
   1. play training environments with the current policy (sampling at `temperature`, up to 20 turns);
   2. cut the episodes into per-step samples (history so far, remaining `unsolved_set`, `solve_rate`),
-     as FTRL's `data_sample.py` does;
+     as FTRL's `data_sample.py` does (with `oracle_prefix_share`, part of them come from golden-trajectory
+     prefixes instead);
   3. sample G next-turn completions per sample and score each with the step reward (f1 by default);
   4. take clipped policy-gradient steps on those completions (advantages from advantages.py).
 With `credit = "episode"` steps 2-3 are replaced by G whole episodes per environment scored by their

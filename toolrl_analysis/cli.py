@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from toolrl_analysis.cli_args import SpliceOperation, at_least_one, byte_size, scale_factor
 from toolrl_analysis.errors import UserError
 
 # Nothing in this tool may reach for a model hub.
@@ -262,7 +263,8 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from toolrl_analysis.evaluate import evaluate_checkpoint, render_report
+    from toolrl_analysis.evaluate import evaluate_checkpoint
+    from toolrl_analysis.evaluate_render import render_report
 
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples must be at least 1 (leave it out for greedy only), got {args.samples}")
@@ -336,15 +338,15 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 def _cmd_ablate(args: argparse.Namespace) -> None:
     from toolrl_analysis.analysis.ablate import EvaluationOptions, Operation, ablate, render_ablation
 
-    operations = [Operation(kind, values[0], _alpha(values)) for kind, values in args.operations]
+    operations = [Operation(kind, values[0], scale_factor(values)) for kind, values in args.operations]
     if args.threads < 0:
         raise UserError("--threads must be 0 (torch's default) or more")
     options = EvaluationOptions(
         general=not args.no_general,
         roles=not args.no_roles,
-        max_turns=_at_least_one("--max-turns", args.max_turns),
-        max_new_tokens=_at_least_one("--max-new-tokens", args.max_new_tokens),
-        batch_size=_at_least_one("--batch-size", args.batch_size),
+        max_turns=at_least_one("--max-turns", args.max_turns),
+        max_new_tokens=at_least_one("--max-new-tokens", args.max_new_tokens),
+        batch_size=at_least_one("--batch-size", args.batch_size),
         threads=args.threads,
     )
     with step_progress("ablate") as on_step:
@@ -357,7 +359,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
             limit=args.limit,
             save=args.save,
             force=args.force,
-            shard_bytes=_byte_size(args.shard_size),
+            shard_bytes=byte_size(args.shard_size),
             allow_missing=args.allow_missing,
             lora_base=args.lora_base,
             seed=args.seed,
@@ -376,46 +378,6 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
             out.print(f"wrote {len(ablation.summary['written'])} files to {args.out}")
 
     emit(args, ablation.to_document(), render)
-
-
-def _alpha(values: list[str]) -> float | None:
-    if len(values) < 2:
-        return None
-    try:
-        return float(values[1])
-    except ValueError:
-        raise UserError(f"--scale {values[0]} {values[1]}: the factor must be a number") from None
-
-
-def _at_least_one(flag: str, value: int) -> int:
-    if value < 1:
-        raise UserError(f"{flag} must be at least 1, got {value}")
-    return value
-
-
-def _byte_size(text: str) -> int:
-    """'5GB', '500MB', '20KB' or a number of bytes (decimal units, as Hugging Face's max_shard_size)."""
-    import re
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
-    if not match:
-        raise UserError(f"--shard-size {text!r}: use a size such as 5GB, 500MB or 20KB")
-    unit = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
-    unit |= {"T": 10**12, "TB": 10**12}
-    size = int(float(match[1]) * unit[match[2]])
-    if size < 1:
-        raise UserError(f"--shard-size {text!r} must be positive")
-    return size
-
-
-class _SpliceOperation(argparse.Action):
-    """--revert / --transplant / --scale all append to one list, so their order on the line is kept."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        kind = option_string.lstrip("-")
-        operations = list(getattr(namespace, "operations", None) or [])
-        operations.append((kind, [values] if isinstance(values, str) else list(values)))
-        namespace.operations = operations
 
 
 def _cmd_probe(args: argparse.Namespace) -> None:
@@ -575,19 +537,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--revert",
-        action=_SpliceOperation,
+        action=SpliceOperation,
         metavar="SELECTOR",
         help=f"take SELECTOR from the base ({splice})",
     )
     p.add_argument(
         "--transplant",
-        action=_SpliceOperation,
+        action=SpliceOperation,
         metavar="SELECTOR",
         help="take SELECTOR from the trained model",
     )
     p.add_argument(
         "--scale",
-        action=_SpliceOperation,
+        action=SpliceOperation,
         nargs=2,
         metavar=("SELECTOR", "ALPHA"),
         help="base + ALPHA * update on SELECTOR",

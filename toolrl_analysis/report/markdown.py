@@ -164,11 +164,11 @@ def _pass_at_k(run: Path) -> list[str]:
         if r.k in shown
     )
     last = gains[gains["k"] == n]
+    first = gains[gains["k"] == 1].set_index("scenario")
     per_scenario = pd.DataFrame(
         {
             "scenario": r.scenario,
-            "pass@1 base → GRPO": f"{gains[(gains['k'] == 1) & (gains['scenario'] == r.scenario)]['base'].iloc[0]:.3f}"
-            f" → {gains[(gains['k'] == 1) & (gains['scenario'] == r.scenario)]['trained'].iloc[0]:.3f}",
+            "pass@1 base → GRPO": f"{first.loc[r.scenario, 'base']:.3f} → {first.loc[r.scenario, 'trained']:.3f}",
             f"pass@{n} base → GRPO": f"{r.base:.3f} → {r.trained:.3f}",
             f"pass@{n} gain [95%]": f"{r.gain:+.3f} [{r.low:+.3f}, {r.high:+.3f}]",
             "environments that differ": f"{r.differ} of {r.environments}",

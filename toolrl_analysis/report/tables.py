@@ -180,11 +180,11 @@ def tool_use_table(estimates: dict[str, dict[tuple[str, str], Estimate]], metric
     return pd.DataFrame(rows)
 
 
-def tool_use_points(run: Path, split: str = "test") -> pd.DataFrame:
+def tool_use_points(run: Path) -> pd.DataFrame:
     """policy, scenario, solve_p, solve_r, solve_f1 from eval/<policy>/tool_use.csv (for the bar chart)."""
     frames = []
     for policy in POLICIES:
-        frame = read_csv(run / "eval" / policy / SPLIT_DIRS[split] / "tool_use.csv")
+        frame = read_csv(run / "eval" / policy / "tool_use.csv")
         if frame is not None:
             frames.append(frame.assign(policy=POLICIES[policy]))
     if not frames:

@@ -30,10 +30,10 @@ reproduce: $(STAMP)
 reproduce-quick: $(STAMP)
 	$(BIN)/toolrl-analyze reproduce --out $(RUN)-quick --quick
 
-# Regenerate the shipped embedded base from training/base.toml (about 50 minutes on 2 cores),
+# Regenerate the shipped embedded base from the defaults of train-base (about 50 minutes on 2 cores),
 # then copy the chosen checkpoint and its manifest into toolrl_analysis/data/embedded/.
 base: $(STAMP)
-	$(BIN)/toolrl-analyze envs build --config envs/default.toml --out $(BASE_RUN)/envs
+	$(BIN)/toolrl-analyze envs build --out $(BASE_RUN)/envs
 	$(BIN)/toolrl-analyze train-base --envs $(BASE_RUN)/envs --out $(BASE_RUN)/base $(if $(RESUME),--resume,)
 	$(BIN)/python -m toolrl_analysis.training.ship_base $(BASE_RUN)/base
 

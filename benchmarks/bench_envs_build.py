@@ -46,7 +46,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--config", default=str(REPO / "envs" / "default.toml"))
+    parser.add_argument("--config", default=None, help="a TOML of overrides (default: the shipped build)")
     parser.add_argument("--check", action="store_true", help="also time `envs check` on both files")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -56,7 +56,16 @@ def main() -> None:
         for i in range(args.repeats):
             out = Path(tmp) / f"run{i}"
             seconds, stdout = timed(
-                [*CLI, "envs", "build", "--config", args.config, "--out", str(out), "--json"], args.cores
+                [
+                    *CLI,
+                    "envs",
+                    "build",
+                    *(["--config", args.config] if args.config else []),
+                    "--out",
+                    str(out),
+                    "--json",
+                ],
+                args.cores,
             )
             builds.append(seconds)
             manifest = json.loads(stdout)["manifest"]

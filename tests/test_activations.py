@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from toolrl_analysis.analysis.activations import (
+from toolrl_analysis.analysis.probe.activations import (
     BACKENDS,
     CaptureRequest,
     UnsupportedModelError,

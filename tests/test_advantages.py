@@ -6,14 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from toolrl_analysis.training.advantages import (
+from toolrl_analysis.training.advantages import group_advantages, reinforce_pp_advantages
+from toolrl_analysis.training.objective import (
     aggregate_loss,
     clipped_policy_loss,
     entropy_from_logits,
-    group_advantages,
     k3_kl,
     policy_objective,
-    reinforce_pp_advantages,
 )
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from toolrl_analysis.analysis.decision_points import (
+from toolrl_analysis.analysis.probe.decision_points import (
     REGIONS,
     TASKS,
     build_dataset,

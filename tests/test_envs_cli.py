@@ -86,12 +86,16 @@ def test_subprocess_reports_bad_config_without_traceback(tmp_path):
 
 
 def test_build_import_and_export_print_human_summaries(tmp_path, capsys):
+    # The printed configuration is a config file: building from it is building from the defaults.
+    code, printed, _ = run(["envs", "build", "--print-config"], capsys)
+    assert code == 0 and "[worlds]" in printed
+    (tmp_path / "printed.toml").write_text(printed)
     code, out, _ = run(
         [
             "envs",
             "build",
             "--config",
-            str(REPO / "envs" / "default.toml"),
+            str(tmp_path / "printed.toml"),
             "--out",
             str(tmp_path / "set"),
             "--set",

@@ -12,13 +12,12 @@ from toolrl_analysis.envs.schema import FTRL_FIELDS, SCENARIOS, read_envs
 
 REPO = Path(__file__).resolve().parents[1]
 
-DEFAULT_CONFIG = str(REPO / "envs" / "default.toml")
 SMALL = ["--set", "train_size=20", "--set", "test_per_scenario=2", "--set", "validation_per_scenario=2",
          "--set", "same_world_test_per_scenario=2", "--set", "train_worlds=5"]  # fmt: skip
 
 
 def build(out: Path, *extra: str) -> dict:
-    return run_json(["envs", "build", "--config", DEFAULT_CONFIG, "--out", str(out), *SMALL, *extra])
+    return run_json(["envs", "build", "--out", str(out), *SMALL, *extra])
 
 
 def run_json(argv: list[str]) -> dict:
@@ -188,7 +187,7 @@ def test_samples_are_what_the_default_config_builds(tmp_path):
     from toolrl_analysis.config import load_config
     from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_samples
 
-    config = load_config(EnvBuildConfig, DEFAULT_CONFIG, ["train_size=0"])
+    config = load_config(EnvBuildConfig, None, ["train_size=0"])
     written = write_samples(build_envsets(config).test, tmp_path)
     assert [p.name for p in written] == [f"{s}.json" for s in SCENARIOS]
     for path in written:

@@ -169,6 +169,17 @@ def test_cli_evaluate_prints_one_json_document(hf_dir, envs_file, capsys):
     assert {row["metric"] for row in document["tool_use"]} >= set(SOLVE_METRICS)
 
 
+def test_limit_is_balanced_over_scenarios_as_in_every_command(hf_dir, tmp_path, capsys):
+    # single-hop first, as in a test file: the first 4 records hold two scenarios, --limit 4 takes all four
+    ordered = sorted(_records(8), key=lambda r: r.scenario != "single_hop")
+    path = write_envs(ordered, tmp_path / "ordered.jsonl")
+    code = main(["evaluate", str(hf_dir), "--envs", str(path), "--limit", "4", "--no-general", "--max-turns", "1",
+                 "--max-new-tokens", "4", "--json"])  # fmt: skip
+    assert code == 0
+    episodes = json.loads(capsys.readouterr().out)["episodes"]
+    assert sorted(e["scenario"] for e in episodes) == sorted(set(r.scenario for r in ordered))
+
+
 def test_cli_evaluate_renders_tables_and_writes_files(hf_dir, envs_file, tmp_path, capsys):
     code = main(["evaluate", str(hf_dir), "--envs", str(envs_file), "--no-general", "--max-new-tokens", "8",
                  "--out", str(tmp_path / "out")])  # fmt: skip

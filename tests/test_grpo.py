@@ -1,5 +1,6 @@
 """The GRPO trainer on real (tiny) models, real environments and a real sandbox."""
 
+import math
 import os
 import signal
 
@@ -11,14 +12,14 @@ from toolrl_analysis.cli import main
 from toolrl_analysis.config import load_config
 from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_envset
 from toolrl_analysis.envs.sandbox import Sandbox
-from toolrl_analysis.errors import ConfigError, TrainingDiverged
+from toolrl_analysis.errors import CheckpointError, ConfigError, TrainingDiverged
 from toolrl_analysis.models.checkpoint import load_policy, save_policy
 from toolrl_analysis.models.factory import build_model
 from toolrl_analysis.models.tokenizer import build_policy_tokenizer
-from toolrl_analysis.training import advantages
+from toolrl_analysis.training import objective
 from toolrl_analysis.training.advantages import episode_group_advantages
-from toolrl_analysis.training.commands import train_grpo
-from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer
+from toolrl_analysis.training.grpo import GRPOConfig, GRPOTrainer, train_grpo
+from toolrl_analysis.training.resume import load_train_state
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def small_config(**overrides) -> GRPOConfig:
         max_new_tokens=12,
         max_prompt_tokens=1024,
         lr=1e-3,
+        drop_flat_groups=False,  # the random init rarely has reward spread; its flat groups still move weights
         eval_every=0,
         save_every=1,
         keep_last=2,
@@ -102,7 +104,7 @@ def test_resume_reproduces_an_uninterrupted_run(setup, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
     root, build = setup
-    real_loss, calls = advantages.clipped_policy_loss, []
+    real_loss, calls = objective.clipped_policy_loss, []
 
     def loss_turning_nan_in_iteration_two(*args, **kwargs):
         loss, clip_fraction = real_loss(*args, **kwargs)
@@ -110,8 +112,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
         return (loss * float("nan") if trainer_iteration[0] >= 1 else loss), clip_fraction
 
     trainer_iteration = [0]
-    monkeypatch.setattr(advantages, "clipped_policy_loss", loss_turning_nan_in_iteration_two)
-    with pytest.raises(TrainingDiverged, match="loss became nan.*last good checkpoint"):
+    monkeypatch.setattr(objective, "clipped_policy_loss", loss_turning_nan_in_iteration_two)
+    with pytest.raises(TrainingDiverged, match="loss nan.*last good checkpoint"):
         run(
             root,
             build,
@@ -121,8 +123,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
         )
     checkpoints = sorted((tmp_path / "checkpoints").glob("iter-*.pt"))
     assert [p.name for p in checkpoints] == ["iter-000001.pt"]
-    state = torch.load(checkpoints[0], weights_only=True)
-    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    weights, state = load_train_state(checkpoints[0])
+    assert state["iteration"] == 1 and all(torch.isfinite(t).all() for t in weights.values())
 
 
 def test_non_finite_weights_stop_the_run(setup, tmp_path):
@@ -151,9 +153,60 @@ def test_sigint_saves_and_exits_cleanly(setup, tmp_path):
 )
 def test_other_estimators_and_credit_modes_train(setup, tmp_path, overrides):
     root, build = setup
-    trainer, history = run(root, build, tmp_path, small_config(iterations=1, **overrides))
-    assert trainer.iteration == 1 and history[0]["samples"] > 0
+    before = load_policy(root / "init.pt")[0].state_dict()
+    config = small_config(iterations=1, **overrides)
+    trainer, history = run(root, build, tmp_path, config)
+    row = history[0]
+    assert trainer.iteration == 1 and row["updated_samples"] == row["samples"] > 0
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the update moved the policy
+    assert all(math.isfinite(row[k]) for k in ("loss", "kl", "entropy", "grad_norm"))
+    if config.credit == "episode":  # G whole episodes per environment, every turn of them a sample
+        assert row["samples"] >= config.envs_per_iteration * config.group_size
+    else:  # G completions of each of at most max_samples_per_iteration states
+        assert row["samples"] == row["step_states"] * config.group_size
+        assert row["step_states"] <= config.max_samples_per_iteration
+    if config.kl_in_reward:  # the k1 paid in the return: behaviour policy against the reference, equal before
+        assert abs(row["kl"]) < 1e-4  # any update (sampling and scoring use the same logits / temperature)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_flat_groups_and_the_update_batch_are_sliced_once():
+    from toolrl_analysis.training.grpo import UpdateBatch, drop_flat_groups, flat_groups, reward_stats
+    from toolrl_analysis.training.sequences import pack_sequences
+    from toolrl_analysis.training.step_samples import Sample
+
+    rewards = [1.0, 1.0, 0.0, 1.0, 0.5, 0.5]  # group 0 flat, group 1 spread, group 2 flat
+    samples = [Sample([1, 2], [3 + i], [-0.1], r, i // 2, i) for i, r in enumerate(rewards)]
+    assert flat_groups(samples) == {0, 2}
+    assert [s.episode for s in drop_flat_groups(samples)] == [2, 3]
+    stats = reward_stats(samples)
+    assert stats["zero_spread_groups"] == pytest.approx(2 / 3) and stats["samples"] == 6
+    sequences = pack_sequences(
+        [[1, 2], [4], [5, 6, 7]], [[10], [11, 12], [13], [14], [15], [16, 17]], 0, repeats=2
+    )
+    n, t = sequences.completion_mask.shape
+    values = torch.arange(n * t, dtype=torch.float32).reshape(n, t)
+    batch = UpdateBatch(sequences, values, values + 100, values + 200)
+    part = batch.select(torch.tensor([2, 0]))  # prompts 2 and 0 with their two completions each
+    assert part.prompts == 2 and part.sequences.repeats == 2
+    assert part.old_logprobs[:, 0].tolist() == [4 * t, 5 * t, 0, t]
+    assert torch.equal(part.ref_logprobs, part.old_logprobs + 100)
+    assert torch.equal(part.advantages, part.old_logprobs + 200)
+    assert torch.equal(part.mask, sequences.completion_mask[[4, 5, 0, 1]])
+
+
+def test_a_corrupt_checkpoint_stops_a_resume_with_one_line(setup, tmp_path):
+    root, build = setup
+    run(root, build, tmp_path, small_config(iterations=1))
+    (tmp_path / "checkpoints" / "iter-000001.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="iter-000001.pt"):
+        run(root, build, tmp_path, small_config(iterations=2), resume=True)
+    save_policy(
+        *load_policy(root / "init.pt"), tmp_path / "checkpoints" / "iter-000002.pt"
+    )  # a policy, no state
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        run(root, build, tmp_path, small_config(iterations=3), resume=True)
 
 
 def test_episode_group_advantages_count_each_episode_once():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolrl_analysis.analysis.probe import (
+from toolrl_analysis.analysis.probe.fit import (
     ProbeSettings,
     compare_probes,
     control_labels,
@@ -139,7 +139,7 @@ def test_interval_and_tests_match_hand_computed_values():
 
 
 def test_large_problems_are_fitted_in_chunks_of_layers_with_the_same_result(monkeypatch):
-    import toolrl_analysis.analysis.probe as probe_module
+    import toolrl_analysis.analysis.probe.fit as probe_module
 
     features, labels, groups, types = planted_dataset()
     settings = ProbeSettings(seeds=2)

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import FTRL_TEST_SET, tiny_random_qwen2
 
-from toolrl_analysis.analysis.decision_points import REGIONS, TASKS
-from toolrl_analysis.analysis.probe_run import ProbeConfig, run_probe
+from toolrl_analysis.analysis.probe.decision_points import REGIONS, TASKS
+from toolrl_analysis.analysis.probe.run import ProbeConfig, run_probe
 from toolrl_analysis.cli import main
 from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets
 from toolrl_analysis.envs.schema import write_envs

@@ -1,14 +1,12 @@
 """`reproduce` end to end, at tiny sizes, from a small random base: every stage runs, the report carries its
 verdicts and rules, the figures are redrawn byte for byte from the saved tables, an up-to-date run skips every
-stage, a changed key of training/grpo.toml reruns the GRPO stages and everything after them (nothing before),
+stage, a changed key of the GRPO recipe reruns the GRPO stages and everything after them (nothing before),
 and a GRPO stage interrupted part-way resumes from its checkpoint. One scenario, so the chain runs about twice."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
-import shutil
 import subprocess
 import sys
 import time
@@ -16,11 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import tomllib
 from conftest import tiny_random_qwen2
 
 from toolrl_analysis.report import CLAIMS, RULES, judge_all, write_figures
 from toolrl_analysis.reproduce import reproduce
+from toolrl_analysis.training.grpo import GRPOConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # On top of --quick: a 2-block model of width 32 and a handful of environments keep the chain near a minute.
@@ -52,28 +50,17 @@ def base_policy(tmp_path_factory):
     return save_policy(tiny_random_qwen2(tokenizer, max_positions=4096), tokenizer, root / "base.pt")
 
 
-@pytest.fixture
-def configs(tmp_path):
-    """A copy of the repository's configs, for a test to edit."""
-    for name in ("envs/default.toml", "training/base.toml", "training/grpo.toml"):
-        (tmp_path / "configs" / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REPO / name, tmp_path / "configs" / name)
-    return tmp_path / "configs"
-
-
-def run_chain(run, base_policy, configs, lines):
-    return reproduce(
-        run, quick=True, base=str(base_policy), overrides=TINY, config_dir=configs, log=lines.append
-    )
+def run_chain(run, base_policy, lines, extra=()):
+    return reproduce(run, quick=True, base=str(base_policy), overrides=[*TINY, *extra], log=lines.append)
 
 
 def statuses(summary):
     return {name: info["status"] for name, info in summary["timings"].items()}
 
 
-def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tmp_path, base_policy, configs):
+def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tmp_path, base_policy):
     run, lines = tmp_path / "run", []
-    summary = run_chain(run, base_policy, configs, lines)
+    summary = run_chain(run, base_policy, lines)
     assert statuses(summary) == dict.fromkeys(STAGES, "ran")
 
     report = (run / "report.md").read_text()
@@ -114,20 +101,16 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
             "probe_curves_resid.png", "attention_mass.png", "attention_difference.png"} <= set(first)  # fmt: skip
 
     # Up to date: nothing runs again.
-    assert set(statuses(run_chain(run, base_policy, configs, lines)).values()) == {"skipped"}
+    assert set(statuses(run_chain(run, base_policy, lines)).values()) == {"skipped"}
 
-    # One key of training/grpo.toml changes, and the GRPO stage is interrupted part-way (Ctrl-C): nothing
-    # before it reruns, and rerunning the same command resumes it from its checkpoint, then runs everything
-    # after it.
-    grpo_toml = configs / "training" / "grpo.toml"
-    text = grpo_toml.read_text()
-    changed = re.sub(r"(?m)^lr = .*$", "lr = 1.234e-4", text, count=1)
-    assert changed != text
-    grpo_toml.write_text(changed)
+    # One key of the GRPO recipe changes (`--set grpo.lr=...`), and the GRPO stage is interrupted part-way
+    # (Ctrl-C): nothing before it reruns, and rerunning the same command resumes it from its checkpoint, then
+    # runs everything after it.
+    changed = ["grpo.lr=1.234e-4"]
     lines.clear()
     with interrupted_after_one_grpo_iteration(), pytest.raises(KeyboardInterrupt):
-        run_chain(run, base_policy, configs, lines)
-    old_lr = tomllib.loads(text)["optimiser"]["lr"]
+        run_chain(run, base_policy, lines, changed)
+    old_lr = GRPOConfig().lr
     assert f"[5/16] train grpo: run (configuration changed: lr {old_lr!r} -> 0.0001234)" in "\n".join(lines)
     assert [line.split(":")[0] for line in lines if ": skip (up to date)" in line] == [
         "[1/16] envs", "[2/16] base", "[3/16] evaluate base", "[4/16] pass@k base",
@@ -136,7 +119,7 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
     assert json.loads((run / "grpo" / "stage.json").read_text())["status"] == "running"
 
     lines.clear()
-    after = statuses(run_chain(run, base_policy, configs, lines))
+    after = statuses(run_chain(run, base_policy, lines, changed))
     assert after == {name: {"envs": "skipped", "base": "skipped", "evaluate base": "skipped",
                             "pass@k base": "skipped", "train grpo": "resumed"}.get(name, "ran")
                      for name in STAGES}  # fmt: skip

@@ -69,7 +69,7 @@ def expected_reward(model, temperature: float) -> float:
 def task_config(**overrides) -> GRPOConfig:
     values = dict(
         iterations=8, group_size=8, max_new_tokens=1, lr=1e-2, mini_batch_size=16, eval_every=0, save_every=0,
-        temperature=1.0,
+        temperature=1.0, drop_flat_groups=False,
     )  # fmt: skip
     config = GRPOConfig(**(values | overrides))
     config.validate()

@@ -10,7 +10,7 @@ from toolrl_analysis.config import load_config
 from toolrl_analysis.envs.oracle import oracle_conversations
 from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_envset
 from toolrl_analysis.envs.sandbox import Sandbox
-from toolrl_analysis.errors import ConfigError
+from toolrl_analysis.errors import CheckpointError, ConfigError
 from toolrl_analysis.models.checkpoint import load_policy
 from toolrl_analysis.models.tokenizer import build_policy_tokenizer
 from toolrl_analysis.training.base_data import chat_example
@@ -90,6 +90,8 @@ FAST = [
     "vocab_size=600", "curriculum_steps=0", "tokenizer_envs=60", "stream_envs=120", "envs_per_world=60", "general_tasks=40",
     "batch_tokens=2048", "max_seq_len=1024", "warmup_steps=5", "val_meter_envs=2", "val_solve_envs=1",
     "val_max_new_tokens=24", "threads=1", "log_every=5",
+    # general material and corrections mixed in from the start, on a cosine: every part of the data path runs
+    "general_from_step=0", "correction_prob=0.2", "general_text_share=0.05", "schedule=cosine",
 ]  # fmt: skip
 
 
@@ -205,6 +207,10 @@ def test_resume_refuses_a_changed_recipe_and_a_missing_run(envset, tmp_path):
     envs_dir, _ = envset
     with pytest.raises(ConfigError, match="nothing to resume"):
         train_base(envs_dir, tmp_path / "none", _fast("steps=4"), resume=True)
+    (tmp_path / "corrupt" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "corrupt" / "checkpoints" / "state.pt").write_bytes(b"\x80\x02 half a file")
+    with pytest.raises(CheckpointError, match="state.pt"):  # one line, the weights never unpickled
+        train_base(envs_dir, tmp_path / "corrupt", _fast("steps=4"), resume=True)
     train_base(envs_dir, tmp_path / "run", _fast("steps=2", "eval_every=2", "val_solve_envs=0"), log=print)
     with pytest.raises(ConfigError, match="already holds a train-base run"):
         train_base(envs_dir, tmp_path / "run", _fast("steps=2"))

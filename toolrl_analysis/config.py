@@ -1,8 +1,15 @@
-"""One dataclass per command, loaded from TOML and overridable with `--set key=value`."""
+"""One dataclass per command: its defaults are the shipped recipe, wherever a command runs.
+
+A command's configuration is those defaults, then an optional TOML file of overrides (`--config`; its tables
+are only for reading, keys are flat), then `--set key=value`. `config_toml` writes a resolved configuration
+back as TOML (`--print-config`), grouped into the tables a dataclass names in its `SECTIONS`, and a file it
+writes loads back to the same configuration.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,6 +98,34 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"override '{item}' must look like key=value")
         values[key.strip()] = value.strip()
     return build_config(cls, values, source=str(path) if path else "overrides")
+
+
+def config_toml(config: Any, table: str | None = None) -> str:
+    """`config` as TOML: one table per entry of its class's `SECTIONS` (or `[table]` with the sections as
+    comments, for one stage of a larger document). Loading the text with `load_config` gives `config` back."""
+    values = dataclasses.asdict(config)
+    sections: dict[str, tuple[str, ...]] = getattr(type(config), "SECTIONS", {"": tuple(values)})
+    lines = [f"[{table}]"] if table else []
+    for section, keys in sections.items():
+        if section:
+            lines.append(f"# -- {section}" if table else f"[{section}]")
+        lines += [f"{key} = {toml_value(values[key])}" for key in keys]
+        if not table:
+            lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def toml_value(value: Any) -> str:
+    """One TOML value; None (an unset optional key) is written as "none", which the loader reads back."""
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
 def require(condition: bool, key: str, message: str) -> None:

@@ -18,7 +18,6 @@ All results are tidy DataFrames; `EvaluationReport` bundles them, writes CSV/JSO
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -32,10 +31,12 @@ import pandas as pd
 import torch
 
 from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord
+from toolrl_analysis.results import json_records, write_results
 from toolrl_analysis.rollout import (
-    DEFAULT_MAX_TURNS,
+    EPISODES,
     STOP_PROMPT_TOO_LONG,
     Episode,
+    EpisodeOptions,
     ModelPolicy,
     decode_completion,
     generate,
@@ -48,7 +49,6 @@ from toolrl_analysis.rollout import (
 
 OVERALL = "overall"
 SOLVE_METRICS = ("solve_p", "solve_r", "solve_f1")
-DEFAULT_EVAL_MAX_NEW_TOKENS = 512
 GENERAL_TASKS = 64
 
 
@@ -61,10 +61,10 @@ def evaluate_tool_use(
     records: Sequence[EnvRecord],
     *,
     sandbox=None,
-    max_turns: int = DEFAULT_MAX_TURNS,
-    max_new_tokens: int = DEFAULT_EVAL_MAX_NEW_TOKENS,
+    max_turns: int = EPISODES.max_turns,
+    max_new_tokens: int = EPISODES.max_new_tokens,
     max_prompt_tokens: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = EPISODES.batch_size,
     on_turn: Callable[[int, list[Episode]], None] | None = None,
 ) -> list[Episode]:
     """Greedy episodes on every record. Prompts longer than the model can take end the episode with
@@ -103,10 +103,10 @@ def sample_tool_use(
     temperature: float,
     sandbox,
     seed: int = 0,
-    max_turns: int = DEFAULT_MAX_TURNS,
-    max_new_tokens: int = DEFAULT_EVAL_MAX_NEW_TOKENS,
+    max_turns: int = EPISODES.max_turns,
+    max_new_tokens: int = EPISODES.max_new_tokens,
     max_prompt_tokens: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = EPISODES.batch_size,
     on_turn: Callable[[int, list[Episode]], None] | None = None,
 ) -> pd.DataFrame:
     """`samples` episodes of every record at `temperature` (one seeded generator, so a rerun gives the same
@@ -119,7 +119,7 @@ def sample_tool_use(
 
 
 def sampled_episodes(
-    policy, records: Sequence[EnvRecord], samples: int, sandbox, max_turns: int = DEFAULT_MAX_TURNS,
+    policy, records: Sequence[EnvRecord], samples: int, sandbox, max_turns: int = EPISODES.max_turns,
     max_prompt_tokens: int | None = None, on_turn: Callable[[int, list[Episode]], None] | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """`samples` episodes of every record with any policy: the episode table with a `sample` column."""
@@ -406,7 +406,7 @@ class EvaluationReport:
 
     def to_dict(self) -> dict[str, Any]:
         def records(frame):
-            return None if frame is None else json.loads(frame.to_json(orient="records"))
+            return None if frame is None else json_records(frame)
 
         return {
             "info": self.info,
@@ -422,23 +422,12 @@ class EvaluationReport:
     def save(self, out_dir: str | Path) -> list[Path]:
         """`tool_use.csv`, `hops.csv`, `episodes.csv`, `general.csv`, `roles.csv`, `samples.csv` and
         `pass_at_k.csv` (when run), and `evaluation.json`."""
+        frames = {
+            "tool_use": self.tool_use, "hops": self.hops, "episodes": self.episodes, "general": self.general,
+            "roles": self.roles, "samples": self.samples, "pass_at_k": self.pass_at_k,
+        }  # fmt: skip
+        written = write_results(out_dir, frames, self.to_dict(), "evaluation.json")
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, frame in (
-            ("tool_use", self.tool_use),
-            ("hops", self.hops),
-            ("episodes", self.episodes),
-            ("general", self.general),
-            ("roles", self.roles),
-            ("samples", self.samples),
-            ("pass_at_k", self.pass_at_k),
-        ):
-            if frame is not None:
-                frame.to_csv(out / f"{name}.csv", index=False)
-                written.append(out / f"{name}.csv")
-        (out / "evaluation.json").write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        written.append(out / "evaluation.json")
         if self.same_world is not None:
             written += self.same_world.save(out / "same_world")
         return written
@@ -452,10 +441,10 @@ def evaluate(
     general: bool = True,
     roles: bool = True,
     sandbox=None,
-    max_turns: int = DEFAULT_MAX_TURNS,
-    max_new_tokens: int = DEFAULT_EVAL_MAX_NEW_TOKENS,
+    max_turns: int = EPISODES.max_turns,
+    max_new_tokens: int = EPISODES.max_new_tokens,
     max_prompt_tokens: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = EPISODES.batch_size,
     n_general_tasks: int = GENERAL_TASKS,
     samples: int = 0,
     temperature: float = 1.0,
@@ -539,16 +528,14 @@ def evaluate_checkpoint(
     environment-set directory evaluates its test.jsonl (held-out worlds) and, greedy, its test_same_world.jsonl
     (the training worlds) into `.same_world`. A missing or unreadable checkpoint raises CheckpointError; a bad
     environment file EnvFormatError."""
-    from toolrl_analysis.envs.schema import read_envs
+    from toolrl_analysis.envs.schema import limited, read_envs
     from toolrl_analysis.errors import CheckpointError, ConfigError
     from toolrl_analysis.models.checkpoint import load_policy
     from toolrl_analysis.models.embedded import is_embedded
 
     if limit is not None and limit < 1:
         raise ConfigError("--limit must be a positive number of environments")
-    for name in ("max_turns", "max_new_tokens", "batch_size"):
-        if name in options and int(options[name]) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}")
+    EpisodeOptions(**{k: options[k] for k in ("max_turns", "max_new_tokens", "batch_size") if k in options})
     check_sampling(
         options.get("samples", 0), options.get("temperature", 1.0), options.get("success_threshold", 1.0)
     )
@@ -557,14 +544,14 @@ def evaluate_checkpoint(
     envs_path, same_path = Path(envs_path), None
     if envs_path.is_dir():  # an environment set: its headline test split, and its same-world split if built
         envs_path, same_path = envs_path / "test.jsonl", envs_path / "test_same_world.jsonl"
-    records = read_envs(envs_path)[:limit]
+    records = limited(read_envs(envs_path), limit)
     model, tokenizer = load_policy(model_path)
     report = evaluate(model, tokenizer, records, general=general, **options)
     report.info.update({"model": str(model_path), "envs": str(envs_path)})
     if same_path is not None and same_path.is_file():
         greedy = {k: v for k, v in options.items() if k not in ("samples", "roles")}
         report.same_world = evaluate(
-            model, tokenizer, read_envs(same_path)[:limit], general=False, roles=False, **greedy
+            model, tokenizer, limited(read_envs(same_path), limit), general=False, roles=False, **greedy
         )
         report.same_world.info.update({"model": str(model_path), "envs": str(same_path)})
     return report

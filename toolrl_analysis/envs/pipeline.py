@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from toolrl_analysis.config import require
 from toolrl_analysis.envs.decompose import FTRL_PROMPT, ComposeError, Decomposition, ScenarioShape, compose
@@ -41,7 +41,8 @@ from toolrl_analysis.io import file_sha256
 
 @dataclass
 class EnvBuildConfig:
-    """`envs build` configuration (envs/default.toml); every key can be overridden with --set."""
+    """`envs build` configuration: the defaults are the shipped build (`envs build --print-config` prints
+    them as TOML); `--config FILE` and `--set key=value` override them."""
 
     seed: int = 0
     train_size: int = 2000
@@ -84,6 +85,26 @@ class EnvBuildConfig:
     max_tools: int = 6
     # Records each tool embeds beyond the ones the question needs.
     neighbour_facts: int = 4
+
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "": ("seed",),
+        "sizes": ("train_size", "test_per_scenario", "train_mix"),
+        "worlds": (
+            "train_worlds", "test_worlds", "validation_worlds", "validation_per_scenario",
+            "same_world_test_per_scenario",
+        ),
+        "world": ("world_people", "world_places", "world_organisations", "world_artefacts"),
+        "scenarios": (
+            "parallel_single_min", "parallel_single_max", "multi_hop_min", "multi_hop_max",
+            "parallel_multi_chains_min", "parallel_multi_chains_max", "parallel_multi_min", "parallel_multi_max",
+            "parallel_aggregate_prob",
+        ),
+        "integration": ("merge_prob",),
+        "scaling": (
+            "functional_generalisation", "parameter_expansion", "parameter_type_generalisation",
+            "toolset_extension", "distractors_min", "distractors_max", "max_tools", "neighbour_facts",
+        ),
+    }  # fmt: skip
 
     def validate(self) -> None:
         require(self.train_size >= 0, "train_size", "must be >= 0")

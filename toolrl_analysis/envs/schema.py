@@ -179,6 +179,12 @@ def read_envs(path: str | Path) -> list[EnvRecord]:
     return records
 
 
+def limited(records: Sequence[EnvRecord], limit: int | None) -> list[EnvRecord]:
+    """What `--limit N` means in every command: N records balanced over scenarios (`balanced_slice`); all of
+    them when `limit` is None or 0. A file's first records are often all of one scenario."""
+    return balanced_slice(records, limit) if limit else list(records)
+
+
 def balanced_slice(records: Sequence[EnvRecord], count: int) -> list[EnvRecord]:
     """The first `count` records taken round-robin over scenarios: a fixed, balanced held-out slice."""
     by_scenario: dict[str, list[EnvRecord]] = {}

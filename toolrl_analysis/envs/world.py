@@ -38,10 +38,6 @@ class Relation:
     def numeric(self) -> bool:
         return self.obj in VALUE_KINDS
 
-    @property
-    def ident(self) -> str:
-        return f"{self.subject}_{self.key}"
-
 
 RELATIONS: tuple[Relation, ...] = (
     Relation("person", "birthplace", "birthplace", "place", "{subject} was born in {value}."),

@@ -56,7 +56,7 @@ def write_figures(run: str | Path, out_dir: str | Path | None = None) -> list[Pa
     """Solve-F1 per policy and scenario, the RL curves, the base's loss curve, the parameter-change
     heatmaps, layer profiles and band summaries, the ablation chart, and the probe and attention plots."""
     from toolrl_analysis.analysis import plots
-    from toolrl_analysis.analysis.probe_plots import (
+    from toolrl_analysis.analysis.probe.plots import (
         plot_attention_difference,
         plot_attention_mass,
         plot_probe_curves,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from toolrl_analysis.reproduce.settings import ChainSettings
@@ -40,10 +41,6 @@ def label(run_name: str) -> str:
     return ALGORITHMS.get(run_name, run_name)
 
 
-def _asdict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
 def envs_stage(run: Path, settings: ChainSettings) -> Stage:
     from toolrl_analysis.envs.pipeline import SPLIT_FILES, build_envsets, build_size, write_envset
 
@@ -60,7 +57,7 @@ def envs_stage(run: Path, settings: ChainSettings) -> Stage:
         write_envset(build_envsets(config, progress=advance), run / "envs")
 
     outputs = (*SPLIT_FILES.values(), "manifest.json")
-    return Stage("envs", run / "envs", outputs, {}, _asdict(config), action)
+    return Stage("envs", run / "envs", outputs, {}, asdict(config), action)
 
 
 def base_stage(run: Path, settings: ChainSettings) -> Stage:
@@ -82,7 +79,7 @@ def base_stage(run: Path, settings: ChainSettings) -> Stage:
             "envs/train.jsonl": run / "envs" / "train.jsonl",
             "envs/manifest.json": run / "envs" / "manifest.json",
         }
-        config = {"source": "train-base", **_asdict(settings.sft)}
+        config = {"source": "train-base", **asdict(settings.sft)}
         return Stage("base", out, ("base.pt",), inputs, config, train, after=("envs",), resumable=True)
 
     # The shipped base (or a given policy file) is copied into the run, so the run holds every file it used.
@@ -136,7 +133,7 @@ def eval_stage(run: Path, settings: ChainSettings, policy: str, model: Path, aft
     if "test_same_world" in splits:
         outputs += (f"{SAME_WORLD}/episodes.csv",)
     return Stage(
-        f"evaluate {label(policy)}", out, outputs, inputs, _asdict(options), action, after=(after, "envs")
+        f"evaluate {label(policy)}", out, outputs, inputs, asdict(options), action, after=(after, "envs")
     )
 
 
@@ -180,7 +177,7 @@ def pass_at_k_stage(run: Path, settings: ChainSettings, policy: str, model: Path
 
 
 def rl_stage(run: Path, settings: ChainSettings, name: str, algo: str, seed_offset: int) -> Stage:
-    from toolrl_analysis.training.commands import train_grpo
+    from toolrl_analysis.training.grpo import train_grpo
 
     config = dataclasses.replace(settings.grpo, algo=algo, seed=settings.grpo.seed + seed_offset)
     out = run / name
@@ -194,10 +191,10 @@ def rl_stage(run: Path, settings: ChainSettings, name: str, algo: str, seed_offs
             raise KeyboardInterrupt
 
     inputs = {"base/base.pt": run / "base" / "base.pt", "envs/train.jsonl": run / "envs" / "train.jsonl"}
-    if settings.envs.validation_per_scenario:  # train-grpo validates on it (training/commands.py)
+    if settings.envs.validation_per_scenario:  # train-grpo validates on it (training/grpo.py)
         inputs["envs/validation.jsonl"] = run / "envs" / "validation.jsonl"
     return Stage(
-        f"train {label(name)}", out, ("trained.pt", "metrics.csv"), inputs, _asdict(config), action,
+        f"train {label(name)}", out, ("trained.pt", "metrics.csv"), inputs, asdict(config), action,
         after=("base", "envs"), resumable=True,
     )  # fmt: skip
 
@@ -249,12 +246,12 @@ def ablate_stage(run: Path, settings: ChainSettings) -> Stage:
     }
     outputs = ("variants.csv", "metrics.csv", "episodes.csv", "ablation.json")
     return Stage(
-        "ablate", out, outputs, inputs, _asdict(options), action, after=("base", "train grpo", "envs")
+        "ablate", out, outputs, inputs, asdict(options), action, after=("base", "train grpo", "envs")
     )
 
 
 def probe_stage(run: Path, settings: ChainSettings) -> Stage:
-    from toolrl_analysis.analysis.probe_run import run_probe
+    from toolrl_analysis.analysis.probe.run import run_probe
 
     out = run / "probe"
     base, trained = run / "base" / "base.pt", run / ANALYSED / "trained.pt"
@@ -265,7 +262,7 @@ def probe_stage(run: Path, settings: ChainSettings) -> Stage:
 
     inputs = {"base/base.pt": base, f"{ANALYSED}/trained.pt": trained, "envs/test.jsonl": envs}
     outputs = ("probe_summary.csv", "probe_comparison.csv", "probe.json")
-    config = {"backend": "hf", **_asdict(settings.probe)}
+    config = {"backend": "hf", **asdict(settings.probe)}
     return Stage("probe", out, outputs, inputs, config, action, after=("base", "train grpo", "envs"))
 
 

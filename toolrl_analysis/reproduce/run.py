@@ -54,13 +54,12 @@ def reproduce(
     force: bool = False,
     base: str = "embedded",
     overrides: list[str] | None = None,
-    config_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
     on_snapshot: Callable[[Snapshot], None] | None = None,
 ) -> dict[str, Any]:
     from toolrl_analysis.report import write_figures, write_report
 
-    settings = load_settings(quick, base, overrides, Path(config_dir) if config_dir else None)
+    settings = load_settings(quick, base, overrides)
     run = Path(out)
     run.mkdir(parents=True, exist_ok=True)
     stages = build_stages(run, settings)

@@ -1,5 +1,6 @@
-"""What each stage of `reproduce` runs with: the repository's TOML configs, the sizes of the default and the
-`--quick` run, and `--set STAGE.KEY=VALUE` overrides on top.
+"""What each stage of `reproduce` runs with: each command's defaults (the shipped recipes), the sizes of the
+default and the `--quick` run, and `--set STAGE.KEY=VALUE` overrides on top. `reproduce --print-config`
+prints the result as TOML, one table per stage.
 
 The default run is sized to finish in about an hour on 2 CPU cores from the shipped base: the whole test
 split is evaluated, while ablation and probing use a balanced slice of it (`limit`), which the report says.
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolrl_analysis.config import load_config, require
+from toolrl_analysis.config import config_toml, load_config, require, toml_value
 from toolrl_analysis.errors import ConfigError
+from toolrl_analysis.rollout import EPISODES
 
 BASE_SOURCES = ("embedded", "train")  # or the path of a policy file
 
@@ -24,9 +26,9 @@ class EvalSettings:
     """`evaluate` of each policy on the test split (and its general suite and role-NLL table)."""
 
     limit: int = 0  # environments, balanced over scenarios (0: the whole test split)
-    max_turns: int = 20  # FTRL's episode length
-    max_new_tokens: int = 128  # our policy's turns are ~40 tokens; this stops a rambling one early
-    batch_size: int = 32
+    max_turns: int = EPISODES.max_turns  # how episodes are played: rollout.EpisodeOptions
+    max_new_tokens: int = EPISODES.max_new_tokens
+    batch_size: int = EPISODES.batch_size
     general: bool = True
     general_tasks: int = 256  # exact-match tasks: enough for the "general ability is kept" interval
     # pass@k of the base and the (first) GRPO policy: `samples` episodes per environment at `temperature`
@@ -51,9 +53,9 @@ class AblateSettings:
     """`ablate --grid paper` on the GRPO pair."""
 
     limit: int = 48  # environments, balanced over scenarios; 22 variants are each evaluated on them
-    max_turns: int = 20
-    max_new_tokens: int = 128
-    batch_size: int = 32
+    max_turns: int = EPISODES.max_turns
+    max_new_tokens: int = EPISODES.max_new_tokens
+    batch_size: int = EPISODES.batch_size
     general: bool = True
     general_tasks: int = 64
     roles: bool = True  # the role-NLL table per variant (the behavioural context-reading measure)
@@ -68,7 +70,7 @@ class AblateSettings:
         require(self.bootstrap >= 2, "bootstrap", "must be at least 2")
 
 
-# Overrides of the default run (on top of the TOML files); measured to keep `make reproduce` near an hour.
+# Overrides of the default run (on top of each command's defaults); measured to keep `make reproduce` near an hour.
 DEFAULT = {
     "envs": [],
     "base": [],
@@ -92,6 +94,14 @@ QUICK = {
     "probe": ["limit=16", "rollout_envs=0", "seeds=2", "max_iter=30"],
 }  # fmt: skip
 STAGE_KEYS = tuple(DEFAULT)
+STAGE_FIELDS = {
+    "envs": "envs",
+    "base": "sft",
+    "grpo": "grpo",
+    "eval": "eval",
+    "ablate": "ablate",
+    "probe": "probe",
+}
 # GRPO runs of the default recipe with seeds seed, seed + 1, ...: `--set grpo.seeds=N` (a key of the chain,
 # not of GRPOConfig). The first is the analysed pair; the others give the gain's spread over training seeds.
 GRPO_SEEDS = {False: 3, True: 1}
@@ -113,12 +123,6 @@ def split_overrides(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _file(config_dir: Path, name: str) -> Path | None:
-    """The repository's config file if present; elsewhere the dataclass defaults (the same values)."""
-    path = config_dir / name
-    return path if path.is_file() else None
-
-
 @dataclass
 class ChainSettings:
     quick: bool
@@ -132,24 +136,30 @@ class ChainSettings:
     probe: Any
 
     def document(self) -> dict[str, Any]:
-        fields = ("envs", "sft", "grpo", "eval", "ablate", "probe")
         return {"quick": self.quick, "base": self.base, "grpo_seeds": self.grpo_seeds} | {
-            k: dataclasses.asdict(getattr(self, k)) for k in fields
+            k: dataclasses.asdict(getattr(self, k)) for k in STAGE_FIELDS.values()
         }
+
+    def toml(self) -> str:
+        """The resolved settings as TOML: the chain's own keys ([chain]), then one table per stage, named as
+        `--set STAGE.KEY=VALUE` names it."""
+        head = f"[chain]\nquick = {toml_value(self.quick)}\nbase = {toml_value(self.base)}  # --base\n"
+        head += (
+            f"grpo_seeds = {self.grpo_seeds}  # --set grpo.seeds=N: GRPO runs, seeds seed, seed + 1, ...\n"
+        )
+        return "\n".join([head, *(config_toml(getattr(self, f), table=s) for s, f in STAGE_FIELDS.items())])
 
 
 def load_settings(
     quick: bool = False,
     base: str = "embedded",
     overrides: list[str] | None = None,
-    config_dir: Path | None = None,
 ) -> ChainSettings:
-    from toolrl_analysis.analysis.probe_run import ProbeConfig
+    from toolrl_analysis.analysis.probe.run import ProbeConfig
     from toolrl_analysis.envs.pipeline import EnvBuildConfig
     from toolrl_analysis.training.grpo import GRPOConfig
     from toolrl_analysis.training.sft import SFTConfig
 
-    config_dir = Path(config_dir) if config_dir is not None else Path.cwd()
     sizes = QUICK if quick else DEFAULT
     extra = split_overrides(list(overrides or []))
     if base not in BASE_SOURCES and not Path(base).is_file():
@@ -170,9 +180,9 @@ def load_settings(
         quick=quick,
         base=base,
         grpo_seeds=seeds,
-        envs=load_config(EnvBuildConfig, _file(config_dir, "envs/default.toml"), merged("envs")),
-        sft=load_config(SFTConfig, _file(config_dir, "training/base.toml"), merged("base")),
-        grpo=load_config(GRPOConfig, _file(config_dir, "training/grpo.toml"), merged("grpo")),
+        envs=load_config(EnvBuildConfig, None, merged("envs")),
+        sft=load_config(SFTConfig, None, merged("base")),
+        grpo=load_config(GRPOConfig, None, merged("grpo")),
         eval=load_config(EvalSettings, None, merged("eval")),
         ablate=load_config(AblateSettings, None, merged("ablate")),
         probe=load_config(ProbeConfig, None, merged("probe")),

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from toolrl_analysis.io import file_sha256
+from toolrl_analysis.results import json_clean
 
 RECORD = "stage.json"
 RUNNING, DONE = "running", "done"
@@ -30,7 +31,7 @@ RUNNING, DONE = "running", "done"
 def _plain(value: Any) -> Any:
     """The configuration as JSON would give it back (tuples as lists, paths as text), so a value read from
     the record compares equal to the one computed now."""
-    return json.loads(json.dumps(value, default=str))
+    return json_clean(value)
 
 
 @dataclass

@@ -6,14 +6,16 @@ One iteration:
      as FTRL's `data_sample.py` does (with `oracle_prefix_share`, part of them come from golden-trajectory
      prefixes instead);
   3. sample G next-turn completions per sample and score each with the step reward (f1 by default);
-  4. take clipped policy-gradient steps on those completions (advantages from advantages.py).
+  4. take clipped policy-gradient steps on those completions (advantages.py, then the objective of
+     objective.py; `update` below: one batch record, sliced once per mini-batch, one optimiser step each).
 With `credit = "episode"` steps 2-3 are replaced by G whole episodes per environment scored by their
 episode Solve-F1; every assistant turn of an episode shares its advantage and tool output never enters
 the loss (it lives in the prompts).
 
-Every `eval_every` iterations (and before the first, and after the last) a validation slice of the training environments, held
-out of RL, gives greedy Solve-F1 and the role-NLL table; the test split is evaluated at most once, at the
-end (`test_at_end`).
+Every `eval_every` iterations (and before the first, and after the last) the build's validation split
+(held-out worlds; older builds: a slice of train held out of RL) gives greedy Solve-F1 and the role-NLL table;
+the test split is evaluated at most once, at the end (`test_at_end`). The recipe is `GRPOConfig`
+(grpo_config.py); `train_grpo` at the bottom is the `train-grpo` command.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import random
 import signal
 import time
@@ -33,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolrl_analysis.config import require
-from toolrl_analysis.envs.reward import REWARD_VARIANTS
-from toolrl_analysis.envs.schema import EnvRecord
-from toolrl_analysis.errors import TrainingDiverged
+from toolrl_analysis.envs.sandbox import Sandbox
+from toolrl_analysis.envs.schema import EnvRecord, read_envs
+from toolrl_analysis.errors import ConfigError, TrainingDiverged
+from toolrl_analysis.models.checkpoint import load_policy
 from toolrl_analysis.rollout import (
     ModelPolicy,
     decode_completion,
@@ -45,195 +46,82 @@ from toolrl_analysis.rollout import (
     run_episodes,
     stop_token_ids,
 )
-from toolrl_analysis.training.advantages import (
-    CLIP_STATS,
-    LOSS_AGGREGATIONS,
-    episode_group_advantages,
-    policy_objective,
-    reinforce_pp_advantages,
-)
-from toolrl_analysis.training.base_validation import Validation
+from toolrl_analysis.training.advantages import episode_group_advantages, reinforce_pp_advantages
+from toolrl_analysis.training.grpo_config import GRPOConfig
+from toolrl_analysis.training.objective import CLIP_STATS, policy_objective
+from toolrl_analysis.training.resume import load_train_state, save_train_state
 from toolrl_analysis.training.rl_curves import plot_rl_curves, validation_lines, zero_spread_warning
 from toolrl_analysis.training.schedules import cosine_under_warmup, linear_warmup
-from toolrl_analysis.training.sequences import check_logits_path, completion_logprobs, pack_sequences
+from toolrl_analysis.training.sequences import (
+    SequenceBatch,
+    check_logits_path,
+    completion_logprobs,
+    pack_sequences,
+)
+from toolrl_analysis.training.shared import (
+    resolve_policy_path,
+    save_trained_policy,
+    seed_torch,
+    training_records,
+    validation_source,
+)
 from toolrl_analysis.training.step_samples import Sample, oracle_prefix_states, score_completions, step_states
+from toolrl_analysis.training.validation import Validation
 
 # What one update logs from its optimiser steps (means over them; 0 when no step was taken).
 UPDATE_STATS = ("loss", "kl", "entropy", "grad_norm", "ppo_kl", *CLIP_STATS)
 
 
 @dataclass
-class GRPOConfig:
-    """One `train-grpo` run (training/grpo.toml; every field can be set with `--set key=value`).
+class UpdateBatch:
+    """One iteration's samples as tensors, built once; `select` slices every field the same way.
+    N completions of U prompts (`sequences.repeats` completions each), T completion tokens (padded)."""
 
-    Each field's comment says what it does, its unit, and the paper or reference it follows. References:
-    GRPO (Shao et al. 2024, DeepSeekMath), Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"),
-    DAPO (Yu et al. 2025), Reinforce++ (Hu 2025), PPO (Schulman et al. 2017), FTRL (Ye et al. 2025), and verl,
-    the engine FTRL trained with, whose conventions advantages.py follows.
-    """
+    sequences: SequenceBatch
+    old_logprobs: torch.Tensor  # [N, T], the behaviour policy's (from sampling)
+    ref_logprobs: torch.Tensor | None  # [N, T], the frozen reference's; None without a KL term
+    advantages: torch.Tensor  # [N, T]
 
-    # Advantage estimator: "grpo" (rewards centred, and by default scaled, within each group; GRPO) or
-    # "reinforce++" (KL paid per token inside the return, advantages whitened over the batch; Reinforce++).
-    algo: str = "grpo"
-    # What one sample is: "step" (FTRL: each state an episode passed through, G next turns scored by the step
-    # reward) or "episode" (G whole episodes per environment, every turn scored by the episode's Solve-F1).
-    credit: str = "step"
-    # Iterations (sample, then update) of the run; the learning-rate schedule runs over them.
-    iterations: int = 40
-    # Training environments played per iteration (a seeded draw without replacement).
-    envs_per_iteration: int = 16
-    # G: completions per state (episodes per environment with episode credit); the group is the baseline.
-    group_size: int = 8
-    # States kept per iteration (a seeded random subset when there are more); each gets G completions.
-    max_samples_per_iteration: int = 48
-    # Assistant turns before an episode stops (FTRL: 20).
-    max_turns: int = 20
-    # Tokens sampled per assistant turn.
-    max_new_tokens: int = 96
-    # Tokens; an episode whose next prompt is longer stops (`prompt_too_long`).
-    max_prompt_tokens: int = 1536
-    # Sampling temperature of rollouts and completions (> 0). The log-probs of the ratio, the KL and the entropy
-    # are taken from logits / temperature as well, as verl does (its actor and reference divide the logits by
-    # the rollout temperature), so the ratio is exactly 1 before the first step at any temperature. FTRL: 0.7.
-    temperature: float = 1.0
-    # Step reward with p calls and q newly solved sub-questions: "f1" 2q/(p+1) (FTRL's), "precision" q/p,
-    # "rate" q, "pr" q^2/p (envs/reward.py).
-    reward_variant: str = "f1"
-    # AdamW peak learning rate (betas 0.9, 0.999).
-    lr: float = 5e-5
-    # AdamW decoupled weight decay (Loshchilov & Hutter 2019).
-    weight_decay: float = 0.0
-    # Learning-rate multiplier per iteration: "constant", "warmup" (linear ramp over warmup_steps), or
-    # "cosine" (down to 10% over `iterations`, times the warm-up ramp; training/schedules.py).
-    schedule: str = "constant"
-    # Iterations of linear warm-up ("warmup" and "cosine" schedules).
-    warmup_steps: int = 0
-    # Maximum global L2 norm of the gradient per optimiser step.
-    grad_clip: float = 1.0
-    # PPO ratio clip, lower side: the ratio is clipped at 1 - clip_eps (PPO).
-    clip_eps: float = 0.2
-    # Upper side, 1 + clip_eps_high; above clip_eps it is DAPO's clip-higher (keeps entropy from collapsing).
-    clip_eps_high: float = 0.28
-    # Weight of the KL to the frozen initial policy; 0 keeps no reference model.
-    kl_coef: float = 0.001
-    # Where that KL goes. False: a k3 estimate (verl's low_var_kl) added to the loss, for GRPO and Reinforce++
-    # alike, as FTRL's launchers do (use_kl_loss=True, use_kl_in_reward=False). True (Reinforce++ only): the
-    # k1 estimate log pi_old - log pi_ref paid per token inside the return (Reinforce++, Hu 2025; verl's
-    # use_kl_in_reward=True with kl_penalty=kl), and no KL in the loss. The logged `kl` is the one optimised.
-    kl_in_reward: bool = False
-    # Per-token k3 values are clamped to [-kl_clamp, kl_clamp] (verl).
-    kl_clamp: float = 10.0
-    # Weight of the entropy bonus (subtracted from the loss).
-    entropy_coef: float = 0.001
-    # Per-token loss to scalar: "token-mean" (every token alike; DAPO), "seq-mean-token-mean" (every
-    # sequence alike; original GRPO, and FTRL's verl default), "seq-mean-token-sum-norm" (token sums over the
-    # constant `max_new_tokens`, averaged over sequences; Dr.GRPO).
-    loss_aggregation: str = "token-mean"
-    # Divide group-centred rewards by the group's std (GRPO); False leaves them unscaled (Dr.GRPO).
-    normalize_std: bool = True
-    # Leave groups whose completions all scored the same out of the update. Under GRPO their advantages are 0,
-    # so they only add KL and entropy terms and cost a forward and backward pass; under Reinforce++ (baseline:
-    # the batch mean) they would carry batch-level signal, which the filter removes. DAPO's dynamic-sampling
-    # filter (`algorithm.filter_groups` in verl's DAPO recipe, applied before the advantages are computed)
-    # without its refill: the update is smaller, not topped up with new samples. Not in FTRL's recipe.
-    drop_flat_groups: bool = False
-    # Share of each iteration's states (max_samples_per_iteration) taken from oracle prefixes: the states on
-    # an environment's golden trajectory after one or more correct turns, so later hops and the final answer
-    # get practised although the policy rarely reaches them itself (step credit only; the rest are the
-    # policy's own states, as in FTRL). Not in FTRL's recipe; 0 turns it off.
-    oracle_prefix_share: float = 0.0
-    # Passes over one iteration's samples (PPO epochs).
-    ppo_epochs: int = 1
-    # Completions per optimiser step, rounded down to whole groups in step credit (at least one group).
-    mini_batch_size: int = 64
-    # Sequences sampled together in one batched generate() call.
-    generation_batch_size: int = 64
-    # Iterations between validations (and one before the first iteration and one after the last, so the
-    # trained policy is always measured); 0 never validates. A validation
-    # is greedy Solve-F1 (max_turns, max_new_tokens) on `val_solve_envs` environments per scenario and the
-    # role-NLL table of the context-reading meter on `val_meter_envs` per scenario, both from the end of
-    # train.jsonl (the slice train-base validates on) and both held out of RL training. Never the test split.
-    eval_every: int = 10
-    val_solve_envs: int = 16
-    val_meter_envs: int = 25
-    # After the last iteration, evaluate the trained policy once on the whole test split (out/test/, as
-    # `evaluate` writes it; greedy, max_turns and max_new_tokens as above). Choose on validation, report test once.
-    test_at_end: bool = False
-    # Iterations between checkpoints (and one at the last iteration); 0 saves only on Ctrl-C.
-    save_every: int = 10
-    # Newest checkpoints kept in out/checkpoints.
-    keep_last: int = 2
-    # Every random draw (environments, sampling, mini-batch order) derives from (seed, iteration), so a
-    # resumed run replays an uninterrupted one.
-    seed: int = 0
-    # Sandbox worker processes that run tool calls.
-    sandbox_workers: int = 2
-    # torch intra-op threads; 0 keeps torch's default.
-    threads: int = 0
+    @property
+    def prompts(self) -> int:
+        return self.sequences.prompt_ids.shape[0]
 
-    def validate(self) -> None:
-        require(self.algo in ("grpo", "reinforce++"), "algo", "must be 'grpo' or 'reinforce++'")
-        require(self.credit in ("step", "episode"), "credit", "must be 'step' or 'episode'")
-        require(self.reward_variant in REWARD_VARIANTS, "reward_variant", f"must be one of {REWARD_VARIANTS}")
-        require(
-            self.loss_aggregation in LOSS_AGGREGATIONS,
-            "loss_aggregation",
-            f"must be one of {LOSS_AGGREGATIONS}",
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.sequences.completion_mask  # [N, T]
+
+    def select(self, prompts: torch.Tensor) -> UpdateBatch:
+        """The prompts `prompts` ([u]) and all their completions ([n = u * repeats] rows)."""
+        rows = self.sequences.completion_rows(prompts)
+        ref = None if self.ref_logprobs is None else self.ref_logprobs[rows]
+        return UpdateBatch(
+            self.sequences.select_prompts(prompts), self.old_logprobs[rows], ref, self.advantages[rows]
         )
-        require(
-            self.schedule in ("constant", "warmup", "cosine"),
-            "schedule",
-            "must be constant, warmup or cosine",
-        )
-        for key in (
-            "iterations",
-            "envs_per_iteration",
-            "max_samples_per_iteration",
-            "max_turns",
-            "max_new_tokens",
-            "max_prompt_tokens",
-            "ppo_epochs",
-            "mini_batch_size",
-            "generation_batch_size",
-            "keep_last",
-            "sandbox_workers",
-        ):
-            require(getattr(self, key) >= 1, key, "must be at least 1")
-        require(self.group_size >= 2, "group_size", "must be at least 2 (a group of one has no baseline)")
-        require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
-        for key in (
-            "weight_decay",
-            "warmup_steps",
-            "kl_coef",
-            "entropy_coef",
-            "eval_every",
-            "val_solve_envs",
-            "val_meter_envs",
-            "save_every",
-            "threads",
-        ):
-            require(getattr(self, key) >= 0, key, "must not be negative")
-        require(self.temperature > 0, "temperature", "must be positive (sampling)")
-        require(0.0 <= self.oracle_prefix_share <= 1.0, "oracle_prefix_share", "must be a share in [0, 1]")
-        require(
-            self.credit == "step" or self.oracle_prefix_share == 0,
-            "oracle_prefix_share",
-            "needs credit 'step' (oracle prefixes are states, not episodes)",
-        )
-        require(self.grad_clip > 0, "grad_clip", "must be positive")
-        require(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1)")
-        require(self.clip_eps_high >= self.clip_eps, "clip_eps_high", "must be at least clip_eps")
-        require(self.kl_clamp > 0, "kl_clamp", "must be positive")
-        require(  # a constant schedule has no ramp: a warm-up set with it would silently do nothing
-            self.schedule != "constant" or self.warmup_steps == 0,
-            "warmup_steps",
-            "has no effect with schedule 'constant' (use schedule 'warmup' or 'cosine')",
-        )
-        require(
-            not self.kl_in_reward or self.algo == "reinforce++",
-            "kl_in_reward",
-            "puts the KL into Reinforce++'s per-token return; GRPO takes it as a loss (set it to false)",
-        )
+
+
+def flat_groups(samples: Sequence[Sample]) -> set[int]:
+    """Groups whose completions all scored the same: no reward spread, so no GRPO signal."""
+    rewards: dict[int, set[float]] = {}
+    for sample in samples:
+        rewards.setdefault(sample.group, set()).add(sample.reward)
+    return {group for group, values in rewards.items() if len(values) == 1}
+
+
+def drop_flat_groups(samples: Sequence[Sample]) -> list[Sample]:
+    """DAPO's dynamic-sampling filter without its refill: the flat groups leave the update."""
+    flat = flat_groups(samples)
+    return [s for s in samples if s.group not in flat]
+
+
+def reward_stats(samples: Sequence[Sample]) -> dict[str, float]:
+    """What an iteration's rewards look like, before any filter: mean, std, the share of flat groups."""
+    rewards = torch.tensor([s.reward for s in samples])  # [N]
+    return {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "zero_spread_groups": len(flat_groups(samples)) / len({s.group for s in samples}),
+        "samples": len(samples),
+    }
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -383,91 +271,79 @@ class GRPOTrainer:
 
     # -- the update --------------------------------------------------------------------------------
     def update(self, samples: list[Sample]) -> dict[str, float]:
-        """Policy-gradient steps on one iteration's samples. Shapes: N completions of U distinct prompts,
-        T completion tokens (padded)."""
+        """Policy-gradient steps on one iteration's samples (`ppo_epochs` passes in mini-batches)."""
         c = self.config
-        all_rewards = torch.tensor([s.reward for s in samples])  # [N]
-        all_groups = torch.tensor([s.group for s in samples])  # [N]
-        group_ids = torch.unique(all_groups)
-        flat = {int(g) for g in group_ids if all_rewards[all_groups == g].unique().numel() == 1}
-        logged = dict(
-            reward_mean=all_rewards.mean().item(),
-            reward_std=all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
-            zero_spread_groups=len(flat) / len(group_ids),
-            samples=len(samples),
-        )
+        logged = reward_stats(samples)
         if c.drop_flat_groups:
-            samples = [s for s in samples if s.group not in flat]
+            samples = drop_flat_groups(samples)
         logged["updated_samples"] = len(samples)
         if not samples:  # every group flat: no step is taken (its loss terms log as 0); the schedule advances
             return {**dict.fromkeys(UPDATE_STATS, 0.0), **logged, "tokens": 0, "lr": self._advance_schedule()}
-        rewards = torch.tensor([s.reward for s in samples])  # [N]
-        groups = torch.tensor([s.group for s in samples])  # [N]
-        episodes = torch.tensor([s.episode for s in samples])  # [N]
-        # Step credit: samples come in blocks of G completions of one prompt, which runs through the model
-        # once per block. Episode credit: every turn has its own prompt.
+        batch = self._update_batch(samples)
+        stats: dict[str, list[float]] = {k: [] for k in UPDATE_STATS}
+        order_rng = torch.Generator().manual_seed(c.seed * 7919 + self.iteration)
+        prompts_per_step = max(1, c.mini_batch_size // batch.sequences.repeats)
+        self.model.train()
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(batch.prompts, generator=order_rng)  # [U]
+            for start in range(0, batch.prompts, prompts_per_step):
+                part = batch.select(order[start : start + prompts_per_step])  # sliced once, every field
+                logprobs, entropy = completion_logprobs(
+                    self.model, part.sequences, with_entropy=True, temperature=c.temperature
+                )  # [n, T], [n, T]
+                loss, terms = policy_objective(
+                    logprobs, entropy, part.old_logprobs, part.ref_logprobs, part.advantages, part.mask, c
+                )
+                stats["grad_norm"].append(self._optimiser_step(loss))
+                stats["loss"].append(loss.item())
+                for key, value in terms.items():
+                    stats[key].append(value.item())
+                # How far the policy has moved from the behaviour policy on these tokens (verl's ppo_kl): 0
+                # on the first step of an iteration, when sampling and training log-probs agree.
+                drift = (part.old_logprobs - logprobs.detach()) * part.mask  # [n, T]
+                stats["ppo_kl"].append((drift.sum() / part.mask.sum().clamp(min=1.0)).item())
+        summary = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+        mask = batch.mask
+        if c.kl_in_reward and batch.ref_logprobs is not None:  # the k1 paid in the return, per token
+            k1 = (batch.old_logprobs - batch.ref_logprobs) * mask  # [N, T]
+            summary["kl"] = (k1.sum() / mask.sum().clamp(min=1.0)).item()
+        return summary | logged | {"tokens": int(mask.sum().item()), "lr": self._advance_schedule()}
+
+    def _update_batch(self, samples: list[Sample]) -> UpdateBatch:
+        """One iteration's samples as tensors: packed sequences, behaviour and reference log-probs, advantages.
+
+        Step credit: samples come in blocks of G completions of one prompt, which runs through the model once
+        per block. Episode credit: every turn has its own prompt."""
+        c = self.config
         share = c.group_size if c.credit == "step" else 1
         prompts = [samples[i].prompt_ids for i in range(0, len(samples), share)]  # U = N / share
         if any(s.prompt_ids != prompts[i // share] for i, s in enumerate(samples)):
             raise ValueError(f"step-credit samples must come in blocks of {share} completions of one prompt")
-        batch = pack_sequences(prompts, [s.completion_ids for s in samples], self.pad_id, repeats=share)
-        mask = batch.completion_mask  # [N, T]
+        sequences = pack_sequences(prompts, [s.completion_ids for s in samples], self.pad_id, repeats=share)
+        mask = sequences.completion_mask  # [N, T]
         old_logprobs = torch.zeros_like(mask)  # [N, T]: the behaviour policy's, from sampling
         for row, sample in enumerate(samples):
             old_logprobs[row, : len(sample.behaviour_logprobs)] = torch.tensor(sample.behaviour_logprobs)
-        ref_logprobs = self._reference_logprobs(batch) if self.reference is not None else None  # [N, T]
+        ref_logprobs = self._reference_logprobs(sequences) if self.reference is not None else None  # [N, T]
+        rewards, groups, episodes = (
+            torch.tensor([getattr(s, k) for s in samples]) for k in ("reward", "group", "episode")
+        )
         advantages = self._advantages(rewards, groups, episodes, old_logprobs, ref_logprobs, mask)  # [N, T]
+        return UpdateBatch(sequences, old_logprobs, ref_logprobs, advantages)
 
-        stats: dict[str, list[float]] = {k: [] for k in UPDATE_STATS}
-        order_rng = torch.Generator().manual_seed(c.seed * 7919 + self.iteration)
-        self.model.train()
-        prompts_per_step = max(1, c.mini_batch_size // share)
-        for _ in range(c.ppo_epochs):
-            order = torch.randperm(len(prompts), generator=order_rng)  # [U]
-            for start in range(0, len(prompts), prompts_per_step):
-                units = order[start : start + prompts_per_step]  # [u] prompts of this mini-batch
-                index = batch.completion_rows(units)  # [n = u * share] their completions
-                sub = batch.select_prompts(units)
-                logprobs, entropy = completion_logprobs(
-                    self.model, sub, with_entropy=True, temperature=c.temperature
-                )  # [n, T], [n, T]
-                loss, parts = policy_objective(
-                    logprobs,
-                    entropy,
-                    old_logprobs[index],
-                    None if ref_logprobs is None else ref_logprobs[index],
-                    advantages[index],
-                    sub.completion_mask,
-                    c,
-                )
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at iteration {self.iteration}; stopped, last good "
-                        f"checkpoint kept in {self.out_dir / 'checkpoints'}"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                if not torch.isfinite(grad_norm):
-                    raise TrainingDiverged(
-                        f"gradient norm became {grad_norm.item()} at iteration {self.iteration}; stopped, "
-                        f"last good checkpoint kept in {self.out_dir / 'checkpoints'}"
-                    )
-                self.optimizer.step()
-                stats["loss"].append(loss.item())
-                for key, value in parts.items():
-                    stats[key].append(value.item())
-                stats["grad_norm"].append(grad_norm.item())
-                # How far the policy has moved from the behaviour policy on these tokens (verl's ppo_kl): 0
-                # on the first step of an iteration, when sampling and training log-probs agree.
-                drift = (old_logprobs[index] - logprobs.detach()) * sub.completion_mask  # [n, T]
-                stats["ppo_kl"].append((drift.sum() / sub.completion_mask.sum().clamp(min=1.0)).item())
-        lr = self._advance_schedule()
-        summary = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
-        if c.kl_in_reward and ref_logprobs is not None:  # the k1 paid in the return, per token
-            summary["kl"] = (((old_logprobs - ref_logprobs) * mask).sum() / mask.sum().clamp(min=1.0)).item()
-        summary.update(**logged, tokens=int(mask.sum().item()), lr=lr)
-        return summary
+    def _optimiser_step(self, loss: torch.Tensor) -> float:
+        """Backward, clip, step; the gradient norm before clipping. A non-finite loss or gradient stops the run
+        before the weights are touched."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise TrainingDiverged(
+                f"loss {loss.item()}, gradient norm {grad_norm.item()} at iteration {self.iteration}; stopped, "
+                f"last good checkpoint kept in {self.checkpoint_dir}"
+            )
+        self.optimizer.step()
+        return grad_norm.item()
 
     def _advance_schedule(self) -> float:
         """The learning rate this iteration used; the schedule runs over iterations, updated or not."""
@@ -503,19 +379,15 @@ class GRPOTrainer:
         return self.out_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Atomic: written to a temporary name, then renamed. Keeps the newest `keep_last`."""
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        """Atomic, in the resume format both trainers share (resume.py). Keeps the newest `keep_last`."""
         path = self.checkpoint_dir / f"iter-{self.iteration:06d}.pt"
         state = {
             "iteration": self.iteration,
-            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "config": json.dumps(asdict(self.config)),
+            "config": asdict(self.config),
         }
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        save_train_state(self.model, self.tokenizer, path, state)
         for old in sorted(self.checkpoint_dir.glob("iter-*.pt"))[: -self.config.keep_last]:
             old.unlink()
         return path
@@ -524,8 +396,8 @@ class GRPOTrainer:
         checkpoints = sorted(self.checkpoint_dir.glob("iter-*.pt"))
         if not checkpoints:
             return False
-        state = torch.load(checkpoints[-1], weights_only=True)
-        self.model.load_state_dict(state["model"])
+        weights, state = load_train_state(checkpoints[-1])
+        self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
@@ -610,6 +482,78 @@ class GRPOTrainer:
         if self.plotted_at != self.iteration:
             self.plot()
         return history
+
+
+# -- the command ----------------------------------------------------------------------------------
+def train_grpo(
+    envs_dir: str | Path,
+    init: str | Path,
+    out_dir: str | Path,
+    config: GRPOConfig,
+    resume: bool = False,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Load the environments and the initial policy, train on train.jsonl minus its validation slice, and
+    write `trained.pt` plus an HF directory, metrics.csv, validation.csv and curves.png (and, with
+    `test_at_end`, the one evaluation on the test split in test/)."""
+    import pandas as pd
+
+    envs_dir, out_dir = Path(envs_dir), Path(out_dir)
+    records = training_records(envs_dir)
+    test_path = envs_dir / "test.jsonl"
+    if config.test_at_end and not test_path.is_file():
+        raise ConfigError(f"config key 'test_at_end' needs a test split, and {test_path} does not exist")
+    seed_torch(config.seed, config.threads)
+    model, tokenizer = load_policy(resolve_policy_path(init))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    with Sandbox(workers=config.sandbox_workers) as sandbox:
+        validation = None
+        source, where = validation_source(envs_dir, records)
+        if config.eval_every:
+            validation = Validation.build(
+                tokenizer, source, sandbox, config.val_meter_envs, config.val_solve_envs,
+                config.max_new_tokens, max_turns=config.max_turns, batch_size=config.generation_batch_size,
+            )  # fmt: skip
+        held_out = {id(r) for r in validation.records} if validation else set()
+        train_records = [r for r in records if id(r) not in held_out]
+        n_val = len(validation.records) if validation else 0
+        log(f"{len(train_records)} training environments; validation on {n_val} {where}")
+        trainer = GRPOTrainer(config, model, tokenizer, train_records, out_dir, sandbox, validation, log=log)
+        history = trainer.train(resume=resume, on_iteration=on_iteration)
+        save_trained_policy(model, tokenizer, out_dir, "trained.pt")
+        test = None
+        if config.test_at_end and not trainer.stop_requested:
+            test = evaluate_test_split(model, tokenizer, test_path, sandbox, config, out_dir / "test")
+            log(f"test split (evaluated once): Solve-F1 {test:.3f}; tables in {out_dir / 'test'}")
+    for name in ("metrics", "validation"):
+        rows = read_rows(out_dir / f"{name}.jsonl")
+        if rows:
+            pd.DataFrame(rows).to_csv(out_dir / f"{name}.csv", index=False)
+    return {
+        "out": str(out_dir),
+        "iterations": trainer.iteration,
+        "history": history,
+        "interrupted": trainer.stop_requested,
+        "training_envs": len(train_records),
+        "validation_envs": [r.env_id for r in validation.records] if validation else [],
+        "test_solve_f1": test,
+    }
+
+
+def evaluate_test_split(model, tokenizer, test_path: Path, sandbox, config: GRPOConfig, out: Path) -> float:
+    """The one evaluation of the test split (greedy, the run's turn and token budgets, general suite and
+    role table included), written as `evaluate --out` writes it; returns the overall Solve-F1."""
+    from toolrl_analysis.evaluate import evaluate
+
+    model.eval()
+    report = evaluate(
+        model, tokenizer, read_envs(test_path), sandbox=sandbox, max_turns=config.max_turns,
+        max_new_tokens=config.max_new_tokens, batch_size=config.generation_batch_size,
+    )  # fmt: skip
+    report.save(out)
+    return report.metric("solve_f1")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

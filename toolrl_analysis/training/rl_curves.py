@@ -4,7 +4,7 @@ lines of the log.
 `plot_rl_curves` draws, per iteration, the mean step reward (and its spread), the KL that is optimised, the
 entropy, the clip fractions (low, high, and the clip-higher region, which shows whether clip-higher acts),
 the share of groups without reward spread, and, at each validation, greedy Solve-F1 per scenario and the
-role-NLL curves of the context-reading meter (the panels train-base draws, from base_validation).
+role-NLL curves of the context-reading meter (the panels train-base draws, from training/validation.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from toolrl_analysis.context_meter import ROLES
 from toolrl_analysis.envs.schema import SCENARIOS
-from toolrl_analysis.training.base_validation import draw_role_nll, draw_solve_f1
+from toolrl_analysis.training.validation import draw_role_nll, draw_solve_f1
 
 # More than this share of groups without reward spread in one iteration is worth a warning: their
 # advantages are all 0, so the iteration teaches (almost) nothing.

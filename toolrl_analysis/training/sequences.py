@@ -15,7 +15,7 @@ import torch
 
 from toolrl_analysis.errors import CheckpointError
 from toolrl_analysis.rollout import cache_keyword, new_cache, position_ids
-from toolrl_analysis.training.advantages import entropy_from_logits
+from toolrl_analysis.training.objective import entropy_from_logits
 
 
 @dataclass

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -48,14 +48,17 @@ EXTENDABLE = (
     "steps", "schedule", "decay_steps", "general_from_step", "general_every", "general_tasks", "general_text_share"
 )  # fmt: skip
 SCHEDULES = ("cosine", "constant", "wsd")
+STATE_FILE = "checkpoints/state.pt"  # the run's whole state (resume.py's format), every eval_every steps
 
 
 @dataclass
 class SFTConfig:
-    """One `train-base` run (training/base.toml; every field can be set with `--set key=value`).
+    """One `train-base` run. The defaults are the recipe of the shipped base (`make base` regenerates it bit
+    for bit); `--config FILE` and `--set key=value` override them, and `train-base --print-config` prints
+    them as TOML.
 
     Each field's comment says what it does, its unit, and where it comes from. The data recipe follows FTRL's
-    environments (Ye et al. 2025); what each lever did on the embedded model is in training/base.toml.
+    environments (Ye et al. 2025); what each lever did on the embedded model is in docs/recipes.md.
     """
 
     # Model size from models/factory.PRESETS: "tiny" (about 1.1M parameters) or "small" (about 5M).
@@ -75,25 +78,25 @@ class SFTConfig:
     # after the curriculum (fewer multi-hop ones keep the base weaker there).
     mix: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.5, 0.5])
     # Optimiser steps at the start drawn from a pool of `curriculum_envs` with `curriculum_mix` weights.
-    curriculum_steps: int = 0
-    curriculum_envs: int = 8000
+    curriculum_steps: int = 2000
+    curriculum_envs: int = 12000
     curriculum_mix: list[float] = field(default_factory=lambda: [1.0, 0.0, 0.0, 0.0])
     # Probability that a trajectory has one failed call (a misspelled argument) followed by its correction.
-    correction_prob: float = 0.2
+    correction_prob: float = 0.0
     # Which tokens are targets: "all" (plain language modelling over the whole conversation) or
     # "assistant" (only what the model writes). General text is always plain language modelling.
     loss_on: str = "all"
     # General-text windows, as a fraction of the tool-use examples.
-    general_text_share: float = 0.05
+    general_text_share: float = 0.0
     # Short general tasks (arithmetic, copying, reversing) added as chat examples.
-    general_tasks: int = 1500
+    general_tasks: int = 4000
     # 0: the general material is mixed into every pool from the start. Otherwise it is a pool of its own, and
     # from this step on one batch in `general_every` comes from it (after the copy circuit has formed, which
     # general material from the start slowed).
-    general_from_step: int = 0
+    general_from_step: int = 5000
     general_every: int = 4
     # Optimiser steps in all.
-    steps: int = 3000
+    steps: int = 5500
     # Padded tokens per batch (examples of similar length are batched together).
     batch_tokens: int = 4096
     # Tokens; longer tool-use examples are dropped and general text is cut into windows of this length.
@@ -106,13 +109,13 @@ class SFTConfig:
     # Linear warm-up steps; then "cosine" (to 10% of lr at the last step), "constant", or "wsd": constant
     # until the last `decay_steps`, then linearly to 0 (a constant run can be resumed into its decay).
     warmup_steps: int = 50
-    schedule: str = "cosine"
+    schedule: str = "constant"
     decay_steps: int = 0
     # Maximum global L2 norm of the gradient per optimiser step.
     grad_clip: float = 1.0
     # Validation every this many steps (and at the end): the role-NLL meter on `val_meter_envs` per scenario
     # and greedy Solve-F1 on `val_solve_envs` per scenario, from the end of the build's train.jsonl.
-    eval_every: int = 250
+    eval_every: int = 500
     val_meter_envs: int = 25
     val_solve_envs: int = 20
     # Tokens per generated assistant turn in the validation episodes.
@@ -129,6 +132,21 @@ class SFTConfig:
     log_every: int = 10
     # Seconds; 0 = no limit, otherwise stop early (and say so) after this long.
     time_limit_s: float = 0.0
+
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": ("preset", "family", "vocab_size", "tokenizer_envs"),
+        "data": (
+            "data", "stream_envs", "envs_per_world", "mix", "curriculum_steps", "curriculum_envs", "curriculum_mix",
+            "correction_prob", "loss_on", "general_text_share", "general_tasks", "general_from_step",
+            "general_every",
+        ),
+        "optimiser": (
+            "steps", "batch_tokens", "max_seq_len", "lr", "weight_decay", "adam_betas", "warmup_steps", "schedule",
+            "decay_steps", "grad_clip",
+        ),
+        "validation": ("eval_every", "val_meter_envs", "val_solve_envs", "val_max_new_tokens", "select", "band"),
+        "run": ("seed", "threads", "log_every", "time_limit_s"),
+    }  # fmt: skip
 
     def validate(self) -> None:
         from toolrl_analysis.models.factory import FAMILIES, PRESETS
@@ -363,50 +381,20 @@ def train_base(
 ) -> dict[str, Any]:
     """Tokenizer + model from scratch, supervised on oracle trajectories; writes base.pt, hf/, loss.csv,
     validation.csv and validation.png, and train_base.json (the recipe, the chosen checkpoint and why)."""
-    import pandas as pd
-
     from toolrl_analysis.envs.sandbox import Sandbox
-    from toolrl_analysis.errors import ConfigError, TrainingDiverged
-    from toolrl_analysis.models.checkpoint import load_policy, read_checkpoint_file, save_policy
-    from toolrl_analysis.models.embedded import tokenizer_fingerprint
-    from toolrl_analysis.models.factory import build_model, count_parameters
-    from toolrl_analysis.training.base_validation import Validation, choose_checkpoint, plot_validation
-    from toolrl_analysis.training.commands import save_trained_policy, seed_torch, training_records
+    from toolrl_analysis.models.factory import count_parameters
+    from toolrl_analysis.training.shared import seed_torch, training_records
+    from toolrl_analysis.training.validation import Validation
 
     envs_dir, out_dir = Path(envs_dir), Path(out_dir)
-    state_path = out_dir / "checkpoints" / "state.pt"
-    if resume and not state_path.is_file():
-        raise ConfigError(f"nothing to resume: {state_path} does not exist")
-    if not resume and state_path.is_file():
-        raise ConfigError(
-            f"{out_dir} already holds a train-base run; continue it with --resume or pick another --out"
-        )
+    _check_resume(out_dir, resume)
     records = training_records(envs_dir)
     build = build_settings(envs_dir)
     seed_torch(config.seed, config.threads)
     started = time.perf_counter()
 
-    state: dict[str, Any] = {}
-    if resume:
-        saved = read_checkpoint_file(state_path)["train_state"]
-        changed = sorted(
-            k
-            for k, v in asdict(config).items()
-            if k not in RUN_CONTROL and k not in EXTENDABLE and saved["config"].get(k) != v
-        )
-        extended = [
-            k for k in EXTENDABLE if saved["config"].get(k, getattr(SFTConfig, k, None)) != getattr(config, k)
-        ]
-        known = {k: v for k, v in saved["config"].items() if k in SFTConfig.__dataclass_fields__}
-        if extended and not _same_past(SFTConfig(**known), config, saved["step"]):
-            changed += extended
-        if changed:
-            raise ConfigError(f"--resume with a different config (changed: {', '.join(changed)})")
-        model, tokenizer = load_policy(state_path)
-        state = saved
-    else:
-        tokenizer = base_tokenizer(config, build, records)
-        model = build_model(config.preset, family=config.family, tokenizer=tokenizer, seed=config.seed)
+    # 1. resume or start
+    model, tokenizer, state = _resume_or_start(config, out_dir, resume, build, records)
     with Sandbox(workers=2) as sandbox:
         validation = Validation.build(
             tokenizer,
@@ -423,117 +411,201 @@ def train_base(
             + "; ".join(f"{name}: {len(pool)} examples" for name, pool in pools.items())
             + f"; data ready in {time.perf_counter() - started:.0f}s"
         )
-        streams = {
+        run = WarmUp(config, model, tokenizer, pools, state, out_dir)
+        # 2. the loop: a step a batch, validation and a checkpoint every eval_every steps
+        run.train(validation, sandbox, started, on_step, log)
+    # 3. choose the checkpoint that becomes base.pt, and write it with the run's tables
+    return run.choose_and_write(started, data_info, build.seed)
+
+
+def _check_resume(out_dir: Path, resume: bool) -> None:
+    """A resume needs a saved state, and a fresh run an --out without one (never overwrite a run)."""
+    from toolrl_analysis.errors import ConfigError
+
+    state_path = out_dir / STATE_FILE
+    if resume and not state_path.is_file():
+        raise ConfigError(f"nothing to resume: {state_path} does not exist")
+    if not resume and state_path.is_file():
+        raise ConfigError(
+            f"{out_dir} already holds a train-base run; continue it with --resume or pick another --out"
+        )
+
+
+def _resume_or_start(config: SFTConfig, out_dir: Path, resume: bool, build, records) -> tuple[Any, Any, dict]:
+    """(model, tokenizer, saved state): the saved run when resuming (its config must match, or only extend
+    it), else a fresh tokenizer and a freshly initialised model."""
+    from toolrl_analysis.errors import ConfigError
+    from toolrl_analysis.models.checkpoint import load_policy
+    from toolrl_analysis.models.factory import build_model
+    from toolrl_analysis.training.resume import load_train_state
+
+    if not resume:
+        tokenizer = base_tokenizer(config, build, records)
+        model = build_model(config.preset, family=config.family, tokenizer=tokenizer, seed=config.seed)
+        return model, tokenizer, {}
+    state_path = out_dir / STATE_FILE
+    saved = load_train_state(state_path)[1]
+    changed = sorted(
+        k
+        for k, v in asdict(config).items()
+        if k not in RUN_CONTROL and k not in EXTENDABLE and saved["config"].get(k) != v
+    )
+    extended = [
+        k for k in EXTENDABLE if saved["config"].get(k, getattr(SFTConfig, k, None)) != getattr(config, k)
+    ]
+    known = {k: v for k, v in saved["config"].items() if k in SFTConfig.__dataclass_fields__}
+    if extended and not _same_past(SFTConfig(**known), config, saved["step"]):
+        changed += extended
+    if changed:
+        raise ConfigError(f"--resume with a different config (changed: {', '.join(changed)})")
+    model, tokenizer = load_policy(state_path)
+    return model, tokenizer, saved
+
+
+class WarmUp:
+    """One train-base run in progress: the model, its optimiser and schedule, a batch stream per pool, the
+    loss curve and the validations so far. `state()` is everything a resumed run needs to replay this one."""
+
+    def __init__(
+        self, config: SFTConfig, model, tokenizer, pools: dict, saved: dict[str, Any], out_dir: Path
+    ):
+        self.config, self.model, self.tokenizer, self.out_dir = config, model, tokenizer, out_dir
+        self.streams = {
             name: BatchStream(pool, config.batch_tokens, f"sft-batches/{config.seed}/{name}")
             for name, pool in pools.items()
         }
-        optimizer = torch.optim.AdamW(
+        self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas)
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
-        curve: list[dict[str, Any]] = state.get("curve", [])
-        evaluations: list[dict[str, Any]] = state.get("evaluations", [])
-        step, tokens_seen = state.get("step", 0), state.get("tokens", 0)
-        spent = state.get("seconds", 0.0)
-        if state:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            for name, stream in streams.items():
-                if name in state["streams"]:  # a pool added by the extension starts fresh
-                    stream.load(state["streams"][name])
-            torch.set_rng_state(state["torch_rng"])
-        pad_id = tokenizer.pad_token_id
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
+        self.curve: list[dict[str, Any]] = saved.get("curve", [])
+        self.evaluations: list[dict[str, Any]] = saved.get("evaluations", [])
+        self.step, self.tokens = saved.get("step", 0), saved.get("tokens", 0)
+        self.first_step = self.step  # of this session, for its ETA
+        self.spent = saved.get("seconds", 0.0)  # seconds of earlier sessions
+        self.stopped_early = False
+        if saved:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            for name, stream in self.streams.items():
+                if name in saved["streams"]:  # a pool added by the extension starts fresh
+                    stream.load(saved["streams"][name])
+            torch.set_rng_state(saved["torch_rng"])
 
-        def save_state() -> None:
-            train_state = {
-                "config": asdict(config), "step": step, "tokens": tokens_seen, "curve": curve,
-                "evaluations": evaluations, "seconds": spent + time.perf_counter() - segment_start,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "streams": {name: s.state() for name, s in streams.items()}, "torch_rng": torch.get_rng_state(),
-            }  # fmt: skip
-            save_policy(model, tokenizer, state_path, extra={"train_state": train_state})
+    def state(self, seconds: float) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config), "step": self.step, "tokens": self.tokens, "curve": self.curve,
+            "evaluations": self.evaluations, "seconds": seconds, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "streams": {n: s.state() for n, s in self.streams.items()},
+            "torch_rng": torch.get_rng_state(),
+        }  # fmt: skip
 
-        if not evaluations:  # the untrained model: where every role curve starts
-            model.eval()
-            evaluations.append(validation.run(model, tokenizer, sandbox, 0) | {"seconds": 0.0})
-            save_policy(model, tokenizer, out_dir / "checkpoints" / "step-000000.pt")
-        model.train()
-        segment_start, segment_tokens, stopped_early = time.perf_counter(), 0, False
-        while step < config.steps:
-            pool = config.pool_at(step)
-            batch = streams[pool].next(pad_id)
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"warm-up loss became {loss.item()} at step {step}; lower config key 'lr'"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            tokens = int(batch["attention_mask"].sum())
-            tokens_seen, segment_tokens = tokens_seen + tokens, segment_tokens + tokens
+    def save_state(self, seconds: float) -> None:
+        from toolrl_analysis.training.resume import save_train_state
+
+        save_train_state(self.model, self.tokenizer, self.out_dir / STATE_FILE, self.state(seconds))
+
+    def save_step(self) -> None:
+        """The weights of this step, a candidate for base.pt."""
+        from toolrl_analysis.models.checkpoint import save_policy
+
+        save_policy(self.model, self.tokenizer, self.out_dir / "checkpoints" / f"step-{self.step:06d}.pt")
+
+    def train_step(self) -> tuple[float, int, str]:
+        """One optimiser step on the next batch of the pool this step draws from: (loss, tokens, pool)."""
+        from toolrl_analysis.errors import TrainingDiverged
+
+        pool = self.config.pool_at(self.step)
+        batch = self.streams[pool].next(self.tokenizer.pad_token_id)
+        loss = self.model(**batch).loss
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"warm-up loss became {loss.item()} at step {self.step}; lower config key 'lr'"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return loss.item(), int(batch["attention_mask"].sum()), pool
+
+    def train(self, validation, sandbox, started: float, on_step, log: Callable[[str], None]) -> None:
+        c = self.config
+        if not self.evaluations:  # the untrained model: where every role curve starts
+            self.model.eval()
+            self.evaluations.append(validation.run(self.model, self.tokenizer, sandbox, 0) | {"seconds": 0.0})
+            self.save_step()
+        self.model.train()
+        segment_start, segment_tokens = time.perf_counter(), 0
+        while self.step < c.steps:
+            loss, tokens, pool = self.train_step()
+            self.tokens, segment_tokens = self.tokens + tokens, segment_tokens + tokens
             elapsed = time.perf_counter() - segment_start
-            if step % config.log_every == 0 or step == config.steps:
-                curve.append(
-                    {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-                     "seconds": spent + elapsed, "pool": pool}
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                self.curve.append(
+                    {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens,
+                     "seconds": self.spent + elapsed, "pool": pool}
                 )  # fmt: skip
-            if step % config.eval_every == 0 or step == config.steps:
-                model.eval()
-                evaluations.append(
-                    validation.run(model, tokenizer, sandbox, step) | {"seconds": spent + elapsed}
-                )
-                model.train()
-                save_policy(model, tokenizer, out_dir / "checkpoints" / f"step-{step:06d}.pt")
-                save_state()
+            if self.step % c.eval_every == 0 or self.step == c.steps:
+                self.model.eval()
+                row = validation.run(self.model, self.tokenizer, sandbox, self.step)
+                self.evaluations.append(row | {"seconds": self.spent + elapsed})
+                self.model.train()
+                self.save_step()
+                self.save_state(self.spent + time.perf_counter() - segment_start)
             if on_step is not None:
                 rate = segment_tokens / max(elapsed, 1e-9)
-                eta = elapsed / max(1, step - state.get("step", 0)) * (config.steps - step)
-                on_step(
-                    Progress(
-                        step, config.steps, loss.item(), rate, eta, evaluations[-1] if evaluations else None
-                    )
-                )
-            if (
-                config.time_limit_s
-                and time.perf_counter() - started > config.time_limit_s
-                and step < config.steps
-            ):
-                save_state()
-                stopped_early = True
-                log(f"time limit reached after {step} steps; continue with --resume")
+                eta = elapsed / max(1, self.step - self.first_step) * (c.steps - self.step)
+                on_step(Progress(self.step, c.steps, loss, rate, eta, self.evaluations[-1]))
+            if c.time_limit_s and time.perf_counter() - started > c.time_limit_s and self.step < c.steps:
+                self.save_state(self.spent + time.perf_counter() - segment_start)
+                self.stopped_early = True
+                log(f"time limit reached after {self.step} steps; continue with --resume")
                 break
-        spent += time.perf_counter() - segment_start
+        self.spent += time.perf_counter() - segment_start
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    choice, reason = choose_checkpoint(evaluations, config.band, config.select) if evaluations else ({}, "")
-    if choice:
-        model, tokenizer = load_policy(out_dir / "checkpoints" / f"step-{choice['step']:06d}.pt")
-    model.eval()
-    save_trained_policy(model, tokenizer, out_dir, "base.pt")
-    pd.DataFrame(curve).to_csv(out_dir / "loss.csv", index=False)
-    pd.DataFrame(evaluations).to_csv(out_dir / "validation.csv", index=False)
-    plot_validation(evaluations, out_dir / "validation.png")
-    summary = {
-        "out": str(out_dir),
-        "parameters": count_parameters(model),
-        "steps": step,
-        "stopped_early": stopped_early,
-        "chosen_step": choice.get("step"),
-        "chosen_because": reason,
-        "chosen_validation": choice,
-        "first_loss": curve[0]["loss"] if curve else None,
-        "final_loss": curve[-1]["loss"] if curve else None,
-        "tokens": tokens_seen,
-        "train_seconds": spent,  # every session of the run (resumed ones too), validation included
-        "seconds": time.perf_counter() - started,
-        "data": data_info,
-        "envs_seed": build.seed,
-        "fingerprint": tokenizer_fingerprint(tokenizer),
-        "config": asdict(config),
-    }
-    (out_dir / "train_base.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    def choose_and_write(self, started: float, data_info: dict, envs_seed: int) -> dict[str, Any]:
+        """base.pt (the checkpoint `select` chooses) and hf/, loss.csv, validation.csv and .png, and
+        train_base.json; returns the summary written there."""
+        import pandas as pd
+
+        from toolrl_analysis.models.checkpoint import load_policy
+        from toolrl_analysis.models.embedded import tokenizer_fingerprint
+        from toolrl_analysis.models.factory import count_parameters
+        from toolrl_analysis.training.shared import save_trained_policy
+        from toolrl_analysis.training.validation import choose_checkpoint, plot_validation
+
+        c, out_dir, curve = self.config, self.out_dir, self.curve
+        out_dir.mkdir(parents=True, exist_ok=True)
+        choice, reason = (
+            choose_checkpoint(self.evaluations, c.band, c.select) if self.evaluations else ({}, "")
+        )
+        model, tokenizer = self.model, self.tokenizer
+        if choice:
+            model, tokenizer = load_policy(out_dir / "checkpoints" / f"step-{choice['step']:06d}.pt")
+        model.eval()
+        save_trained_policy(model, tokenizer, out_dir, "base.pt")
+        pd.DataFrame(curve).to_csv(out_dir / "loss.csv", index=False)
+        pd.DataFrame(self.evaluations).to_csv(out_dir / "validation.csv", index=False)
+        plot_validation(self.evaluations, out_dir / "validation.png")
+        summary = {
+            "out": str(out_dir),
+            "parameters": count_parameters(model),
+            "steps": self.step,
+            "stopped_early": self.stopped_early,
+            "chosen_step": choice.get("step"),
+            "chosen_because": reason,
+            "chosen_validation": choice,
+            "first_loss": curve[0]["loss"] if curve else None,
+            "final_loss": curve[-1]["loss"] if curve else None,
+            "tokens": self.tokens,
+            "train_seconds": self.spent,  # every session of the run (resumed ones too), validation included
+            "seconds": time.perf_counter() - started,
+            "data": data_info,
+            "envs_seed": envs_seed,
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "config": asdict(c),
+        }
+        (out_dir / "train_base.json").write_text(json.dumps(summary, indent=2))
+        return summary

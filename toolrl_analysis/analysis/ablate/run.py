@@ -3,7 +3,6 @@ its files and its terminal tables."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,9 +20,9 @@ from toolrl_analysis.analysis.ablate.tables import RETAINED_METRICS, build_frame
 from toolrl_analysis.analysis.ablate.variants import EvaluationOptions, evaluate_variants, pairs_in_memory
 from toolrl_analysis.analysis.checkpoints import open_pair
 from toolrl_analysis.analysis.diff import plan_pairs
-from toolrl_analysis.analysis.diff.tables import json_clean, json_records, output_directory, write_frames
-from toolrl_analysis.envs.schema import EnvRecord, balanced_slice, read_envs
+from toolrl_analysis.envs.schema import EnvRecord, limited, read_envs
 from toolrl_analysis.errors import ConfigError, UserError
+from toolrl_analysis.results import json_clean, json_records, write_results
 
 Progress = Callable[[str, int, int], None]
 
@@ -50,16 +49,14 @@ class Ablation:
         """variants / metrics / episodes / meter as CSV and parquet, ablation.json, and gain_retained.png."""
         from toolrl_analysis.analysis.plots import plot_gain_retained
 
-        out = output_directory(out_dir)
         frames = {
             "variants": self.variants,
             "metrics": self.metrics,
             "episodes": self.episodes,
             "meter": self.meter,
         }
-        written = write_frames(out, {stem: frame for stem, frame in frames.items() if frame is not None})
-        (out / "ablation.json").write_text(json.dumps(self.to_document(), indent=1) + "\n")
-        written.append(out / "ablation.json")
+        written = write_results(out_dir, frames, self.to_document(), "ablation.json", parquet=True)
+        out = Path(out_dir)
         if self.variants is not None:
             figure = plot_gain_retained(self.variants)
             figure.savefig(out / "gain_retained.png", dpi=120, bbox_inches="tight")
@@ -69,14 +66,11 @@ class Ablation:
 
 def heldout_records(envs: str | Path, limit: int | None) -> list[EnvRecord]:
     """The held-out environments: `test.jsonl` of an environment set, or a .jsonl/.parquet file; with
-    `limit`, the first `limit` taken round-robin over scenarios."""
+    `limit`, that many balanced over scenarios (`limited`)."""
+    if limit is not None and limit < 1:
+        raise ConfigError("--limit must be a positive number of environments")
     path = Path(envs)
-    records = read_envs(path / "test.jsonl" if path.is_dir() else path)
-    if limit is not None:
-        if limit < 1:
-            raise ConfigError("--limit must be a positive number of environments")
-        records = balanced_slice(records, limit)
-    return records
+    return limited(read_envs(path / "test.jsonl" if path.is_dir() else path), limit)
 
 
 def _check_request(operations, grid, envs, save, metric) -> None:

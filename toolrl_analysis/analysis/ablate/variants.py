@@ -23,19 +23,20 @@ from toolrl_analysis.analysis.checkpoints import Checkpoint
 from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan, iter_pairs, torch_threads
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.errors import CheckpointError, first_line, first_names
+from toolrl_analysis.rollout import EPISODES
 
 InMemoryPairs = dict[str, tuple[MatchedTensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class EvaluationOptions:
-    """What `evaluate` runs for every variant (its own defaults: FTRL's 20 turns, 512 tokens a turn)."""
+    """What `evaluate` runs for every variant; episodes are played as every command plays them (`EPISODES`)."""
 
     general: bool = True
     roles: bool = True
-    max_turns: int = 20
-    max_new_tokens: int = 512
-    batch_size: int = 16
+    max_turns: int = EPISODES.max_turns
+    max_new_tokens: int = EPISODES.max_new_tokens
+    batch_size: int = EPISODES.batch_size
     general_tasks: int = 64
     sandbox_workers: int = 2
     # torch threads while evaluating (0: torch's default). A tiny model gains nothing from more than one,

@@ -27,14 +27,11 @@ from toolrl_analysis.analysis.diff.tables import (
     band_summary,
     component_table,
     identity_row,
-    json_clean,
-    json_records,
     no_spectral,
-    output_directory,
     parameters_frame,
     summarize,
-    write_frames,
 )
+from toolrl_analysis.results import json_clean, json_records, write_results
 
 
 @dataclass
@@ -56,17 +53,12 @@ class Comparison:
 
     def write(self, out_dir: str | Path) -> list[Path]:
         """CSV + parquet of the frames, summary.json, heatmap.png, layers.png and bands.png under out_dir."""
-        import json
-
         from toolrl_analysis.analysis import plots
 
-        out = output_directory(out_dir)
         frames = {"parameters": self.parameters, "components": self.components, "bands": self.bands}
-        if self.singular_values is not None:
-            frames["singular_values"] = self.singular_values
-        written = write_frames(out, frames)
-        (out / "summary.json").write_text(json.dumps(json_clean(self.summary), indent=2) + "\n")
-        written.append(out / "summary.json")
+        frames["singular_values"] = self.singular_values
+        written = write_results(out_dir, frames, self.summary, "summary.json", parquet=True)
+        out = Path(out_dir)
         figures = {
             "heatmap.png": plots.plot_component_heatmap(self.components),
             "layers.png": plots.plot_layer_profile(self.components),

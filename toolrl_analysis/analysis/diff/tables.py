@@ -4,7 +4,6 @@ JSON-able summary; the cleaning that makes both valid JSON; and writing frames o
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -19,7 +18,6 @@ from toolrl_analysis.analysis.components import (
 )
 from toolrl_analysis.analysis.diff.metrics import SPARSITY_COLUMNS, SPECTRAL_COLUMNS, cosine_from_norms, ratio
 from toolrl_analysis.analysis.diff.plan import MatchedTensor
-from toolrl_analysis.errors import CheckpointError
 
 BANDS = ("lower", "middle", "upper")
 
@@ -194,42 +192,3 @@ def summarize(base, trained, plan, parameters, components, bands, elapsed, bytes
         "bytes_read": bytes_read,
         "seconds": elapsed,
     }
-
-
-def json_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return [json_clean(record) for record in frame.astype(object).to_dict(orient="records")]
-
-
-def json_clean(value: Any) -> Any:
-    """NaN/inf -> None, numpy/pandas scalars -> Python: json.dump then writes valid JSON."""
-    if isinstance(value, dict):
-        return {str(k): json_clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_clean(v) for v in value]
-    if value is None or value is pd.NA:
-        return None
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def output_directory(out_dir: str | Path) -> Path:
-    """`out_dir`, created if needed; a one-line error when it cannot be."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
-    return out
-
-
-def write_frames(out: Path, frames: dict[str, pd.DataFrame]) -> list[Path]:
-    """Each frame as `<stem>.csv` and `<stem>.parquet` under `out`; the paths written."""
-    written = []
-    for stem, frame in frames.items():
-        frame.to_csv(out / f"{stem}.csv", index=False)
-        frame.to_parquet(out / f"{stem}.parquet", index=False)
-        written += [out / f"{stem}.csv", out / f"{stem}.parquet"]
-    return written

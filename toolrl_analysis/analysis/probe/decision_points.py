@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from toolrl_analysis.analysis.activations import CaptureRequest, attention_implementation
+from toolrl_analysis.analysis.probe.activations import CaptureRequest, attention_implementation
 from toolrl_analysis.envs.reward import answer_verify
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.models.chat_template import TOOL_TAGS

@@ -16,16 +16,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from toolrl_analysis.analysis.activations import (
+from toolrl_analysis.analysis.components import parse_layers
+from toolrl_analysis.analysis.probe.activations import (
     SITES,
     backend_versions,
     capture_activations,
     check_backend,
     decoder_layers,
 )
-from toolrl_analysis.analysis.components import parse_layers
-from toolrl_analysis.analysis.context_attention import attention_by_block, compare_attention
-from toolrl_analysis.analysis.decision_points import (
+from toolrl_analysis.analysis.probe.attention import attention_by_block, compare_attention
+from toolrl_analysis.analysis.probe.decision_points import (
     REGIONS,
     TASKS,
     ProbingDataset,
@@ -33,9 +33,11 @@ from toolrl_analysis.analysis.decision_points import (
     oracle_conversations_for,
     rollout_conversations,
 )
-from toolrl_analysis.analysis.probe import ProbeSettings, compare_probes, probe_layers, summarise_probes
+from toolrl_analysis.analysis.probe.fit import ProbeSettings, compare_probes, probe_layers, summarise_probes
 from toolrl_analysis.config import require
 from toolrl_analysis.errors import CheckpointError, EnvFormatError, SelectorError, UserError
+from toolrl_analysis.results import write_results
+from toolrl_analysis.rollout import EPISODES
 
 MODELS = ("base", "trained")
 
@@ -54,7 +56,7 @@ class ProbeConfig:
     correction_prob: float = 0.5  # oracle trajectories with a failed call (a useless response) first
     rollout_envs: int = 32  # environments each policy also plays greedily (0: oracle trajectories only)
     rollout_max_turns: int = 6
-    rollout_max_new_tokens: int = 96
+    rollout_max_new_tokens: int = EPISODES.max_new_tokens  # the budget every command plays episodes with
     batch_size: int = 4  # sequences per forward pass
     max_tokens: int = 4096  # longer conversations are left out
     seed: int = 0  # oracle trajectories (which calls fail first)
@@ -110,18 +112,14 @@ class ProbeReport:
 
     def write(self, out_dir: str | Path) -> list[Path]:
         """CSV per frame, probe.json, and the plots as PNG."""
-        from toolrl_analysis.analysis.probe_plots import (
+        from toolrl_analysis.analysis.probe.plots import (
             plot_attention_difference,
             plot_attention_mass,
             plot_probe_curves,
         )
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, frame in self.frames().items():
-            frame.to_csv(out / f"{name}.csv", index=False)
-            written.append(out / f"{name}.csv")
+        written = write_results(out, self.frames())
         figures = {f"probe_curves_{site}.png": plot_probe_curves(self.probe_summary, site)
                    for site in self.info["config"]["sites"]}  # fmt: skip
         figures["attention_mass.png"] = plot_attention_mass(self.attention)
@@ -130,8 +128,7 @@ class ProbeReport:
             figure.savefig(out / name, dpi=120)
             written.append(out / name)
         self.info["written"] = [str(p) for p in [*written, out / "probe.json"]]
-        (out / "probe.json").write_text(json.dumps(self.to_document(), indent=1))
-        return [*written, out / "probe.json"]
+        return written + write_results(out, {}, self.to_document(), "probe.json")
 
     def to_document(self) -> dict[str, Any]:
         return {**self.info} | {name: _records(frame) for name, frame in self.frames().items()}
@@ -147,22 +144,14 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 def load_records(envs: str | Path, limit: int = 0):
     """The environments of a .jsonl file (or a directory's test.jsonl); `limit`: that many, balanced over
     scenarios."""
-    from toolrl_analysis.envs.schema import read_envs
+    from toolrl_analysis.envs.schema import limited, read_envs
 
     path = Path(envs)
     if path.is_dir():
         path = path / "test.jsonl"
     if not path.is_file():
         raise EnvFormatError(f"no environments at {path}")
-    records = read_envs(path)
-    return balanced(records, limit) if limit else records
-
-
-def balanced(records, count: int):
-    """`count` records taken round-robin over scenarios (the first 40 of a test file are all single-hop)."""
-    from toolrl_analysis.envs.schema import balanced_slice
-
-    return balanced_slice(records, count)
+    return limited(read_envs(path), limit)
 
 
 def probe_layer_indices(spec: str, n_blocks: int) -> list[int]:
@@ -220,6 +209,7 @@ def run_probe(
     log: Callable[[str], None] = lambda line: None,
 ) -> ProbeReport:
     from toolrl_analysis.envs.sandbox import Sandbox
+    from toolrl_analysis.envs.schema import balanced_slice
 
     config = config or ProbeConfig()
     check_backend(backend)
@@ -234,7 +224,7 @@ def run_probe(
     with Sandbox(workers=2) as sandbox:
         conversations = oracle_conversations_for(records, sandbox, config.seed, config.correction_prob)
         if config.rollout_envs:
-            playable = balanced([r for r in records if r.meta.get("subquestions")], config.rollout_envs)
+            playable = balanced_slice([r for r in records if r.meta.get("subquestions")], config.rollout_envs)
             for name, (model, model_tokenizer) in models.items():
                 log(f"rollouts of {name} on {len(playable)} environments")
                 conversations += rollout_conversations(

@@ -1,0 +1,189 @@
+"""`toolrl-analyze compare|ablate|probe`: what changed between two checkpoints, and what it did."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from toolrl_analysis.cli.args import (
+    SpliceOperation,
+    add_config_flags,
+    add_limit_flag,
+    byte_size,
+    episode_options,
+    print_config,
+    require_flags,
+    scale_factor,
+)
+from toolrl_analysis.cli.output import console, emit, progress_console, step_progress
+from toolrl_analysis.errors import UserError
+
+
+def add_parsers(sub, common: argparse.ArgumentParser, episodes: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("compare", parents=[common], help="per-layer, per-component checkpoint diff")
+    p.add_argument("base")
+    p.add_argument("trained")
+    p.add_argument("--out", default=None)
+    p.add_argument("--select", default=None, help="restrict to a selector, e.g. 'mlp@lower'")
+    p.add_argument("--spectral", action="store_true")
+    p.add_argument("--allow-missing", action="store_true")
+    p.add_argument("--lora-base", default=None, help="base weights for a PEFT adapter directory")
+    p.add_argument("--top", type=int, default=15, help="rows in the most-changed table")
+    p.add_argument("--top-k", type=int, default=8, help="singular values tracked with --spectral")
+    p.add_argument("--workers", type=int, default=None, help="arithmetic threads (0: in the main thread)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
+        "ablate",
+        parents=[common, episodes],
+        help="revert/transplant parts of the update: save the hybrid, or measure what the gain depended on",
+    )
+    p.add_argument("base")
+    p.add_argument("trained")
+    p.set_defaults(operations=[])
+    splice = (
+        "in order; the first revert starts from the trained model, a first transplant/scale from the base"
+    )
+    p.add_argument(
+        "--revert",
+        action=SpliceOperation,
+        metavar="SELECTOR",
+        help=f"take SELECTOR from the base ({splice})",
+    )
+    p.add_argument(
+        "--transplant",
+        action=SpliceOperation,
+        metavar="SELECTOR",
+        help="take SELECTOR from the trained model",
+    )
+    p.add_argument(
+        "--scale",
+        action=SpliceOperation,
+        nargs=2,
+        metavar=("SELECTOR", "ALPHA"),
+        help="base + ALPHA * update on SELECTOR",
+    )
+    p.add_argument(
+        "--grid", choices=["paper"], default=None, help="the paper's grid of variants and controls"
+    )
+    p.add_argument(
+        "--envs", default=None, help="held-out environments: an environment set (its test.jsonl) or a file"
+    )
+    p.add_argument(
+        "--metric", default="solve_f1", help="gain retained on solve_f1|solve_p|solve_r|nll_real|context_gap"
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates over environments")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random controls and the bootstrap")
+    p.add_argument(
+        "--save", default=None, help="write the hybrid: DIR (HF, safetensors), FILE.safetensors or FILE.pt"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --save path")
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of a saved HF directory")
+    p.add_argument("--out", default=None, help="write the frames, ablation.json and gain_retained.png here")
+    p.add_argument("--allow-missing", action="store_true")
+    p.add_argument("--lora-base", default=None, help="base weights for a PEFT adapter directory")
+    p.add_argument("--no-roles", action="store_true", help="skip the context-reading role table")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for evaluation (0: torch's default)")
+    p.set_defaults(func=_cmd_ablate)
+
+    p = sub.add_parser("probe", parents=[common], help="layer-wise probes of hidden states")
+    p.add_argument("base", nargs="?")
+    p.add_argument("trained", nargs="?")
+    p.add_argument("--envs", default=None, help="an environment set (its test.jsonl) or a file; required")
+    p.add_argument("--backend", default="hf", help="hf, transformer-lens or nnsight")
+    p.add_argument("--tasks", default=None, help="comma-separated (default: all four)")
+    p.add_argument("--layers", default=None, help="hidden states, 0 = embeddings: N, a-b, -4:, ... or all")
+    add_limit_flag(p)
+    p.add_argument("--seeds", type=int, default=None, help="splits per probe (mean ± 95%% CI over them)")
+    p.add_argument("--out", default=None)
+    add_config_flags(p, "probe's defaults (ProbeConfig)")
+    p.set_defaults(func=_cmd_probe)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from toolrl_analysis.analysis.diff import compare_checkpoints, render_comparison
+
+    if args.top < 1 or args.top_k < 1:
+        raise UserError("--top and --top-k must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise UserError("--workers must be 0 or more")
+    with step_progress("tensors") as on_tensor:
+        comparison = compare_checkpoints(
+            args.base,
+            args.trained,
+            select=args.select,
+            spectral=args.spectral,
+            allow_missing=args.allow_missing,
+            lora_base=args.lora_base,
+            top_k=args.top_k,
+            workers=args.workers,
+            progress=on_tensor,
+        )
+    if args.out:
+        comparison.summary["written"] = [str(p) for p in comparison.write(args.out)]
+
+    def render() -> None:
+        out = console()
+        render_comparison(comparison, out, top=args.top)
+        if args.out:
+            out.print(f"wrote {len(comparison.summary['written'])} files to {args.out}")
+
+    emit(args, comparison.to_document(), render)
+
+
+def _cmd_ablate(args: argparse.Namespace) -> None:
+    from toolrl_analysis.analysis.ablate import EvaluationOptions, Operation, ablate, render_ablation
+
+    operations = [Operation(kind, values[0], scale_factor(values)) for kind, values in args.operations]
+    if args.threads < 0:
+        raise UserError("--threads must be 0 (torch's default) or more")
+    episodes = episode_options(args)
+    options = EvaluationOptions(
+        general=not args.no_general, roles=not args.no_roles, threads=args.threads, **asdict(episodes)
+    )
+    with step_progress("ablate") as on_step:
+        ablation = ablate(
+            args.base,
+            args.trained,
+            operations=operations,
+            grid=args.grid,
+            envs=args.envs,
+            limit=args.limit,
+            save=args.save,
+            force=args.force,
+            shard_bytes=byte_size(args.shard_size),
+            allow_missing=args.allow_missing,
+            lora_base=args.lora_base,
+            seed=args.seed,
+            replicates=args.bootstrap,
+            metric=args.metric,
+            options=options,
+            progress=on_step,
+        )
+    if args.out:
+        ablation.summary["written"] = [str(p) for p in ablation.write(args.out)]
+
+    def render() -> None:
+        out = console()
+        render_ablation(ablation, out)
+        if args.out:
+            out.print(f"wrote {len(ablation.summary['written'])} files to {args.out}")
+
+    emit(args, ablation.to_document(), render)
+
+
+def _cmd_probe(args: argparse.Namespace) -> None:
+    from toolrl_analysis.analysis.probe.run import ProbeConfig, render_probe, run_probe
+    from toolrl_analysis.config import load_config
+
+    flags = {"tasks": args.tasks, "layers": args.layers, "limit": args.limit, "seeds": args.seeds}
+    overrides = list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    config = load_config(ProbeConfig, args.config, overrides)
+    if print_config(args, config):
+        return
+    require_flags(args, "base", "trained", "envs")
+    log = progress_console().print
+    report = run_probe(args.base, args.trained, args.envs, backend=args.backend, config=config, log=log)
+    if args.out:
+        report.write(args.out)
+    emit(args, report.to_document(), lambda: render_probe(report, console()))

@@ -1,0 +1,119 @@
+"""Flags that several commands share (configuration, episodes), and argument types that do more than
+argparse's own: each bad value is a UserError (one line, exit status 2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from toolrl_analysis.errors import UserError
+
+
+def add_config_flags(parser: argparse.ArgumentParser, recipe: str) -> None:
+    """--config, --set and --print-config, the same on every command that has a configuration."""
+    parser.add_argument(
+        "--config", default=None, metavar="FILE",
+        help=f"a TOML file of keys that override the {recipe} (tables are only for reading; keys are flat)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (after --config)"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved configuration as TOML and exit (needs no other argument; --config takes it)",
+    )  # fmt: skip
+
+
+def print_config(args: argparse.Namespace, config: Any) -> bool:
+    """With --print-config, write `config` as TOML on stdout and say so (the command then stops)."""
+    from toolrl_analysis.config import config_toml
+
+    if not args.print_config:
+        return False
+    sys.stdout.write(config_toml(config))
+    return True
+
+
+def require_flags(args: argparse.Namespace, *names: str) -> None:
+    """Flags a command needs unless it only prints its configuration (argparse cannot say "unless")."""
+    missing = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is None]
+    if missing:
+        raise UserError(f"the following arguments are required: {', '.join(missing)}")
+
+
+def add_episode_flags(parser: argparse.ArgumentParser) -> None:
+    """How held-out episodes are played (rollout.EpisodeOptions): one set of flags, one meaning everywhere."""
+    from toolrl_analysis.rollout import EPISODES
+
+    parser.add_argument("--no-general", action="store_true", help="skip the general-capability suite")
+    parser.add_argument(
+        "--max-turns", type=int, default=EPISODES.max_turns,
+        help=f"assistant turns per episode (default {EPISODES.max_turns}, FTRL's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=EPISODES.max_new_tokens,
+        help=f"tokens per assistant turn (default {EPISODES.max_new_tokens})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=int, default=EPISODES.batch_size,
+        help=f"prompts generated together (default {EPISODES.batch_size})",
+    )  # fmt: skip
+    add_limit_flag(parser)
+
+
+def add_limit_flag(parser: argparse.ArgumentParser) -> None:
+    """--limit N: the same slice in every command, N environments balanced over scenarios."""
+    parser.add_argument(
+        "--limit", type=int, default=None, help="use N environments, balanced over scenarios (default: all)"
+    )
+
+
+def episode_options(args: argparse.Namespace):
+    """The EpisodeOptions the flags of `add_episode_flags` ask for (a bad value: one line, exit 2)."""
+    from toolrl_analysis.rollout import EpisodeOptions
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1 (leave it out for all), got {args.limit}")
+    return EpisodeOptions(args.max_turns, args.max_new_tokens, args.batch_size)
+
+
+def scale_factor(values: list[str]) -> float | None:
+    """The factor of `--scale SELECTOR FACTOR` (None when only the selector was given)."""
+    if len(values) < 2:
+        return None
+    try:
+        return float(values[1])
+    except ValueError:
+        raise UserError(f"--scale {values[0]} {values[1]}: the factor must be a number") from None
+
+
+def at_least_one(flag: str, value: int) -> int:
+    if value < 1:
+        raise UserError(f"{flag} must be at least 1, got {value}")
+    return value
+
+
+def byte_size(text: str) -> int:
+    """'5GB', '500MB', '20KB' or a number of bytes (decimal units, as Hugging Face's max_shard_size)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
+    if not match:
+        raise UserError(f"--shard-size {text!r}: use a size such as 5GB, 500MB or 20KB")
+    unit = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
+    unit |= {"T": 10**12, "TB": 10**12}
+    size = int(float(match[1]) * unit[match[2]])
+    if size < 1:
+        raise UserError(f"--shard-size {text!r} must be positive")
+    return size
+
+
+class SpliceOperation(argparse.Action):
+    """--revert / --transplant / --scale all append to one list, so their order on the line is kept."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kind = option_string.lstrip("-")
+        operations = list(getattr(namespace, "operations", None) or [])
+        operations.append((kind, [values] if isinstance(values, str) else list(values)))
+        namespace.operations = operations

@@ -1,0 +1,73 @@
+"""`toolrl-analyze evaluate`: Solve-P/R/F1 per scenario, pass@k, the general suite and the role table."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from toolrl_analysis.cli.args import episode_options
+from toolrl_analysis.cli.output import console, emit, progress_console
+from toolrl_analysis.errors import UserError
+
+
+def add_parsers(sub, common: argparse.ArgumentParser, episodes: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "evaluate", parents=[common, episodes], help="Solve-P/R/F1 per scenario and general metrics"
+    )
+    p.add_argument("model")
+    p.add_argument(
+        "--envs", required=True,
+        help="a .jsonl/.parquet file, or an environment set (its test.jsonl, and its test_same_world.jsonl)",
+    )  # fmt: skip
+    p.add_argument("--out", default=None)
+    p.add_argument(
+        "--samples", type=int, default=None,
+        help="also sample N episodes per environment and report pass@1..N (default: greedy only)",
+    )  # fmt: skip
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --samples (1.0)")
+    p.add_argument(
+        "--success-threshold", type=float, default=1.0,
+        help="an episode succeeds for pass@k when its Solve-F1 reaches this (1.0: solved, no wasted call)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled episodes (0)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from toolrl_analysis.evaluate import evaluate_checkpoint
+    from toolrl_analysis.evaluate_render import render_report
+
+    episodes = episode_options(args)
+    if args.samples is not None and args.samples < 1:
+        raise UserError(f"--samples must be at least 1 (leave it out for greedy only), got {args.samples}")
+    stderr = progress_console()
+    with Progress(
+        TextColumn("episodes"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,  # no stray lines in logs and pipes
+    ) as progress:
+        task = progress.add_task("episodes", total=None)
+
+        def on_turn(turn_index, episodes):
+            progress.update(task, total=len(episodes), completed=sum(e.done for e in episodes))
+
+        report = evaluate_checkpoint(
+            args.model,
+            args.envs,
+            limit=args.limit,
+            general=not args.no_general,
+            **asdict(episodes),
+            samples=args.samples or 0,
+            temperature=args.temperature,
+            success_threshold=args.success_threshold,
+            seed=args.seed,
+            on_turn=on_turn,
+        )
+    if args.out:
+        report.info["written"] = [str(p) for p in report.save(args.out)]
+    emit(args, report.to_dict(), lambda: render_report(report, console()))

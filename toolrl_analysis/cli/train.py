@@ -1,0 +1,144 @@
+"""`toolrl-analyze train-base` (the supervised warm-up) and `train-grpo` (GRPO / Reinforce++)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from toolrl_analysis.cli.args import add_config_flags, print_config, require_flags
+from toolrl_analysis.cli.output import console, emit, progress_console
+
+
+def add_parsers(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("train-base", parents=[common], help="supervised warm-up of the embedded base")
+    p.add_argument("--envs", default=None, help="an environment set (envs build); required")
+    p.add_argument("--out", default=None, help="the run directory; required")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    add_config_flags(p, "recipe of the shipped base (SFTConfig)")
+    p.set_defaults(func=_cmd_train_base)
+
+    p = sub.add_parser("train-grpo", parents=[common], help="RL on the environments (GRPO or Reinforce++)")
+    p.add_argument("--envs", default=None, help="an environment set (envs build); required")
+    p.add_argument(
+        "--init", default=None, help="the initial policy: embedded, a .pt, an HF directory; required"
+    )
+    p.add_argument("--out", default=None, help="the run directory; required")
+    p.add_argument("--algo", choices=["grpo", "reinforce++"], default=None, help="sets the config key algo")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_config_flags(p, "shipped GRPO recipe (GRPOConfig)")
+    p.set_defaults(func=_cmd_train_grpo)
+
+
+def _base_progress_line(progress) -> str:
+    """One plain line for logs: step, loss, the latest validation (Solve-F1 and the key role NLLs), speed, ETA."""
+    line = f"step {progress.step}/{progress.total} loss {progress.loss:.3f}"
+    row = progress.validation or {}
+    if "val_f1_overall" in row:
+        line += f" | val F1 {row['val_f1_overall']:.3f}"
+    roles = [("kind", "tool_kind"), ("rel", "tool_relation"), ("q-value", "value_from_question"),
+             ("r-value", "value_from_response")]  # fmt: skip
+    shown = [f"{label} {row[f'nll_{role}']:.2f}" for label, role in roles if f"nll_{role}" in row]
+    if shown:
+        line += f" | NLL {' '.join(shown)} (@{row['step']})"
+    return line + f" | {progress.tokens_per_s:,.0f} tok/s | ETA {progress.eta_s / 60:.0f} min"
+
+
+def _cmd_train_base(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from toolrl_analysis.config import load_config
+    from toolrl_analysis.training.sft import SFTConfig, train_base
+
+    config = load_config(SFTConfig, args.config, args.set)
+    if print_config(args, config):
+        return
+    require_flags(args, "envs", "out")
+    stderr = progress_console()
+    columns = (
+        TextColumn("warm-up {task.fields[status]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    # In a terminal a live bar; in a log file (not a TTY) a plain line every log_every steps.
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+        task = progress.add_task("sft", total=config.steps, status="")
+
+        def on_step(state) -> None:
+            if stderr.is_terminal:
+                progress.update(task, completed=state.step, status=f"loss {state.loss:.3f}")
+            elif state.step % config.log_every == 0 or state.step == state.total:
+                print(_base_progress_line(state), file=sys.stderr, flush=True)
+
+        summary = train_base(
+            args.envs,
+            args.out,
+            config,
+            resume=args.resume,
+            on_step=on_step,
+            log=lambda line: stderr.print(line),
+        )
+    emit(
+        args,
+        summary,
+        lambda: console().print(
+            f"base written to {summary['out']}/base.pt and {summary['out']}/hf "
+            f"({summary['parameters']:,} parameters, {summary['steps']} steps, loss "
+            f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, {summary['train_seconds']:.0f}s of training "
+            f"over all sessions, {summary['seconds']:.0f}s this one); "
+            f"chose step {summary['chosen_step']}: {summary['chosen_because']}"
+        ),
+    )
+
+
+def _cmd_train_grpo(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from toolrl_analysis.config import load_config
+    from toolrl_analysis.training.grpo import GRPOConfig, train_grpo
+
+    overrides = list(args.set) + ([f"algo={args.algo}"] if args.algo else [])
+    config = load_config(GRPOConfig, args.config, overrides)
+    if print_config(args, config):
+        return
+    require_flags(args, "envs", "init", "out")
+    columns = (
+        TextColumn(f"{config.algo} {{task.fields[status]}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=progress_console(), transient=True) as progress:
+        task = progress.add_task("rl", total=config.iterations, status="")
+
+        def on_iteration(row: dict[str, Any]) -> None:
+            status = f"reward {row['reward_mean']:.3f}"
+            if "val_f1_overall" in row:
+                status += f" validation F1 {row['val_f1_overall']:.3f}"
+            progress.update(task, completed=row["iteration"], status=status)
+
+        summary = train_grpo(
+            args.envs,
+            args.init,
+            args.out,
+            config,
+            resume=args.resume,
+            on_iteration=on_iteration,
+            log=lambda line: progress.console.print(line),
+        )
+    document = {k: v for k, v in summary.items() if k != "history"} | {"metrics": summary["history"]}
+    emit(
+        args,
+        document,
+        lambda: console().print(
+            f"{config.algo}: {summary['iterations']} iterations; trained policy in {summary['out']}/trained.pt "
+            f"and {summary['out']}/hf; metrics in {summary['out']}/metrics.csv, curves in {summary['out']}/curves.png"
+            + (
+                f"; test Solve-F1 {summary['test_solve_f1']:.3f}"
+                if summary["test_solve_f1"] is not None
+                else ""
+            )
+            + (" (interrupted; resume with --resume)" if summary["interrupted"] else "")
+        ),
+    )

@@ -11,8 +11,17 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 # The paper's published 200-environment test set, in FTRL's own format, beside the repository (shared/).
-FTRL_TEST_SET = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftrl-test.jsonl"
-assert FTRL_TEST_SET.is_file(), f"the published FTRL test set is missing: {FTRL_TEST_SET}"
+# FTRL's published test set (not shipped: its data carry no licence). The suite reads it from TOOLRL_FTRL_TEST,
+# else from the workplace's shared data beside the clone.
+FTRL_TEST_SET = Path(
+    os.environ.get(
+        "TOOLRL_FTRL_TEST", Path(__file__).resolve().parents[2] / "shared" / "data" / "ftrl-test.jsonl"
+    )
+)
+assert FTRL_TEST_SET.is_file(), (
+    f"the published FTRL test set is missing: {FTRL_TEST_SET}; download it from github.com/bytedance/FTRL "
+    "(Data/jsonl/raw/) and point TOOLRL_FTRL_TEST at it"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +49,27 @@ def tiny_random_qwen2(tokenizer, seed: int = 0, max_positions: int = 1024):
     )  # fmt: skip
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config).eval()
+
+
+# On top of `reproduce --quick`: a 2-block model of width 32 and a handful of environments keep the chain
+# near a minute (test_reproduce_chain, and the notebooks reading a run).
+TINY = [
+    "envs.train_size=24", "envs.test_per_scenario=3",
+    "grpo.iterations=2", "grpo.envs_per_iteration=2", "grpo.max_samples_per_iteration=4", "grpo.group_size=2",
+    "grpo.max_turns=2", "grpo.max_new_tokens=16", "grpo.mini_batch_size=8",
+    "eval.limit=0", "eval.max_turns=2", "eval.max_new_tokens=16", "eval.general_tasks=8",
+    "ablate.limit=8", "ablate.max_turns=1", "ablate.max_new_tokens=8", "ablate.bootstrap=100",
+    "probe.seeds=2", "probe.min_class_count=2", "probe.max_iter=20", "grpo.seeds=2", "eval.samples=2",
+]  # fmt: skip
+
+
+def tiny_chain_base(root: Path) -> Path:
+    """A tiny random policy with a tokenizer trained on a small build: the base of a TINY chain."""
+    from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets
+    from toolrl_analysis.models.checkpoint import save_policy
+    from toolrl_analysis.models.tokenizer import build_policy_tokenizer
+
+    tokenizer = build_policy_tokenizer(
+        build_envsets(EnvBuildConfig(seed=3, train_size=16)).train, vocab_size=700
+    )
+    return save_policy(tiny_random_qwen2(tokenizer, max_positions=4096), tokenizer, root / "base.pt")

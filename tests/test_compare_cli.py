@@ -184,7 +184,7 @@ def test_bad_selector(checkpoints, capsys):
 
 
 def test_bad_numbers(checkpoints, capsys):
-    for option in (["--top", "0"], ["--top-k", "-1"], ["--workers", "-2"]):
+    for option in (["--top", "0"], ["--top-k", "-1"], ["--threads", "-2"]):
         assert_user_error(*run(capsys, checkpoints["base"], checkpoints["trained"], *option)[::2], "must be")
 
 

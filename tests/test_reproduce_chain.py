@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import tiny_random_qwen2
+from conftest import TINY, tiny_chain_base
 
 from toolrl_analysis.report import CLAIMS, RULES, judge_all, write_figures
 from toolrl_analysis.reproduce import reproduce
@@ -22,14 +22,6 @@ from toolrl_analysis.training.grpo import GRPOConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # On top of --quick: a 2-block model of width 32 and a handful of environments keep the chain near a minute.
-TINY = [
-    "envs.train_size=24", "envs.test_per_scenario=3",
-    "grpo.iterations=2", "grpo.envs_per_iteration=2", "grpo.max_samples_per_iteration=4", "grpo.group_size=2",
-    "grpo.max_turns=2", "grpo.max_new_tokens=16", "grpo.mini_batch_size=8",
-    "eval.limit=0", "eval.max_turns=2", "eval.max_new_tokens=16", "eval.general_tasks=8",
-    "ablate.limit=8", "ablate.max_turns=1", "ablate.max_new_tokens=8", "ablate.bootstrap=100",
-    "probe.seeds=2", "probe.min_class_count=2", "probe.max_iter=20", "grpo.seeds=2", "eval.samples=2",
-]  # fmt: skip
 STAGES = [
     "envs", "base", "evaluate base", "pass@k base", "train grpo", "train grpo seed 1", "train reinforce++",
     "evaluate grpo", "evaluate grpo seed 1", "evaluate reinforce++", "pass@k grpo", "compare grpo",
@@ -39,15 +31,7 @@ STAGES = [
 
 @pytest.fixture(scope="module")
 def base_policy(tmp_path_factory):
-    from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets
-    from toolrl_analysis.models.checkpoint import save_policy
-    from toolrl_analysis.models.tokenizer import build_policy_tokenizer
-
-    root = tmp_path_factory.mktemp("chain-base")
-    tokenizer = build_policy_tokenizer(
-        build_envsets(EnvBuildConfig(seed=3, train_size=16)).train, vocab_size=700
-    )
-    return save_policy(tiny_random_qwen2(tokenizer, max_positions=4096), tokenizer, root / "base.pt")
+    return tiny_chain_base(tmp_path_factory.mktemp("chain-base"))
 
 
 def run_chain(run, base_policy, lines, extra=()):

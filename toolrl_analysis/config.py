@@ -34,7 +34,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if origin in (list, tuple):
         (item,) = typing.get_args(annotation)[:1] or (Any,)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""]
+            value = _list_text(key, value)
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return [_coerce(key, v, item) for v in value]
@@ -58,6 +58,19 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"config key '{key}' must be {annotation.__name__}, got {value!r}") from None
     return value
+
+
+def _list_text(key: str, text: str) -> list[Any]:
+    """A list given on the command line: `a,b,c` or TOML's `[a, b, c]` (strings in brackets need quotes)."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            return list(tomllib.loads(f"value = {text}")["value"])
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(
+                f"config key '{key}': {text!r} is not a list; write a,b,c or [a, b, c] (quote strings in brackets)"
+            ) from None
+    return [v.strip() for v in text.split(",") if v.strip() != ""]
 
 
 def build_config(cls: type[T], values: dict[str, Any], source: str = "config") -> T:

@@ -49,7 +49,8 @@ from toolrl_analysis.rollout import (
 
 OVERALL = "overall"
 SOLVE_METRICS = ("solve_p", "solve_r", "solve_f1")
-GENERAL_TASKS = 64
+GENERAL_TASKS = 256  # exact-match tasks of the general suite: the report's, enough for its interval
+VARIANT_GENERAL_TASKS = 64  # per ablation variant, where the suite runs once per variant
 
 
 # =============================================================================================

@@ -19,6 +19,7 @@ def torch_load_safely(path: str | Path) -> Any:
     import torch
 
     path = Path(path)
+    _check_checkpoint_header(path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -32,7 +33,33 @@ def torch_load_safely(path: str | Path) -> Any:
             raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first_line(exc)})") from None
         raise CheckpointError(f"refusing to load {path}: {_unsafe_pickle_reason(exc)}") from None
     except Exception as exc:  # arbitrary bytes fail in arbitrary ways inside torch.load
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first_line(exc)})") from None
+        if _header(path).startswith(ZIP_MAGIC):  # torch's zip reader explains itself in a paragraph
+            raise CheckpointError(
+                f"{path} is a damaged or truncated PyTorch checkpoint (its zip archive cannot be read)"
+            ) from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({first_line(exc)[:120]})") from None
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+PICKLE_PROTOCOL = b"\x80"  # the legacy format: a pickle with a protocol header
+
+
+def _header(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _check_checkpoint_header(path: Path) -> None:
+    """A file that is neither a zip archive nor a pickle is rejected by what it is, before torch reads it."""
+    header = _header(path)
+    if not header.startswith(ZIP_MAGIC) and not header.startswith(PICKLE_PROTOCOL):
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint ({size} bytes, neither torch.save's zip archive nor a pickle)"
+        )
 
 
 def _unsafe_pickle_reason(exc: Exception) -> str:

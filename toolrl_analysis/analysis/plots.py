@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from toolrl_analysis.analysis.components import COMPONENTS
 
@@ -28,41 +29,59 @@ def _block_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["layer"].notna()].assign(layer=lambda f: f["layer"].astype(int))
 
 
+OUTSIDE = "outside blocks"  # the heatmap's row for embed, lm_head and the final norm
+
+
+def _heatmap_table(components: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """layer x component, top block first; the parameters outside the blocks (embedding, head, final norm) in
+    a row of their own at the bottom, where the embedding sits."""
+    rows = components.assign(row=components["layer"].map(lambda v: OUTSIDE if pd.isna(v) else str(int(v))))
+    table = rows.pivot_table(index="row", columns="component", values=metric, aggfunc="sum")
+    blocks = sorted((r for r in table.index if r != OUTSIDE), key=int, reverse=True)
+    order = blocks + ([OUTSIDE] if OUTSIDE in table.index else [])
+    return table.reindex(index=order, columns=_ordered_components(rows["component"])).astype(float)
+
+
 def plot_component_heatmap(
     components: pd.DataFrame,
     metric: str = "relative_frobenius_change",
     *,
     title: str | None = None,
     annotate: bool | None = None,
+    share: bool = True,
 ) -> Figure:
-    """Heatmap of `metric` with one row per block (layer 0 at the bottom) and one column per component:
-    the paper's layer-by-component picture of what training changed. Parameters outside the blocks
-    (embeddings, head, final norm) have no layer and are left out."""
+    """Heatmap of `metric` with one row per block (layer 0 at the bottom, then the parameters outside the
+    blocks: embedding, head, final norm) and one column per component: the paper's layer-by-component
+    picture of what training changed. With `share` (and the column present), a second panel shows each
+    cell's share of the whole squared update, where a large matrix that moved little still counts."""
     import seaborn as sns
 
-    rows = _block_rows(components)
-    figure = Figure(figsize=(7.5, 1.2 + 0.32 * max(1, rows["layer"].nunique())))
-    ax = figure.subplots()
-    if rows.empty:
-        ax.text(0.5, 0.5, "no block parameters", ha="center", va="center")
+    panels = [metric]
+    if share and metric != "update_norm_share" and "update_norm_share" in components:
+        panels.append("update_norm_share")
+    if components.empty:
+        figure = Figure(figsize=(7.5, 2.0))
+        ax = figure.subplots()
+        ax.text(0.5, 0.5, "no parameters", ha="center", va="center")
         ax.set_axis_off()
         return figure
-    table = rows.pivot_table(index="layer", columns="component", values=metric, aggfunc="sum")
-    table = table.reindex(columns=_ordered_components(rows["component"])).sort_index(ascending=False)
-    if annotate is None:
-        annotate = table.size <= 120
-    sns.heatmap(
-        table.astype(float),
-        ax=ax,
-        cmap="viridis",
-        annot=annotate,
-        fmt=".2g",
-        annot_kws={"fontsize": 7},
-        cbar_kws={"label": METRIC_LABELS.get(metric, metric)},
-    )
-    ax.set_xlabel("component")
-    ax.set_ylabel("layer")
-    ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} per layer and component")
+    tables = [_heatmap_table(components, name) for name in panels]
+    figure = Figure(figsize=(7.5 * len(panels), 1.8 + 0.32 * len(tables[0].index)), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, name, table in zip(axes, panels, tables, strict=True):
+        sns.heatmap(
+            table,
+            ax=ax,
+            cmap="viridis",
+            annot=table.size <= 160 if annotate is None else annotate,
+            fmt=".2g",
+            annot_kws={"fontsize": 7},
+            cbar_kws={"label": METRIC_LABELS.get(name, name)},
+        )
+        ax.set_xlabel("component")
+        ax.set_ylabel("layer")
+        ax.set_title(METRIC_LABELS.get(name, name), fontsize=9)
+    figure.suptitle(title or "what training changed, per layer and component (blank: no such parameter)")
     return figure
 
 
@@ -95,6 +114,7 @@ def plot_layer_profile(
             ax.plot(frame["layer"], frame[metric], marker="o", markersize=3, label=component)
     if log:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks are whole numbers
     ax.set_xlabel("layer")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} by layer")
@@ -107,20 +127,27 @@ def plot_layer_profile(
 def plot_band_summary(
     bands: pd.DataFrame, value: str = "share_of_family", *, title: str | None = None
 ) -> Figure:
-    """Grouped bars: for each component family, the share of its update in the lower / middle / upper
-    third of the blocks."""
-    figure = Figure(figsize=(6.0, 3.6))
+    """Grouped bars: for each component family, its update share per block in the lower / middle / upper
+    third of the blocks (the band's share divided by its number of blocks, so that a band of two blocks does
+    not look twice as concentrated as a band of one). Equal bars: spread evenly along the depth."""
+    figure = Figure(figsize=(6.0, 3.8), layout="constrained")
     ax = figure.subplots()
-    table = bands.pivot(index="family", columns="band", values=value)
+    per_block = "n_blocks" in bands and value.startswith("share")
+    values = bands.assign(shown=bands[value] / bands["n_blocks"].clip(lower=1) if per_block else bands[value])
+    table = values.pivot(index="family", columns="band", values="shown")
     table = table.reindex(columns=[b for b in ("lower", "middle", "upper") if b in table.columns])
+    blocks = values.drop_duplicates("band").set_index("band")
     width = 0.8 / max(1, len(table.columns))
     for i, band in enumerate(table.columns):
         positions = [x + (i - (len(table.columns) - 1) / 2) * width for x in range(len(table.index))]
-        ax.bar(positions, table[band].fillna(0.0), width=width, label=f"{band} third")
+        label = f"{band} third"
+        if "layers" in blocks and band in blocks.index:
+            label += f" (blocks {blocks.loc[band, 'layers']})"
+        ax.bar(positions, table[band].fillna(0.0), width=width, label=label)
     ax.set_xticks(range(len(table.index)), list(table.index))
-    ax.set_ylabel(value.replace("_", " "))
+    ax.set_ylabel(value.replace("_", " ") + (" per block" if per_block else ""))
     ax.set_title(title or "where the update lies along the depth")
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     return figure
 
 
@@ -182,37 +209,58 @@ def plot_gain_retained(variants: pd.DataFrame, *, title: str | None = None) -> F
 def plot_policy_scores(
     table: pd.DataFrame, metric: str = "solve_f1", order: list[str] | None = None
 ) -> Figure:
-    """Grouped bars of `metric` per scenario, one bar per policy (base vs trained): the paper's table."""
-    import seaborn as sns
-
-    figure = Figure(figsize=(8, 3.2))
+    """Grouped bars of `metric` per scenario, one bar per policy (base vs trained): the paper's table. With
+    `low` and `high` columns (a 95% interval over environments) each bar carries its interval."""
+    figure = Figure(figsize=(8, 3.2), layout="constrained")
     ax = figure.subplots()
     present = [s for s in (order or sorted(table["scenario"].unique())) if s in set(table["scenario"])]
-    sns.barplot(data=table, x="scenario", y=metric, hue="policy", order=present, ax=ax)
+    policies = list(dict.fromkeys(table["policy"]))
+    width = 0.8 / max(1, len(policies))
+    for i, policy in enumerate(policies):
+        rows = table[table["policy"] == policy].set_index("scenario").reindex(present)
+        positions = [x + (i - (len(policies) - 1) / 2) * width for x in range(len(present))]
+        error = None
+        if {"low", "high"} <= set(rows.columns):
+            error = [(rows[metric] - rows["low"]).clip(lower=0), (rows["high"] - rows[metric]).clip(lower=0)]
+        ax.bar(positions, rows[metric], width=width, yerr=error, capsize=2, label=str(policy))
+    ax.set_xticks(range(len(present)), present)
     ax.set_ylim(0, 1)
     ax.set_ylabel({"solve_p": "Solve-P", "solve_r": "Solve-R", "solve_f1": "Solve-F1"}.get(metric, metric))
-    ax.set_xlabel("")
     ax.tick_params(axis="x", labelrotation=15)
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title("test split (held-out worlds); bars: 95% intervals over environments", fontsize=9)
     return figure
 
 
-def plot_training_curves(curves: pd.DataFrame) -> Figure:
-    """Mean step reward per iteration and, where measured, validation Solve-F1, one line per policy."""
-    panels = ["reward_mean"] + (["val_f1_overall"] if "val_f1_overall" in curves else [])
-    figure = Figure(figsize=(4.2 * len(panels), 3.0))
+def plot_training_curves(curves: pd.DataFrame, validation: pd.DataFrame | None = None) -> Figure:
+    """Mean step reward per iteration and, where measured, validation Solve-F1 from iteration 0 (the policy
+    before training), one line per policy, with ±1 standard error where the run saved it. Both axes start at
+    a natural origin, so a small change looks small."""
+    if validation is None or validation.empty or "val_f1_overall" not in validation:
+        validation = curves if "val_f1_overall" in curves else None
+    panels = ["reward_mean"] + (["val_f1_overall"] if validation is not None else [])
+    figure = Figure(figsize=(4.6 * len(panels), 3.2), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, column in zip(axes, panels, strict=True):
-        for policy, frame in curves.groupby("policy"):
-            points = frame[["iteration", column]].dropna()
-            ax.plot(
-                points["iteration"],
-                points[column],
-                marker="o" if column != "reward_mean" else None,
-                label=str(policy),
+        source = curves if column == "reward_mean" else validation
+        for policy, frame in source.groupby("policy", sort=False):
+            points = frame.dropna(subset=[column]).sort_values("iteration")
+            if column == "reward_mean":
+                ax.plot(points["iteration"], points[column], label=str(policy))
+                continue
+            error = points.get(f"{column}_se")  # ±1 s.e., where the run saved it
+            ax.errorbar(
+                points["iteration"], points[column], yerr=error, marker="o", capsize=2, label=str(policy)
             )
+        if column == "val_f1_overall":
+            top = float(source[column].max()) if not source[column].dropna().empty else 1.0
+            ax.set_ylim(0, min(1.0, max(0.1, 1.3 * top)))
+            ax.set_ylabel("validation Solve-F1" + (" (± s.e.)" if f"{column}_se" in source else ""))
+        else:
+            ax.set_ylabel("mean step reward")
         ax.set_xlabel("iteration")
-        ax.set_ylabel(column.replace("_", " "))
-        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(frameon=False, fontsize=8)
     return figure
 
 

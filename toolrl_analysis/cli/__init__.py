@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from toolrl_analysis.cli import analyse, envs, evaluate, reproduce, train
-from toolrl_analysis.cli.args import add_episode_flags
+from toolrl_analysis.cli.args import check_out_dir
 from toolrl_analysis.errors import UserError
 
 # Nothing in this tool may reach for a model hub.
@@ -19,17 +20,39 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless it has none worth saying (off, unset) or says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            default in (None, False, argparse.SUPPRESS)
+            or default == []
+            or "default" in text
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class HelpParser(argparse.ArgumentParser):
+    """Every command's --help shows each flag's default (subcommands inherit the class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one machine-readable JSON document")
-    episodes = argparse.ArgumentParser(add_help=False)  # how evaluate and ablate play held-out episodes
-    add_episode_flags(episodes)
-    parser = argparse.ArgumentParser(prog="toolrl-analyze", description=__doc__.splitlines()[0])
+    parser = HelpParser(prog="toolrl-analyze", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     envs.add_parsers(sub, common)
     train.add_parsers(sub, common)
-    evaluate.add_parsers(sub, common, episodes)
-    analyse.add_parsers(sub, common, episodes)
+    evaluate.add_parsers(sub, common)
+    analyse.add_parsers(sub, common)
     reproduce.add_parsers(sub, common)
     return parser
 
@@ -37,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "out_is_file", False):
+            if args.out is not None and Path(args.out).is_dir():
+                raise UserError(f"--out {args.out} is a directory; name the file to write")
+        else:  # every output directory is checked before any work starts
+            check_out_dir(
+                getattr(args, "out", None), force=args.force if getattr(args, "replaces_out", False) else None
+            )
         args.func(args)
     except UserError as exc:
         print(f"toolrl-analyze: error: {exc}", file=sys.stderr)

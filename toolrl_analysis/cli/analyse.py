@@ -10,6 +10,7 @@ from toolrl_analysis.cli.args import (
     add_config_flags,
     add_limit_flag,
     byte_size,
+    episode_flags,
     episode_options,
     print_config,
     require_flags,
@@ -17,29 +18,40 @@ from toolrl_analysis.cli.args import (
 )
 from toolrl_analysis.cli.output import console, emit, progress_console, step_progress
 from toolrl_analysis.errors import UserError
+from toolrl_analysis.evaluate import VARIANT_GENERAL_TASKS
+
+CHECKPOINT_HELP = "the model {which}: embedded, a .pt, .safetensors, an HF directory or a run directory"
+ALLOW_MISSING_HELP = "compare the tensors both checkpoints hold, instead of stopping at a missing one"
 
 
-def add_parsers(sub, common: argparse.ArgumentParser, episodes: argparse.ArgumentParser) -> None:
+def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("compare", parents=[common], help="per-layer, per-component checkpoint diff")
-    p.add_argument("base")
-    p.add_argument("trained")
-    p.add_argument("--out", default=None)
+    p.add_argument("base", help=CHECKPOINT_HELP.format(which="before training"))
+    p.add_argument("trained", help=CHECKPOINT_HELP.format(which="after training"))
+    p.add_argument(
+        "--out", default=None, help="write the tables (CSV, parquet), summary.json and figures here"
+    )
     p.add_argument("--select", default=None, help="restrict to a selector, e.g. 'mlp@lower'")
-    p.add_argument("--spectral", action="store_true")
-    p.add_argument("--allow-missing", action="store_true")
+    p.add_argument("--spectral", action="store_true", help="also the top singular values of each update")
+    p.add_argument("--allow-missing", action="store_true", help=ALLOW_MISSING_HELP)
     p.add_argument("--lora-base", default=None, help="base weights for a PEFT adapter directory")
     p.add_argument("--top", type=int, default=15, help="rows in the most-changed table")
     p.add_argument("--top-k", type=int, default=8, help="singular values tracked with --spectral")
-    p.add_argument("--workers", type=int, default=None, help="arithmetic threads (0: in the main thread)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="arithmetic threads (0: in the main thread; default: by core count)",
+    )
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(
         "ablate",
-        parents=[common, episodes],
+        parents=[common, episode_flags()],
         help="revert/transplant parts of the update: save the hybrid, or measure what the gain depended on",
     )
-    p.add_argument("base")
-    p.add_argument("trained")
+    p.add_argument("base", help=CHECKPOINT_HELP.format(which="before training"))
+    p.add_argument("trained", help=CHECKPOINT_HELP.format(which="after training"))
     p.set_defaults(operations=[])
     splice = (
         "in order; the first revert starts from the trained model, a first transplant/scale from the base"
@@ -80,22 +92,21 @@ def add_parsers(sub, common: argparse.ArgumentParser, episodes: argparse.Argumen
     p.add_argument("--force", action="store_true", help="replace an existing --save path")
     p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of a saved HF directory")
     p.add_argument("--out", default=None, help="write the frames, ablation.json and gain_retained.png here")
-    p.add_argument("--allow-missing", action="store_true")
+    p.add_argument("--allow-missing", action="store_true", help=ALLOW_MISSING_HELP)
     p.add_argument("--lora-base", default=None, help="base weights for a PEFT adapter directory")
-    p.add_argument("--no-roles", action="store_true", help="skip the context-reading role table")
     p.add_argument("--threads", type=int, default=1, help="torch threads for evaluation (0: torch's default)")
-    p.set_defaults(func=_cmd_ablate)
+    p.set_defaults(func=_cmd_ablate, general_tasks=VARIANT_GENERAL_TASKS)  # the suite runs once per variant
 
     p = sub.add_parser("probe", parents=[common], help="layer-wise probes of hidden states")
-    p.add_argument("base", nargs="?")
-    p.add_argument("trained", nargs="?")
+    p.add_argument("base", nargs="?", help=CHECKPOINT_HELP.format(which="before training"))
+    p.add_argument("trained", nargs="?", help=CHECKPOINT_HELP.format(which="after training"))
     p.add_argument("--envs", default=None, help="an environment set (its test.jsonl) or a file; required")
     p.add_argument("--backend", default="hf", help="hf, transformer-lens or nnsight")
     p.add_argument("--tasks", default=None, help="comma-separated (default: all four)")
     p.add_argument("--layers", default=None, help="hidden states, 0 = embeddings: N, a-b, -4:, ... or all")
     add_limit_flag(p)
     p.add_argument("--seeds", type=int, default=None, help="splits per probe (mean ± 95%% CI over them)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="write the tables (CSV), probe.json and figures here")
     add_config_flags(p, "probe's defaults (ProbeConfig)")
     p.set_defaults(func=_cmd_probe)
 
@@ -105,8 +116,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
     if args.top < 1 or args.top_k < 1:
         raise UserError("--top and --top-k must be at least 1")
-    if args.workers is not None and args.workers < 0:
-        raise UserError("--workers must be 0 or more")
+    if args.threads is not None and args.threads < 0:
+        raise UserError("--threads must be 0 or more")
     with step_progress("tensors") as on_tensor:
         comparison = compare_checkpoints(
             args.base,
@@ -116,7 +127,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             allow_missing=args.allow_missing,
             lora_base=args.lora_base,
             top_k=args.top_k,
-            workers=args.workers,
+            workers=args.threads,
             progress=on_tensor,
         )
     if args.out:
@@ -139,7 +150,11 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
         raise UserError("--threads must be 0 (torch's default) or more")
     episodes = episode_options(args)
     options = EvaluationOptions(
-        general=not args.no_general, roles=not args.no_roles, threads=args.threads, **asdict(episodes)
+        general=not args.no_general,
+        roles=not args.no_roles,
+        threads=args.threads,
+        general_tasks=args.general_tasks,
+        **asdict(episodes),
     )
     with step_progress("ablate") as on_step:
         ablation = ablate(

@@ -42,30 +42,64 @@ def require_flags(args: argparse.Namespace, *names: str) -> None:
         raise UserError(f"the following arguments are required: {', '.join(missing)}")
 
 
+def check_out_dir(path: str | None, flag: str = "--out", force: bool | None = None) -> None:
+    """An output directory, checked before any work starts: it exists as a directory or can be created. With
+    `force` given (a command that replaces its output), an existing non-empty directory needs --force."""
+    import os
+    from pathlib import Path
+
+    if path is None:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {path} exists and is not a directory")
+    ancestor = next(p for p in (target, *target.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise UserError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write under {ancestor}")
+    if force is False and target.is_dir() and any(target.iterdir()):
+        raise UserError(f"{flag} {path} already holds files; pass --force to replace them")
+
+
+def episode_flags() -> argparse.ArgumentParser:
+    """A parent parser of the flags for how held-out episodes are played and measured (rollout.EpisodeOptions
+    and the suites beside them): one set of flags, one meaning, in evaluate and ablate. A fresh one per
+    command, so that one command's defaults never leak into another's."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_episode_flags(parser)
+    return parser
+
+
 def add_episode_flags(parser: argparse.ArgumentParser) -> None:
-    """How held-out episodes are played (rollout.EpisodeOptions): one set of flags, one meaning everywhere."""
+    """The flags of `episode_flags`."""
+    from toolrl_analysis.evaluate import GENERAL_TASKS
     from toolrl_analysis.rollout import EPISODES
 
+    parser.add_argument(
+        "--max-turns", type=int, default=EPISODES.max_turns, help="assistant turns per episode (FTRL's)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=EPISODES.max_new_tokens, help="tokens per assistant turn"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=EPISODES.batch_size, help="prompts generated together"
+    )
     parser.add_argument("--no-general", action="store_true", help="skip the general-capability suite")
     parser.add_argument(
-        "--max-turns", type=int, default=EPISODES.max_turns,
-        help=f"assistant turns per episode (default {EPISODES.max_turns}, FTRL's)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=EPISODES.max_new_tokens,
-        help=f"tokens per assistant turn (default {EPISODES.max_new_tokens})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--batch-size", type=int, default=EPISODES.batch_size,
-        help=f"prompts generated together (default {EPISODES.batch_size})",
-    )  # fmt: skip
+        "--general-tasks", type=int, default=GENERAL_TASKS, help="exact-match tasks of the general suite"
+    )
+    parser.add_argument("--no-roles", action="store_true", help="skip the context-reading role-NLL table")
     add_limit_flag(parser)
 
 
 def add_limit_flag(parser: argparse.ArgumentParser) -> None:
     """--limit N: the same slice in every command, N environments balanced over scenarios."""
     parser.add_argument(
-        "--limit", type=int, default=None, help="use N environments, balanced over scenarios (default: all)"
+        "--limit",
+        type=int,
+        default=None,
+        help="use N environments, balanced over scenarios (default: all of them)",
     )
 
 
@@ -75,6 +109,10 @@ def episode_options(args: argparse.Namespace):
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1 (leave it out for all), got {args.limit}")
+    if args.general_tasks < 1:
+        raise UserError(
+            f"--general-tasks must be at least 1 (--no-general skips the suite), got {args.general_tasks}"
+        )
     return EpisodeOptions(args.max_turns, args.max_new_tokens, args.batch_size)
 
 

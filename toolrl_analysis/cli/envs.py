@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from toolrl_analysis.cli.args import add_config_flags, print_config, require_flags
-from toolrl_analysis.cli.output import console, emit, progress_console
+from toolrl_analysis.cli.output import console, emit, progress_bar
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -14,26 +14,29 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p = envs_sub.add_parser("build", parents=[common], help="run the five-stage pipeline")
     p.add_argument("--out", default=None, help="the environment-set directory to write (required)")
     p.add_argument("--seed", type=int, default=None, help="the build's seed (a key of the config)")
+    p.add_argument("--force", action="store_true", help="replace the files of an existing --out")
     add_config_flags(p, "shipped build")
-    p.set_defaults(func=_cmd_envs_build)
+    p.set_defaults(func=_cmd_envs_build, replaces_out=True)
     p = envs_sub.add_parser("check", parents=[common], help="run golden calls in the sandbox")
-    p.add_argument("file")
+    p.add_argument("file", help="a .jsonl or .parquet file of environment records")
     p.add_argument("--workers", type=int, default=2, help="sandbox worker processes (default 2)")
     p.set_defaults(func=_cmd_envs_check)
     p = envs_sub.add_parser("import", parents=[common], help="FTRL JSONL/parquet -> EnvSet")
-    p.add_argument("file")
-    p.add_argument("--out", required=True)
+    p.add_argument("file", help="FTRL's JSONL or verl parquet file")
+    p.add_argument(
+        "--out", required=True, help="the environment-set directory to write (one .jsonl per split)"
+    )
     p.set_defaults(func=_cmd_envs_import)
     p = envs_sub.add_parser("export", parents=[common], help="EnvSet -> FTRL JSONL or verl parquet")
     p.add_argument("source", help="an EnvSet directory or a .jsonl file")
     p.add_argument("--format", required=True, help="ftrl (JSONL) or verl (parquet)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--keep-meta", action="store_true", help="ftrl: keep our meta (golden calls)")
-    p.set_defaults(func=_cmd_envs_export)
+    p.set_defaults(func=_cmd_envs_export, out_is_file=True)
 
 
 def _cmd_envs_build(args: argparse.Namespace) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
     from toolrl_analysis.config import load_config
     from toolrl_analysis.envs.pipeline import (
@@ -51,7 +54,7 @@ def _cmd_envs_build(args: argparse.Namespace) -> None:
     require_flags(args, "out")
     total = build_size(config)
     columns = (TextColumn("building environments"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=progress_console(), transient=True) as progress:
+    with progress_bar(*columns) as progress:
         task = progress.add_task("build", total=total)
         build = build_envsets(config, progress=lambda n: progress.advance(task, n))
         paths = write_envset(build, args.out)
@@ -61,7 +64,7 @@ def _cmd_envs_build(args: argparse.Namespace) -> None:
 
 
 def _cmd_envs_check(args: argparse.Namespace) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
     from toolrl_analysis.envs.check import check_records, golden_calls, render_check, summarize
     from toolrl_analysis.envs.sandbox import Sandbox
@@ -70,7 +73,7 @@ def _cmd_envs_check(args: argparse.Namespace) -> None:
     records = read_envs(args.file)
     total = sum(len(turn) for r in records if r.meta.get("golden_turns") for turn in golden_calls(r))
     columns = (TextColumn("golden calls"), BarColumn(), MofNCompleteColumn())
-    progress = Progress(*columns, console=progress_console(), transient=True)
+    progress = progress_bar(*columns)
     with progress, Sandbox(workers=args.workers) as sandbox:
         task = progress.add_task("check", total=total)
         checks = check_records(records, sandbox, progress=lambda n: progress.advance(task, n))

@@ -22,9 +22,11 @@ def emit(args: argparse.Namespace, document: Any, render: Callable[[], None]) ->
 
 
 def console():
+    """Human output on stdout. Piped into a file it is not cut at 80 columns: tables keep every column."""
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    out = Console(stderr=False, highlight=False)
+    return out if out.is_terminal else Console(stderr=False, highlight=False, width=160)
 
 
 def progress_console():
@@ -34,12 +36,26 @@ def progress_console():
     return Console(stderr=True)
 
 
-@contextlib.contextmanager
-def step_progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
-    """A progress bar on stderr (drawn only on a terminal) and its callback `(name, done, total)`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def progress_bar(*columns):
+    """A live bar on stderr when it is a terminal; otherwise nothing is drawn (see `progress_line`)."""
+    from rich.progress import Progress
 
     stderr = progress_console()
+    return Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal)
+
+
+def progress_line(text: str) -> None:
+    """Without a terminal (a log file, a pipe) progress is a plain line on stderr instead of a bar."""
+    if not sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def step_progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr (a line per tenth of the work without a terminal) and its callback
+    `(name, done, total)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
     columns = (
         TextColumn(label),
         BarColumn(),
@@ -47,10 +63,15 @@ def step_progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
         TimeElapsedColumn(),
         TextColumn("{task.description}"),
     )
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+    shown = {-1}
+    with progress_bar(*columns) as progress:
         task = progress.add_task("", total=None)
 
         def update(name: str, done: int, total: int) -> None:
             progress.update(task, completed=done, total=total, description=name)
+            tenth = 10 * done // max(1, total)
+            if tenth not in shown:
+                shown.add(tenth)
+                progress_line(f"{label}: {done}/{total} {name}")
 
         yield update

@@ -12,7 +12,11 @@ from toolrl_analysis.cli.output import console, emit, progress_console
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("reproduce", parents=[common], help="the whole chain on the embedded default")
     p.add_argument("--out", default=None, help="the run directory (required)")
-    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in minutes, not a result")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: a smoke run of about a minute and a half on 2 cores, not a result",
+    )
     p.add_argument("--force", action="store_true", help="redo every stage, up to date or not")
     p.add_argument(
         "--base",

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from toolrl_analysis.cli.args import add_config_flags, print_config, require_flags
-from toolrl_analysis.cli.output import console, emit, progress_console
+from toolrl_analysis.cli.output import console, emit, progress_bar, progress_console, progress_line
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -93,7 +93,7 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_grpo(args: argparse.Namespace) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from toolrl_analysis.config import load_config
     from toolrl_analysis.training.grpo import GRPOConfig, train_grpo
@@ -109,7 +109,7 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=progress_console(), transient=True) as progress:
+    with progress_bar(*columns) as progress:
         task = progress.add_task("rl", total=config.iterations, status="")
 
         def on_iteration(row: dict[str, Any]) -> None:
@@ -117,6 +117,7 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
             if "val_f1_overall" in row:
                 status += f" validation F1 {row['val_f1_overall']:.3f}"
             progress.update(task, completed=row["iteration"], status=status)
+            progress_line(f"{config.algo} iteration {row['iteration']}/{config.iterations}: {status}")
 
         summary = train_grpo(
             args.envs,

@@ -162,14 +162,20 @@ def read_envs(path: str | Path) -> list[EnvRecord]:
             raise EnvFormatError(f"{path} is not a readable parquet file: {exc}") from None
         return [EnvRecord.from_dict(_numpy_to_python(row)) for row in rows]
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise EnvFormatError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); environment files are UTF-8 JSON Lines"
+                ) from None
             if not line.strip():
                 continue
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise EnvFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise EnvFormatError(_not_json_lines(path, lineno, exc)) from None
             try:
                 records.append(EnvRecord.from_dict(data))
             except EnvFormatError as exc:
@@ -177,6 +183,18 @@ def read_envs(path: str | Path) -> list[EnvRecord]:
     if not records:
         raise EnvFormatError(f"{path} holds no environment records")
     return records
+
+
+def _not_json_lines(path: Path, lineno: int, exc: json.JSONDecodeError) -> str:
+    """Why a line did not parse: a whole JSON document (a manifest, a pretty-printed record) is not JSON Lines."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return f"{path}:{lineno}: not valid JSON ({exc.msg})"
+    return (
+        f"{path} is one JSON document, not JSON Lines (one environment record per line); "
+        "name an environment set's test.jsonl or train.jsonl"
+    )
 
 
 def limited(records: Sequence[EnvRecord], limit: int | None) -> list[EnvRecord]:

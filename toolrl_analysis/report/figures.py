@@ -28,11 +28,13 @@ def save_figure(figure, path: Path, tight: bool = True) -> Path:
     return path
 
 
-def training_curves(run: Path) -> pd.DataFrame:
+def training_curves(run: Path, name: str = "metrics.csv") -> pd.DataFrame:
+    """Every trained policy's per-iteration rows: metrics.csv (iterations 1..N), or validation.csv (from
+    iteration 0, the policy before training)."""
     frames = [
         frame.assign(policy=POLICIES[policy])
         for policy in TRAINED
-        if (frame := read_csv(run / policy / "metrics.csv")) is not None
+        if (frame := read_csv(run / policy / name)) is not None
     ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -77,7 +79,7 @@ def write_figures(run: str | Path, out_dir: str | Path | None = None) -> list[Pa
         save(plots.plot_pass_at_k(levels), "pass_at_k.png")
     curves = training_curves(run)
     if not curves.empty:
-        save(plots.plot_training_curves(curves), "rl_curves.png")
+        save(plots.plot_training_curves(curves, training_curves(run, "validation.csv")), "rl_curves.png")
     if (loss := read_csv(run / "base" / "loss.csv")) is not None:
         save(plots.plot_loss_curve(loss), "base_loss.png")
     for policy in TRAINED:

@@ -180,17 +180,24 @@ def tool_use_table(estimates: dict[str, dict[tuple[str, str], Estimate]], metric
     return pd.DataFrame(rows)
 
 
-def tool_use_points(run: Path) -> pd.DataFrame:
-    """policy, scenario, solve_p, solve_r, solve_f1 from eval/<policy>/tool_use.csv (for the bar chart)."""
-    frames = []
-    for policy in POLICIES:
-        frame = read_csv(run / "eval" / policy / "tool_use.csv")
-        if frame is not None:
-            frames.append(frame.assign(policy=POLICIES[policy]))
-    if not frames:
-        return pd.DataFrame(columns=["policy", "scenario", "solve_p", "solve_r", "solve_f1"])
-    tidy = pd.concat(frames)
-    return tidy.pivot_table(index=["policy", "scenario"], columns="metric", values="value").reset_index()
+def tool_use_points(run: Path, metric: str = "solve_f1") -> pd.DataFrame:
+    """policy, scenario, `metric`, low, high: each policy's test-split score per scenario and overall with its
+    95% bootstrap interval over environments (the report's intervals), for the bar chart."""
+    rows = []
+    for policy, estimates in tool_use_estimates_by_policy(run).items():
+        for (scope, name), estimate in estimates.items():
+            if name == metric:
+                low, high = estimate.interval
+                rows.append(
+                    {
+                        "policy": POLICIES[policy],
+                        "scenario": scope,
+                        metric: estimate.value,
+                        "low": low,
+                        "high": high,
+                    }
+                )
+    return pd.DataFrame(rows, columns=["policy", "scenario", metric, "low", "high"])
 
 
 # -- general ability ---------------------------------------------------------------------------------
@@ -226,9 +233,10 @@ def general_table(run: Path) -> pd.DataFrame | None:
             "contains answer": f"{found.get('tasks.contains_answer', float('nan')):.3f}",
             "tasks": int(found.get("tasks.tasks", 0)),
         }
-        if policy != "base" and "base" in values:
+        if "base" in values:  # the base is the reference of the change, not a row with a missing value
             loss = values["base"]["heldout_text.loss"]
-            row["loss change"] = f"{(found['heldout_text.loss'] - loss) / loss:+.2%}"
+            change = (found["heldout_text.loss"] - loss) / loss
+            row["loss change vs base"] = "(reference)" if policy == "base" else f"{change:+.2%}"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -291,12 +299,15 @@ def ablation_table(run: Path) -> pd.DataFrame | None:
         retained = "n/a"
         if not pd.isna(row["gain_retained"]):
             retained = f"{row['gain_retained']:.2f} [{row['gain_retained_low']:.2f}, {row['gain_retained_high']:.2f}]"
+        reference = row["variant"] in ("base", "trained")  # the two models themselves: nothing spliced
         rows.append(
             {
                 "variant": row["variant"],
-                "parameters": int(row["parameters"]),
-                "update share": "" if pd.isna(row["update_share"]) else f"{row['update_share']:.2f}",
-                metric: f"{row.get(metric, float('nan')):.3f} ± {row.get(f'{metric}_se', float('nan')):.3f}",
+                "parameters spliced": "(reference)" if reference else f"{int(row['parameters']):,}",
+                "update share": ""
+                if reference or pd.isna(row["update_share"])
+                else f"{row['update_share']:.2f}",
+                f"{metric} (mean ± s.e.)": f"{row.get(metric, float('nan')):.3f} ± {row.get(f'{metric}_se', float('nan')):.3f}",
                 "gain retained [95%]": retained,
             }
         )

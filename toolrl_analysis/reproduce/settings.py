@@ -16,6 +16,7 @@ from typing import Any
 
 from toolrl_analysis.config import config_toml, load_config, require, toml_value
 from toolrl_analysis.errors import ConfigError
+from toolrl_analysis.evaluate import GENERAL_TASKS, VARIANT_GENERAL_TASKS
 from toolrl_analysis.rollout import EPISODES
 
 BASE_SOURCES = ("embedded", "train")  # or the path of a policy file
@@ -30,7 +31,7 @@ class EvalSettings:
     max_new_tokens: int = EPISODES.max_new_tokens
     batch_size: int = EPISODES.batch_size
     general: bool = True
-    general_tasks: int = 256  # exact-match tasks: enough for the "general ability is kept" interval
+    general_tasks: int = GENERAL_TASKS  # exact-match tasks: enough for the "general ability is kept" interval
     # pass@k of the base and the (first) GRPO policy: `samples` episodes per environment at `temperature`
     # on a slice of `sample_limit` test environments, balanced over scenarios (0: the whole split)
     samples: int = 8
@@ -57,7 +58,7 @@ class AblateSettings:
     max_new_tokens: int = EPISODES.max_new_tokens
     batch_size: int = EPISODES.batch_size
     general: bool = True
-    general_tasks: int = 64
+    general_tasks: int = VARIANT_GENERAL_TASKS
     roles: bool = True  # the role-NLL table per variant (the behavioural context-reading measure)
     bootstrap: int = 1000
     seed: int = 0

@@ -64,9 +64,11 @@ class Validation:
                 model, tokenizer, self.solve_records, sandbox=sandbox, max_turns=self.max_turns,
                 max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
             )  # fmt: skip
-            summary = summarize_tool_use(episode_table(episodes))
+            table = episode_table(episodes)
+            summary = summarize_tool_use(table)
             for item in summary[summary["metric"] == "solve_f1"].itertuples():
                 row[f"val_f1_{item.scenario}"] = float(item.value)
+            row["val_f1_overall_se"] = mean_of_means_se(table)
         if self.meter_set is not None:
             table = role_table(meter_frame(model, self.meter_set)).set_index("role")
             for role in (*ROLES, "all"):
@@ -75,6 +77,14 @@ class Validation:
                     row[f"gap_{role}"] = float(table.loc[role, "gap"])
                     row[f"top1_{role}"] = float(table.loc[role, "top1_real"])
         return row
+
+
+def mean_of_means_se(episodes) -> float:
+    """Standard error of the overall Solve-F1 (the mean of the scenario means) over the validation episodes,
+    for the error bars of the learning curves."""
+    per_scenario = episodes.groupby("scenario")["solve_f1"]
+    variances = (per_scenario.var(ddof=1) / per_scenario.count()).fillna(0.0)
+    return float(math.sqrt(variances.sum()) / max(1, len(variances)))
 
 
 def _mean(values: list[float]) -> float:

@@ -14,7 +14,7 @@ import pandas as pd
 from toolrl_analysis.analysis.ablate.bootstrap import DEFAULT_REPLICATES, stratified_resamples
 from toolrl_analysis.analysis.ablate.control import energy_pairs_in_memory, energy_ratio_text, update_energies
 from toolrl_analysis.analysis.ablate.grid import Variant, custom_variants, grid_variants
-from toolrl_analysis.analysis.ablate.save import DEFAULT_SHARD_BYTES, save_spliced
+from toolrl_analysis.analysis.ablate.save import DEFAULT_SHARD_BYTES, output_format, save_spliced
 from toolrl_analysis.analysis.ablate.splice import Operation, compile_operations
 from toolrl_analysis.analysis.ablate.tables import RETAINED_METRICS, build_frames
 from toolrl_analysis.analysis.ablate.variants import EvaluationOptions, evaluate_variants, pairs_in_memory
@@ -86,6 +86,8 @@ def _check_request(operations, grid, envs, save, metric) -> None:
         raise UserError("nothing to do: --envs evaluates the variants, --save writes the hybrid (or both)")
     if metric not in RETAINED_METRICS:
         raise ConfigError(f"--metric must be one of {', '.join(RETAINED_METRICS)}, got {metric!r}")
+    if save is not None:
+        output_format(Path(save))  # a bad suffix fails here, before any model is read
 
 
 def ablate(

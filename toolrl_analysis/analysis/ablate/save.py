@@ -36,6 +36,7 @@ from toolrl_analysis.analysis.ablate.writers import (
 from toolrl_analysis.analysis.checkpoints import Checkpoint
 from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan, ScratchBuffers
 from toolrl_analysis.analysis.diff.stream import DEFAULT_CHUNK_ELEMENTS, chunk_ranges, torch_threads
+from toolrl_analysis.errors import CheckpointError
 from toolrl_analysis.io import torch_load_safely
 from toolrl_analysis.models.checkpoint import POLICY_FORMAT
 
@@ -54,10 +55,16 @@ class _Entry:
 
 
 def output_format(path: Path) -> str:
+    """What `--save PATH` writes: FILE.pt, FILE.safetensors, or an HF directory (a path without a suffix, or an
+    existing directory). Any other suffix is a mistake, not a directory name."""
     if path.suffix == ".pt":
         return "pt"
     if path.suffix == ".safetensors":
         return "safetensors"
+    if path.suffix and not path.is_dir():
+        raise CheckpointError(
+            f"--save {path}: write DIR (a Hugging Face directory), FILE.safetensors or FILE.pt, not {path.suffix}"
+        )
     return "hf-directory"
 
 

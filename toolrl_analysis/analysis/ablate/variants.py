@@ -23,6 +23,7 @@ from toolrl_analysis.analysis.checkpoints import Checkpoint
 from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan, iter_pairs, torch_threads
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.errors import CheckpointError, first_line, first_names
+from toolrl_analysis.evaluate import VARIANT_GENERAL_TASKS
 from toolrl_analysis.rollout import EPISODES
 
 InMemoryPairs = dict[str, tuple[MatchedTensor, torch.Tensor, torch.Tensor]]
@@ -37,7 +38,7 @@ class EvaluationOptions:
     max_turns: int = EPISODES.max_turns
     max_new_tokens: int = EPISODES.max_new_tokens
     batch_size: int = EPISODES.batch_size
-    general_tasks: int = 64
+    general_tasks: int = VARIANT_GENERAL_TASKS
     sandbox_workers: int = 2
     # torch threads while evaluating (0: torch's default). A tiny model gains nothing from more than one,
     # and on a busy 2-core machine two threads ran the general suite 12x slower than one (measured).

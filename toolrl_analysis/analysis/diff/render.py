@@ -19,7 +19,7 @@ def render_comparison(comparison: Comparison, console, top: int = 15) -> None:
     console.print(
         f"[bold]{summary['base']['path']}[/] -> [bold]{summary['trained']['path']}[/]: "
         f"{summary['n_tensors']} tensors, {summary['n_parameters']:,} parameters, {summary['n_layers']} blocks "
-        f"({summary['architecture']}); {summary['n_changed_rows']} of {summary['n_rows']} rows changed, "
+        f"({summary['architecture']}); {summary['n_changed_rows']} of {summary['n_rows']} parameter tensors (or parts) changed, "
         f"overall relative change {summary['relative_frobenius_change']:.3g}"
     )
     for key, label in (("only_in_base", "only in base"), ("only_in_trained", "only in trained")):

@@ -1,0 +1,124 @@
+"""Every bad input a newcomer met: each gives one line on stderr, exit status 2, no traceback, and no work
+done first. (More bad inputs per command live beside each command's tests.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_random_qwen2
+
+from toolrl_analysis.cli import main
+from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_envset
+from toolrl_analysis.models.checkpoint import save_policy
+from toolrl_analysis.models.tokenizer import build_policy_tokenizer
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    build = build_envsets(EnvBuildConfig(seed=2, train_size=8, test_per_scenario=1))
+    write_envset(build, root / "envs")
+    tokenizer = build_policy_tokenizer(build.train, vocab_size=600)
+    save_policy(tiny_random_qwen2(tokenizer), tokenizer, root / "base.pt")
+    save_policy(tiny_random_qwen2(tokenizer, seed=1), tokenizer, root / "trained.pt")
+    (root / "latin1.jsonl").write_bytes('{"caf\xe9": 1}\n'.encode("latin-1"))
+    (root / "five.pt").write_bytes(b"hello")
+    whole = (root / "base.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (root / "a-file").write_text("not a directory\n")
+    (root / "full").mkdir()
+    (root / "full" / "train.jsonl").write_text("{}\n")
+    return root
+
+
+def cases(root):
+    envs, base, trained = root / "envs", root / "base.pt", root / "trained.pt"
+    latin1 = root / "latin1.jsonl"
+    return {
+        "evaluate: non-UTF-8 environments": (
+            ["evaluate", str(base), "--envs", str(latin1)],
+            "not UTF-8 text",
+        ),
+        "probe: non-UTF-8 environments": (
+            ["probe", str(base), str(trained), "--envs", str(latin1)],
+            "not UTF-8 text",
+        ),
+        "envs check: non-UTF-8 file": (["envs", "check", str(latin1)], "not UTF-8 text"),
+        "envs import: non-UTF-8 file": (
+            ["envs", "import", str(latin1), "--out", str(root / "imp")],
+            "not UTF-8 text",
+        ),
+        "evaluate: --out is a file": (
+            ["evaluate", str(base), "--envs", str(envs), "--out", str(root / "a-file")],
+            "exists and is not a directory",
+        ),
+        "ablate: --envs is a JSON document": (
+            ["ablate", str(base), str(trained), "--grid", "paper", "--envs", str(envs / "manifest.json")],
+            "one JSON document, not JSON Lines",
+        ),
+        "evaluate: a 5-byte .pt": (
+            ["evaluate", str(root / "five.pt"), "--envs", str(envs)],
+            "5 bytes, neither",
+        ),
+        "compare: a truncated .pt": (
+            ["compare", str(root / "truncated.pt"), str(trained)],
+            "damaged or truncated",
+        ),
+        "envs build: a list of the wrong length": (
+            ["envs", "build", "--out", str(root / "o"), "--set", "train_mix=[1,1]"],
+            "'train_mix' must list 4 weights",
+        ),
+        "envs build: a list that does not parse": (
+            ["envs", "build", "--out", str(root / "o"), "--set", "train_mix=[1,1"],
+            "write a,b,c or [a, b, c]",
+        ),
+        "envs build: an existing output": (["envs", "build", "--out", str(root / "full")], "pass --force"),
+        "train-grpo: missing environments": (
+            ["train-grpo", "--envs", str(root / "nowhere"), "--init", str(base), "--out", str(root / "g")],
+            "no training environments",
+        ),
+        "ablate: --save with an unknown suffix": (
+            ["ablate", str(base), str(trained), "--revert", "mlp@0", "--save", str(root / "hyb.xyz")],
+            "not .xyz",
+        ),
+    }
+
+
+CASES = sorted(cases(__import__("pathlib").Path("/x")))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_each_bad_input_is_one_line_and_exit_2(name, files, capsys):
+    argv, message = cases(files)[name]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err  # no blank line before it, no traceback after it
+    assert lines[0].startswith("toolrl-analyze: error: ") and message in lines[0], lines[0]
+    assert captured.out == ""
+
+
+def test_outputs_are_checked_before_any_work(files, capsys, monkeypatch):
+    import toolrl_analysis.evaluate as evaluate_module
+
+    monkeypatch.setattr(
+        evaluate_module, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated first")
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                str(files / "base.pt"),
+                "--envs",
+                str(files / "envs"),
+                "--out",
+                str(files / "a-file"),
+            ]
+        )
+        == 2
+    )
+    assert not (files / "hyb.xyz").exists()  # the refused --save wrote nothing
+    assert json.loads((files / "envs" / "manifest.json").read_text())  # the refused file is valid JSON
+    assert torch.load(files / "base.pt", weights_only=True)  # and the models were never touched

@@ -184,9 +184,13 @@ def test_cli_evaluate_renders_tables_and_writes_files(hf_dir, envs_file, tmp_pat
     code = main(["evaluate", str(hf_dir), "--envs", str(envs_file), "--no-general", "--max-new-tokens", "8",
                  "--out", str(tmp_path / "out")])  # fmt: skip
     assert code == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "Solve-P" in out and "parallel_multi_hop" in out and "overall" in out
     assert (tmp_path / "out" / "tool_use.csv").is_file() and not (tmp_path / "out" / "general.csv").exists()
+    # stderr is not a terminal here (a log, a pipe): progress comes as plain lines, one per turn
+    progress = [line for line in captured.err.splitlines() if line.startswith("evaluate: turn ")]
+    assert progress and progress[0].startswith("evaluate: turn 1/20, ") and "episodes finished" in progress[0]
 
 
 @pytest.mark.parametrize("kind", ["missing", "text file", "directory without config", "bad limit"])

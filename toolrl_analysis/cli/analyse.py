@@ -25,6 +25,12 @@ ALLOW_MISSING_HELP = "compare the tensors both checkpoints hold, instead of stop
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
+    _add_compare(sub, common)
+    _add_ablate(sub, common)
+    _add_probe(sub, common)
+
+
+def _add_compare(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("compare", parents=[common], help="per-layer, per-component checkpoint diff")
     p.add_argument("base", help=CHECKPOINT_HELP.format(which="before training"))
     p.add_argument("trained", help=CHECKPOINT_HELP.format(which="after training"))
@@ -45,6 +51,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(func=_cmd_compare)
 
+
+def _add_ablate(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "ablate",
         parents=[common, episode_flags()],
@@ -97,6 +105,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for evaluation (0: torch's default)")
     p.set_defaults(func=_cmd_ablate, general_tasks=VARIANT_GENERAL_TASKS)  # the suite runs once per variant
 
+
+def _add_probe(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("probe", parents=[common], help="layer-wise probes of hidden states")
     p.add_argument("base", nargs="?", help=CHECKPOINT_HELP.format(which="before training"))
     p.add_argument("trained", nargs="?", help=CHECKPOINT_HELP.format(which="after training"))

@@ -33,7 +33,7 @@ reproduce-quick: $(STAMP)
 # Regenerate the shipped embedded base from the defaults of train-base (about 50 minutes on 2 cores),
 # then copy the chosen checkpoint and its manifest into toolrl_analysis/data/embedded/.
 base: $(STAMP)
-	$(BIN)/toolrl-analyze envs build --out $(BASE_RUN)/envs
+	test -f $(BASE_RUN)/envs/manifest.json || $(BIN)/toolrl-analyze envs build --out $(BASE_RUN)/envs
 	$(BIN)/toolrl-analyze train-base --envs $(BASE_RUN)/envs --out $(BASE_RUN)/base $(if $(RESUME),--resume,)
 	$(BIN)/python -m toolrl_analysis.training.ship_base $(BASE_RUN)/base
 

@@ -79,6 +79,14 @@ def cases(root):
             ["train-grpo", "--envs", str(root / "nowhere"), "--init", str(base), "--out", str(root / "g")],
             "no training environments",
         ),
+        "probe: --limit 0": (
+            ["probe", str(base), str(trained), "--envs", str(envs), "--limit", "0"],
+            "--limit must be",
+        ),
+        "envs build: a non-UTF-8 --config": (
+            ["envs", "build", "--out", str(root / "o"), "--config", str(latin1)],
+            "is not UTF-8 text (TOML files are UTF-8)",
+        ),
         "ablate: --save with an unknown suffix": (
             ["ablate", str(base), str(trained), "--revert", "mlp@0", "--save", str(root / "hyb.xyz")],
             "not .xyz",
@@ -122,3 +130,35 @@ def test_outputs_are_checked_before_any_work(files, capsys, monkeypatch):
     assert not (files / "hyb.xyz").exists()  # the refused --save wrote nothing
     assert json.loads((files / "envs" / "manifest.json").read_text())  # the refused file is valid JSON
     assert torch.load(files / "base.pt", weights_only=True)  # and the models were never touched
+
+
+def test_a_model_name_with_a_dot_is_a_directory_to_save_into():
+    from pathlib import Path
+
+    from toolrl_analysis.analysis.ablate.save import output_format
+
+    assert output_format(Path("runs/Qwen2.5-7B-lower-mlp")) == "hf-directory"
+    assert output_format(Path("hybrid.safetensors")) == "safetensors" and output_format(Path("h.pt")) == "pt"
+
+
+def test_print_config_ignores_an_output_it_will_not_write(files, capsys):
+    assert main(["envs", "build", "--out", str(files / "a-file"), "--print-config"]) == 0
+    assert "[sizes]" in capsys.readouterr().out
+
+
+def test_help_shows_zero_defaults_and_leaves_out_unset_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "seed of the sampled episodes (default: 0)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_a_grpo_checkpoint_of_the_older_format_still_resumes(tmp_path):
+    from toolrl_analysis.training.resume import load_train_state
+
+    weights = {"w": torch.ones(2)}
+    torch.save({"iteration": 3, "model": weights, "optimizer": {"state": {}, "param_groups": []},
+                "scheduler": {"last_epoch": 3}, "config": "{}"}, tmp_path / "iter-000003.pt")  # fmt: skip
+    loaded, state = load_train_state(tmp_path / "iter-000003.pt")
+    assert torch.equal(loaded["w"], weights["w"]) and state["iteration"] == 3 and "model" not in state

@@ -15,8 +15,8 @@ from toolrl_analysis.analysis.probe.run import ProbeConfig
 from toolrl_analysis.cli import main
 from toolrl_analysis.config import config_toml, load_config
 from toolrl_analysis.envs.pipeline import EnvBuildConfig
+from toolrl_analysis.episodes import EPISODES, EpisodeOptions
 from toolrl_analysis.reproduce.settings import load_settings
-from toolrl_analysis.rollout import EPISODES, EpisodeOptions
 from toolrl_analysis.training.grpo import GRPOConfig
 from toolrl_analysis.training.sft import SFTConfig
 
@@ -132,3 +132,16 @@ def test_episodes_are_played_the_same_way_by_every_command():
     )
     with pytest.raises(Exception, match="--max-new-tokens must be a whole number, at least 1"):
         EpisodeOptions(max_new_tokens=0)
+
+
+def test_optional_keys_read_none_and_numbers():
+    from dataclasses import dataclass
+
+    from toolrl_analysis.config import build_config
+
+    @dataclass
+    class Optional:
+        cap: int | None = None
+
+    assert build_config(Optional, {"cap": "none"}).cap is None
+    assert build_config(Optional, {"cap": "5"}).cap == 5

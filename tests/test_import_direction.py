@@ -21,6 +21,7 @@ NEVER = {
     "config": {"envs", "models", "io", *HIGHER},
     "io": {"envs", "models", "config", *HIGHER},
     "results": {"envs", "models", "config", "io", *HIGHER},  # every command's writer: frames and JSON only
+    "episodes": {"envs", "models", "config", "io", "results", *HIGHER},  # no torch: the CLI's help reads it
     "envs": {"models", *HIGHER},  # envs knows no models
     "models": HIGHER,
     "analysis": {"training", "cli", "reproduce"},  # analysis never imports training

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord
+from toolrl_analysis.episodes import GENERAL_TASKS, VARIANT_GENERAL_TASKS  # noqa: F401 (re-exported)
 from toolrl_analysis.results import json_records, write_results
 from toolrl_analysis.rollout import (
     EPISODES,
@@ -49,8 +50,6 @@ from toolrl_analysis.rollout import (
 
 OVERALL = "overall"
 SOLVE_METRICS = ("solve_p", "solve_r", "solve_f1")
-GENERAL_TASKS = 256  # exact-match tasks of the general suite: the report's, enough for its interval
-VARIANT_GENERAL_TASKS = 64  # per ablation variant, where the suite runs once per variant
 
 
 # =============================================================================================

@@ -26,7 +26,7 @@ from toolrl_analysis.envs.reward import StepReward, episode_metrics, execute_tur
 from toolrl_analysis.envs.sandbox import ToolResult
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.envs.toolcalls import ParsedTurn, ToolCall, parse_tool_calls
-from toolrl_analysis.errors import ConfigError
+from toolrl_analysis.episodes import EPISODES, EpisodeOptions  # noqa: F401 (re-exported)
 
 STOP_NO_CALL = "no_call"
 STOP_MAX_TURNS = "max_turns"
@@ -36,27 +36,6 @@ TURN_END_TOKEN = "<|im_end|>"  # Qwen-style chat templates (ours included) end e
 _CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>")
 
 
-@dataclass(frozen=True)
-class EpisodeOptions:
-    """How held-out episodes are played, the same for every command that plays them (evaluate, ablate, the
-    probe's rollouts, reproduce's evaluation stages), so a flag means one thing everywhere."""
-
-    max_turns: int = 20  # assistant turns before an episode stops (FTRL: 20)
-    max_new_tokens: int = (
-        128  # tokens per assistant turn; our policy's turns are ~40, this stops a rambling one
-    )
-    batch_size: int = 32  # prompts generated together
-
-    def __post_init__(self) -> None:
-        for name in ("max_turns", "max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be a whole number, at least 1; got {value!r}"
-                )
-
-
-EPISODES = EpisodeOptions()
 DEFAULT_MAX_TURNS = EPISODES.max_turns
 
 

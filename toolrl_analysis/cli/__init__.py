@@ -26,12 +26,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (
-            default in (None, False, argparse.SUPPRESS)
-            or default == []
-            or "default" in text
-            or not action.option_strings
-        ):
+        unset = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if unset or "default" in text or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -63,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "out_is_file", False):
             if args.out is not None and Path(args.out).is_dir():
                 raise UserError(f"--out {args.out} is a directory; name the file to write")
-        else:  # every output directory is checked before any work starts
+        elif not getattr(args, "print_config", False):  # every output directory, before any work starts
             check_out_dir(
                 getattr(args, "out", None), force=args.force if getattr(args, "replaces_out", False) else None
             )

@@ -17,8 +17,8 @@ from toolrl_analysis.cli.args import (
     scale_factor,
 )
 from toolrl_analysis.cli.output import console, emit, progress_console, step_progress
+from toolrl_analysis.episodes import VARIANT_GENERAL_TASKS
 from toolrl_analysis.errors import UserError
-from toolrl_analysis.evaluate import VARIANT_GENERAL_TASKS
 
 CHECKPOINT_HELP = "the model {which}: embedded, a .pt, .safetensors, an HF directory or a run directory"
 ALLOW_MISSING_HELP = "compare the tensors both checkpoints hold, instead of stopping at a missing one"
@@ -201,6 +201,8 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     from toolrl_analysis.analysis.probe.run import ProbeConfig, render_probe, run_probe
     from toolrl_analysis.config import load_config
 
+    if args.limit is not None and args.limit < 1:  # as in evaluate and ablate: leave --limit out for all
+        raise UserError(f"--limit must be at least 1 (leave it out for all), got {args.limit}")
     flags = {"tasks": args.tasks, "layers": args.layers, "limit": args.limit, "seeds": args.seeds}
     overrides = list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None]
     config = load_config(ProbeConfig, args.config, overrides)

@@ -73,8 +73,7 @@ def episode_flags() -> argparse.ArgumentParser:
 
 def add_episode_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of `episode_flags`."""
-    from toolrl_analysis.evaluate import GENERAL_TASKS
-    from toolrl_analysis.rollout import EPISODES
+    from toolrl_analysis.episodes import EPISODES, GENERAL_TASKS
 
     parser.add_argument(
         "--max-turns", type=int, default=EPISODES.max_turns, help="assistant turns per episode (FTRL's)"
@@ -105,7 +104,7 @@ def add_limit_flag(parser: argparse.ArgumentParser) -> None:
 
 def episode_options(args: argparse.Namespace):
     """The EpisodeOptions the flags of `add_episode_flags` ask for (a bad value: one line, exit 2)."""
-    from toolrl_analysis.rollout import EpisodeOptions
+    from toolrl_analysis.episodes import EpisodeOptions
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1 (leave it out for all), got {args.limit}")

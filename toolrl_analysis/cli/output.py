@@ -9,12 +9,12 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from toolrl_analysis.results import json_clean
-
 
 def emit(args: argparse.Namespace, document: Any, render: Callable[[], None]) -> None:
     """With --json print one JSON document on stdout; otherwise the human summary."""
     if getattr(args, "json", False):
+        from toolrl_analysis.results import json_clean  # pandas: loaded only when a document is printed
+
         json.dump(json_clean(document), sys.stdout, indent=None)
         sys.stdout.write("\n")
     else:
@@ -63,13 +63,13 @@ def step_progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
         TimeElapsedColumn(),
         TextColumn("{task.description}"),
     )
-    shown = {-1}
+    shown: set[tuple[int, int]] = set()
     with progress_bar(*columns) as progress:
         task = progress.add_task("", total=None)
 
         def update(name: str, done: int, total: int) -> None:
             progress.update(task, completed=done, total=total, description=name)
-            tenth = 10 * done // max(1, total)
+            tenth = (total, 10 * done // max(1, total))  # a new phase (another total) starts its tenths anew
             if tenth not in shown:
                 shown.add(tenth)
                 progress_line(f"{label}: {done}/{total} {name}")

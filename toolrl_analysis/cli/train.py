@@ -85,7 +85,7 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
         lambda: console().print(
             f"base written to {summary['out']}/base.pt and {summary['out']}/hf "
             f"({summary['parameters']:,} parameters, {summary['steps']} steps, loss "
-            f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, {summary['train_seconds']:.0f}s of training "
+            f"{_number(summary['first_loss'])} -> {_number(summary['final_loss'])}, {summary['train_seconds']:.0f}s of training "
             f"over all sessions, {summary['seconds']:.0f}s this one); "
             f"chose step {summary['chosen_step']}: {summary['chosen_because']}"
         ),
@@ -143,3 +143,8 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
             + (" (interrupted; resume with --resume)" if summary["interrupted"] else "")
         ),
     )
+
+
+def _number(value: float | None) -> str:
+    """A loss for the summary line; a run stopped before its first logged step has none."""
+    return "n/a" if value is None else f"{value:.3f}"

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from toolrl_analysis.config import config_toml, load_config, require, toml_value
+from toolrl_analysis.episodes import EPISODES, GENERAL_TASKS, VARIANT_GENERAL_TASKS
 from toolrl_analysis.errors import ConfigError
-from toolrl_analysis.evaluate import GENERAL_TASKS, VARIANT_GENERAL_TASKS
-from toolrl_analysis.rollout import EPISODES
 
 BASE_SOURCES = ("embedded", "train")  # or the path of a policy file
 

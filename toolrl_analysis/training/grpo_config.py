@@ -102,8 +102,9 @@ class GRPOConfig:
     # Iterations between validations (and one before the first iteration and one after the last, so the
     # trained policy is always measured); 0 never validates. A validation
     # is greedy Solve-F1 (max_turns, max_new_tokens) on `val_solve_envs` environments per scenario and the
-    # role-NLL table of the context-reading meter on `val_meter_envs` per scenario, both from the end of
-    # train.jsonl (the slice train-base validates on) and both held out of RL training. Never the test split.
+    # role-NLL table of the context-reading meter on `val_meter_envs` per scenario, both from the build's
+    # validation.jsonl (held-out worlds; an older build without one: the end of train.jsonl, held out of RL).
+    # Never the test split.
     eval_every: int = 10
     val_solve_envs: int = 16
     val_meter_envs: int = 25

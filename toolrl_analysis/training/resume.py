@@ -21,6 +21,9 @@ def save_train_state(model: Any, tokenizer: Any, path: str | Path, state: dict[s
 def load_train_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the model's state dict, the trainer's state) of a file `save_train_state` wrote."""
     payload = read_checkpoint_file(path)
+    if isinstance(payload, dict) and {"iteration", "model", "optimizer", "scheduler"} <= set(payload):
+        # train-grpo's checkpoints before this format (a plain dict of the same state); still resumable
+        return payload["model"], {k: v for k, v in payload.items() if k != "model"}
     if not isinstance(payload, dict) or not isinstance(payload.get(TRAIN_STATE), dict):
         raise CheckpointError(
             f"{path} is not a training checkpoint (no '{TRAIN_STATE}'); it cannot be resumed"

@@ -1,9 +1,11 @@
-"""Validation during training: role curves and Solve-F1 on a slice of the training distribution, and the
-choice of the checkpoint that becomes the base (train-base). train-grpo measures the same slice.
+"""Validation during training: role curves and Solve-F1 on held-out environments, and the choice of the
+checkpoint that becomes the base (train-base).
 
-The slice is the end of the build's train.jsonl (never the test split), held out of both trainings. Each
-evaluation gives one flat row: `step`, `val_f1_<scenario>`, `val_f1_overall`, and per role `nll_<role>`,
-`gap_<role>` (NLL with another environment's context minus NLL with its own), `top1_<role>`.
+train-base validates on the end of the build's train.jsonl, held out of its data; train-grpo on the build's
+validation.jsonl (held-out worlds), or on the end of train.jsonl for an older build (`shared.validation_source`).
+Never the test split. Each evaluation gives one flat row: `step`, `val_f1_<scenario>`, `val_f1_overall` and
+its standard error `val_f1_overall_se`, and per role `nll_<role>`, `gap_<role>` (NLL with another
+environment's context minus NLL with its own), `top1_<role>`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ starting model ties to its embedding stays tied.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ def output_format(path: Path) -> str:
         return "pt"
     if path.suffix == ".safetensors":
         return "safetensors"
-    if path.suffix and not path.is_dir():
+    if re.fullmatch(r"\.[A-Za-z]{1,12}", path.suffix) and not path.is_dir():  # a file type, not "Qwen2.5-7B"
         raise CheckpointError(
             f"--save {path}: write DIR (a Hugging Face directory), FILE.safetensors or FILE.pt, not {path.suffix}"
         )

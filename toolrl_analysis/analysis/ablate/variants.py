@@ -22,9 +22,8 @@ from toolrl_analysis.analysis.ablate.splice import SpliceAccount, splice_in_memo
 from toolrl_analysis.analysis.checkpoints import Checkpoint
 from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan, iter_pairs, torch_threads
 from toolrl_analysis.envs.schema import EnvRecord
+from toolrl_analysis.episodes import EPISODES, VARIANT_GENERAL_TASKS
 from toolrl_analysis.errors import CheckpointError, first_line, first_names
-from toolrl_analysis.evaluate import VARIANT_GENERAL_TASKS
-from toolrl_analysis.rollout import EPISODES
 
 InMemoryPairs = dict[str, tuple[MatchedTensor, torch.Tensor, torch.Tensor]]
 

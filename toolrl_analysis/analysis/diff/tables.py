@@ -1,5 +1,5 @@
-"""Aggregation into tidy frames: one row per parameter part, per (layer, component), per depth band; the
-JSON-able summary; the cleaning that makes both valid JSON; and writing frames out (shared with ablation)."""
+"""Aggregation into tidy frames: one row per parameter part, per (layer, component), per depth band, and the
+JSON-able summary. Writing them out (CSV, parquet, cleaned JSON) is `results.write_results`."""
 
 from __future__ import annotations
 

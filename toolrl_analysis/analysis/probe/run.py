@@ -35,9 +35,9 @@ from toolrl_analysis.analysis.probe.decision_points import (
 )
 from toolrl_analysis.analysis.probe.fit import ProbeSettings, compare_probes, probe_layers, summarise_probes
 from toolrl_analysis.config import require
+from toolrl_analysis.episodes import EPISODES
 from toolrl_analysis.errors import CheckpointError, EnvFormatError, SelectorError, UserError
 from toolrl_analysis.results import write_results
-from toolrl_analysis.rollout import EPISODES
 
 MODELS = ("base", "trained")
 

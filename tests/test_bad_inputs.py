@@ -162,3 +162,29 @@ def test_a_grpo_checkpoint_of_the_older_format_still_resumes(tmp_path):
                 "scheduler": {"last_epoch": 3}, "config": "{}"}, tmp_path / "iter-000003.pt")  # fmt: skip
     loaded, state = load_train_state(tmp_path / "iter-000003.pt")
     assert torch.equal(loaded["w"], weights["w"]) and state["iteration"] == 3 and "model" not in state
+
+
+def test_no_flag_is_stored_under_a_name_nnsight_gives_every_object():
+    """nnsight adds a `.save` method to every object once imported (probe's nnsight backend does), so a flag
+    stored as `save` would never get its default in a process that has imported it."""
+    import argparse
+
+    import nnsight  # noqa: F401
+
+    from toolrl_analysis.cli import build_parser
+
+    injected = {name for name in dir(argparse.Namespace()) if not name.startswith("_")}
+    dests = set()
+
+    def walk(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+            else:
+                dests.add(action.dest)
+
+    walk(build_parser())
+    assert not dests & injected
+    args = build_parser().parse_args(["ablate", "b.pt", "t.pt", "--grid", "paper", "--envs", "e.jsonl"])
+    assert args.save_path is None

@@ -95,7 +95,10 @@ def _add_ablate(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates over environments")
     p.add_argument("--seed", type=int, default=0, help="seed of the random controls and the bootstrap")
     p.add_argument(
-        "--save", default=None, help="write the hybrid: DIR (HF, safetensors), FILE.safetensors or FILE.pt"
+        "--save",
+        dest="save_path",
+        default=None,  # not `save`: nnsight gives every object a .save method
+        help="write the hybrid: DIR (HF, safetensors), FILE.safetensors or FILE.pt",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --save path")
     p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of a saved HF directory")
@@ -174,7 +177,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
             grid=args.grid,
             envs=args.envs,
             limit=args.limit,
-            save=args.save,
+            save=args.save_path,
             force=args.force,
             shard_bytes=byte_size(args.shard_size),
             allow_missing=args.allow_missing,

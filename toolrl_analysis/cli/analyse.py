@@ -10,6 +10,7 @@ from toolrl_analysis.cli.args import (
     add_config_flags,
     add_limit_flag,
     byte_size,
+    check_limit,
     episode_flags,
     episode_options,
     print_config,
@@ -204,8 +205,7 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     from toolrl_analysis.analysis.probe.run import ProbeConfig, render_probe, run_probe
     from toolrl_analysis.config import load_config
 
-    if args.limit is not None and args.limit < 1:  # as in evaluate and ablate: leave --limit out for all
-        raise UserError(f"--limit must be at least 1 (leave it out for all), got {args.limit}")
+    check_limit(args)  # ProbeConfig reads limit 0 as "all"; on the command line 0 is a mistake, as elsewhere
     flags = {"tasks": args.tasks, "layers": args.layers, "limit": args.limit, "seeds": args.seeds}
     overrides = list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None]
     config = load_config(ProbeConfig, args.config, overrides)

@@ -63,7 +63,7 @@ def check_out_dir(path: str | None, flag: str = "--out", force: bool | None = No
 
 
 def episode_flags() -> argparse.ArgumentParser:
-    """A parent parser of the flags for how held-out episodes are played and measured (rollout.EpisodeOptions
+    """A parent parser of the flags for how held-out episodes are played and measured (episodes.EpisodeOptions
     and the suites beside them): one set of flags, one meaning, in evaluate and ablate. A fresh one per
     command, so that one command's defaults never leak into another's."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -102,12 +102,17 @@ def add_limit_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_limit(args: argparse.Namespace) -> None:
+    """--limit is left out for all environments; given, it is at least 1 (every command that has it)."""
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1 (leave it out for all), got {args.limit}")
+
+
 def episode_options(args: argparse.Namespace):
     """The EpisodeOptions the flags of `add_episode_flags` ask for (a bad value: one line, exit 2)."""
     from toolrl_analysis.episodes import EpisodeOptions
 
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1 (leave it out for all), got {args.limit}")
+    check_limit(args)
     if args.general_tasks < 1:
         raise UserError(
             f"--general-tasks must be at least 1 (--no-general skips the suite), got {args.general_tasks}"
@@ -123,12 +128,6 @@ def scale_factor(values: list[str]) -> float | None:
         return float(values[1])
     except ValueError:
         raise UserError(f"--scale {values[0]} {values[1]}: the factor must be a number") from None
-
-
-def at_least_one(flag: str, value: int) -> int:
-    if value < 1:
-        raise UserError(f"{flag} must be at least 1, got {value}")
-    return value
 
 
 def byte_size(text: str) -> int:

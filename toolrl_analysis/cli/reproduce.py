@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from toolrl_analysis.cli.args import require_flags
-from toolrl_analysis.cli.output import console, emit, progress_console
+from toolrl_analysis.cli.output import console, emit, progress_bar
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
-    from rich.progress import BarColumn, Progress, TextColumn
+    from rich.progress import BarColumn, TextColumn
 
     from toolrl_analysis.report import report_document
     from toolrl_analysis.reproduce import reproduce
@@ -46,14 +46,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
         sys.stdout.write(load_settings(args.quick, args.base, args.set).toml())
         return
     require_flags(args, "out")
-    stderr = progress_console()
     columns = (
         TextColumn("{task.description}", markup=False),  # "[3/11] train grpo" is text, not markup
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}% | elapsed {task.fields[elapsed]}, ETA {task.fields[eta]}"),
     )
     # On a terminal a bar across stages under the log lines; in a log file only the plain lines.
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+    with progress_bar(*columns) as progress:
         task = progress.add_task("reproduce", total=1.0, elapsed="0m00s", eta="?")
 
         def on_snapshot(snap) -> None:

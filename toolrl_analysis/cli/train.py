@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from toolrl_analysis.cli.args import add_config_flags, print_config, require_flags
-from toolrl_analysis.cli.output import console, emit, progress_bar, progress_console, progress_line
+from toolrl_analysis.cli.output import console, emit, progress_bar, progress_line
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def _base_progress_line(progress) -> str:
 
 
 def _cmd_train_base(args: argparse.Namespace) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from toolrl_analysis.config import load_config
     from toolrl_analysis.training.sft import SFTConfig, train_base
@@ -54,7 +54,6 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
     if print_config(args, config):
         return
     require_flags(args, "envs", "out")
-    stderr = progress_console()
     columns = (
         TextColumn("warm-up {task.fields[status]}"),
         BarColumn(),
@@ -62,7 +61,8 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
         TimeElapsedColumn(),
     )
     # In a terminal a live bar; in a log file (not a TTY) a plain line every log_every steps.
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+    with progress_bar(*columns) as progress:
+        stderr = progress.console
         task = progress.add_task("sft", total=config.steps, status="")
 
         def on_step(state) -> None:

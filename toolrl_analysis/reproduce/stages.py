@@ -28,12 +28,6 @@ RECORD = "stage.json"
 RUNNING, DONE = "running", "done"
 
 
-def _plain(value: Any) -> Any:
-    """The configuration as JSON would give it back (tuples as lists, paths as text), so a value read from
-    the record compares equal to the one computed now."""
-    return json_clean(value)
-
-
 @dataclass
 class StageContext:
     """What an action gets: whether to continue an interrupted run, and where to report its progress."""
@@ -56,7 +50,8 @@ class Stage:
     plain_config: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.plain_config = _plain(self.config)
+        # as JSON gives it back (tuples as lists, paths as text): a recorded value compares equal to this one
+        self.plain_config = json_clean(self.config)
 
     @property
     def record_path(self) -> Path:

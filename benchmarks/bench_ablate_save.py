@@ -6,7 +6,7 @@ to a temporary directory that is removed afterwards. Each run is its own subproc
 cannot leak between them. Inputs are in the page cache (warm); outputs go through it.
 
 Throughput is the bytes of the written checkpoint per second. Two splices are timed:
-  revert mlp@lower   the paper's question: lower-half MLPs from the base, all else copied from the trained
+  revert mlp@lower   the paper's question: lower MLPs (the lower third of the blocks) from the base, all else copied from the trained
                      model (only the spliced tensors read both sides);
   scale all 0.5      every tensor read on both sides and blended in float32: the arithmetic's worst case.
 The baseline loads both checkpoints whole, splices tensor by tensor and writes the shards with

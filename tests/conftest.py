@@ -59,6 +59,7 @@ TINY = [
     "grpo.max_turns=2", "grpo.max_new_tokens=16", "grpo.mini_batch_size=8",
     "eval.limit=0", "eval.max_turns=2", "eval.max_new_tokens=16", "eval.general_tasks=8",
     "ablate.limit=8", "ablate.max_turns=1", "ablate.max_new_tokens=8", "ablate.bootstrap=100",
+    "ablate.analysis_limit=8", "ablate.controls=2", "ablate.score_threads=1",  # tests share 2 cores
     "probe.seeds=2", "probe.min_class_count=2", "probe.max_iter=20", "grpo.seeds=2", "eval.samples=2",
 ]  # fmt: skip
 

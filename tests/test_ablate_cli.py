@@ -1,5 +1,6 @@
-"""`toolrl-analyze ablate` end to end on a planted pair of tiny policies (the update lies in the lower-half
-MLPs only, so what each variant keeps of the gain is known exactly), and its one-line errors."""
+"""`toolrl-analyze ablate` end to end on planted pairs of tiny policies (the update lies in the lower MLPs
+only, in upper attention only, or is too faint to detect, so what each variant keeps of the change and the
+verdict are known), and its one-line errors."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ LAYERS = 4
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """A random 4-block Qwen2 policy with our tokenizer (base.pt) and a copy whose lower-half MLPs carry a
-    planted update (an HF directory), and a small environment set."""
+    """A random 4-block Qwen2 policy with our tokenizer (base.pt); copies (HF directories) whose lower MLPs
+    (block 0, the lower third) carry a planted update (`trained`), whose upper attention (block 3) does
+    (`trained-attn`), and whose every weight moves by a faint 1e-4 of its spread (`trained-faint`); and a
+    small environment set."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from toolrl_analysis.envs.pipeline import EnvBuildConfig, build_envsets, write_envset
@@ -39,12 +42,22 @@ def planted(tmp_path_factory):
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval()
     save_policy(model, tokenizer, root / "base.pt")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".mlp." in name and int(name.split(".")[2]) < LAYERS // 2:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * parameter.std())
-    save_hf_dir(model, tokenizer, root / "trained")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    plants = {
+        "trained": (lambda n: ".mlp." in n and int(n.split(".")[2]) == 0, 1.0),
+        "trained-attn": (lambda n: ".self_attn." in n and int(n.split(".")[2]) == LAYERS - 1, 1.0),
+        "trained-faint": (lambda n: True, 1e-4),
+    }
+    for seed, (directory, (where, scale)) in enumerate(plants.items(), start=1):
+        model.load_state_dict(base_state)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if where(name) and parameter.dim() == 2:
+                    parameter.add_(
+                        torch.randn(parameter.shape, generator=generator) * parameter.std() * scale
+                    )
+        save_hf_dir(model, tokenizer, root / directory)
     return root
 
 
@@ -54,68 +67,109 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return status, captured.out, captured.err
 
 
-FAST = ("--limit", "4", "--max-turns", "1", "--max-new-tokens", "4", "--no-general", "--bootstrap", "200")
+FAST = (
+    "--limit", "4", "--analysis-limit", "12", "--max-turns", "1", "--max-new-tokens", "4", "--no-general",
+    "--bootstrap", "200", "--score-threads", "1",  # the suite runs two tests at a time on 2 cores
+)  # fmt: skip
+GRID = ("--grid", "paper", "--controls", "4")
 
 
 def test_paper_grid_on_a_planted_pair_recovers_where_the_gain_lives(planted, capsys, tmp_path):
     status, out, err = run(
-        capsys, planted / "base.pt", planted / "trained", "--grid", "paper", "--envs", planted / "envs",
+        capsys, planted / "base.pt", planted / "trained", *GRID, "--envs", planted / "envs",
         *FAST, "--metric", "nll_real", "--out", tmp_path, "--json",
     )  # fmt: skip
     assert status == 0, err
     document = json.loads(out)
     frame = pd.DataFrame(document["variants"]).set_index("variant")
-    subsets = ("mlp@lower", "mlp@upper", "attn@lower", "attn@upper", "mlp@0-2")
-    expected = ["base", "trained"] + [
-        f"{kind} {name}"
-        for s in subsets
-        for kind in ("revert", "transplant")
-        for name in (s, f"control({s})")
-    ]
-    assert sorted(frame.index) == sorted(expected)
-    assert frame["evaluated"].all()
+    main = frame[~frame["control"]]
+    subsets = (
+        "mlp@lower",
+        "mlp@middle",
+        "mlp@upper",
+        "attn@lower",
+        "attn@middle",
+        "attn@upper",
+        "mlp@0-2",
+        "embed",
+        "norm",
+    )  # fmt: skip (lm_head is tied to the embedding: `embed` covers it)
+    expected = ["base", "trained"] + [f"{kind} {s}" for s in subsets for kind in ("revert", "transplant")]
+    rank = [f"{kind} {which}-1" for kind in ("transplant", "revert") for which in ("rank", "residual")]
+    assert sorted(main.index) == sorted(expected + rank)
+    assert main.loc[[v for v in expected if "mlp@0-2" not in v], "played"].all()
+    # Matched controls: 4 draws for each subset that has room; for the others, one row that says why.
+    for subset in ("mlp@lower", "mlp@upper", "attn@lower", "attn@upper"):
+        for kind in ("revert", "transplant"):
+            drawn = frame[frame.index.str.startswith(f"{kind} control({subset})#")]
+            assert (
+                len(drawn) == 4 and (drawn["parameters"] == frame.loc[f"{kind} {subset}", "parameters"]).all()
+            )
+    assert "complement" in frame.loc["revert control(mlp@middle)", "note"]
+    assert "outside the blocks" in frame.loc["revert control(embed)", "note"]
+    # The whole update is in block 0's MLP: reverting it is the base, transplanting it is the trained model,
+    # in Solve-F1's oracle NLL and in the teacher-forced metric alike; every control holds no update.
     retained = frame["gain_retained"]
-    # The whole update is in the lower-half MLPs: reverting them is the base, transplanting them is the
-    # trained model; every other subset, and every control (drawn outside mlp@lower), holds no update.
     assert retained["revert mlp@lower"] == 0.0 and retained["transplant mlp@lower"] == 1.0
     for subset in ("mlp@upper", "attn@lower", "attn@upper"):
         assert retained[f"revert {subset}"] == 1.0 and retained[f"transplant {subset}"] == 0.0
-    assert retained["revert control(mlp@lower)"] == 1.0 and retained["transplant control(mlp@lower)"] == 0.0
+    assert frame.loc["revert mlp@lower", "ll_retained"] == pytest.approx(0.0, abs=1e-9)
+    assert frame.loc["transplant mlp@lower", "ll_retained"] == pytest.approx(1.0)
+    controls = frame[frame.index.str.startswith("revert control(mlp@lower)#")]
+    assert (controls["ll_retained"] == 1.0).all() and (controls["update_share"] == 0.0).all()
     assert frame.loc["revert mlp@lower", "update_share"] == pytest.approx(1.0)
-    assert frame.loc["revert control(mlp@lower)", "update_share"] == 0.0
-    assert frame.loc["revert mlp@lower", "gain_retained_high"] == 0.0  # paired: no spread at all
-    # Each control holds exactly its subset's parameter count.
-    for subset in subsets:
-        assert (
-            frame.loc[f"revert control({subset})", "parameters"]
-            == frame.loc[f"revert {subset}", "parameters"]
-        )
-    # Tool use of a random policy does not move: no gain, so no fraction, and the reason says so.
-    assert "nll_real" in document["summary"]["metric"]
+    # The verdicts: one object per subset, with the rule and the numbers behind it.
+    verdicts = {v["subset"]: v for v in document["verdicts"]}
+    assert verdicts["mlp@lower"]["verdict"] == "reproduced", verdicts["mlp@lower"]["reason"]
+    for subset in ("mlp@middle", "embed", "norm"):
+        assert verdicts[subset]["verdict"] == "inconclusive" and verdicts[subset]["reason"]
+    for found in verdicts.values():
+        assert {"subset", "verdict", "rule", "reason"} <= set(found)
+    lower = verdicts["mlp@lower"]["revert"]
+    assert lower["controls"]["draws"] == 4 and lower["environments"] == 12
+    assert {"p", "p_holm", "p_equivalent", "p_equivalent_holm", "mde", "environments_differ"} <= set(lower)
     assert {
-        "variants.csv",
-        "variants.parquet",
-        "metrics.csv",
-        "metrics.parquet",
-        "ablation.json",
-        "gain_retained.png",
-    } <= {p.name for p in tmp_path.iterdir()}
+        "variants.csv", "variants.parquet", "metrics.csv", "likelihood.csv", "likelihood.parquet",
+        "ablation.json", "gain_retained.png", "control_null.png",
+    } <= {p.name for p in tmp_path.iterdir()}  # fmt: skip
+    # The report recomputes the same verdicts from the saved files, by the same function.
+    from toolrl_analysis.analysis.ablate import verdicts_of
+
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    again = verdicts_of(saved, pd.read_csv(tmp_path / "likelihood.csv"))
+    assert [v["verdict"] for v in again] == [v["verdict"] for v in document["verdicts"]]
     metrics = pd.read_parquet(tmp_path / "metrics.parquet")
     overall_f1 = metrics[(metrics["metric"] == "solve_f1") & (metrics["scope"] == "overall")]
-    assert len(overall_f1) == len(expected) and overall_f1[["se", "low", "high"]].notna().all().all()
+    assert len(overall_f1) == main["played"].sum() and overall_f1[["se", "low", "high"]].notna().all().all()
     # Per variant x environment, the episodes and the meter's sums are kept, so that a later reader (the
     # report) redraws the same paired bootstrap: here it recovers the variants' own figures.
     from toolrl_analysis.analysis.ablate import stratified_resamples
     from toolrl_analysis.analysis.ablate.tables import role_estimates
 
     episodes, meter = pd.read_csv(tmp_path / "episodes.csv"), pd.read_csv(tmp_path / "meter.csv")
-    assert set(episodes["variant"]) == set(meter["variant"]) == set(expected)
+    assert set(episodes["variant"]) == set(meter["variant"]) == set(main.index[main["played"]])
     first = episodes[episodes["variant"] == "base"]
     resamples = stratified_resamples(first["scenario"].tolist(), 200, 0)
     for variant in ("base", "trained", "revert mlp@upper"):
         nll = role_estimates(meter[meter["variant"] == variant], len(first), resamples)[("all", "nll_real")]
         assert nll.value == pytest.approx(frame.loc[variant, "nll_real"])
         assert nll.se == pytest.approx(frame.loc[variant, "nll_real_se"])
+
+
+@pytest.mark.parametrize(
+    ("trained", "verdict"), [("trained-attn", "not reproduced"), ("trained-faint", "inconclusive")]
+)
+def test_planted_pairs_elsewhere_or_below_detection_are_not_called_reproduced(
+    planted, capsys, trained, verdict
+):
+    status, out, err = run(
+        capsys, planted / "base.pt", planted / trained, *GRID, "--envs", planted / "envs", *FAST, "--json"
+    )
+    assert status == 0, err
+    verdicts = {v["subset"]: v for v in json.loads(out)["verdicts"]}
+    assert verdicts["mlp@lower"]["verdict"] == verdict, verdicts["mlp@lower"]["reason"]
+    if trained == "trained-attn":
+        assert verdicts["attn@upper"]["verdict"] == "reproduced", verdicts["attn@upper"]["reason"]
 
 
 def test_variants_are_the_models_evaluate_measures(planted, capsys):
@@ -181,6 +235,8 @@ def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
         (["--scale", "mlp", "nan", "--save", "{tmp}/x"], ["finite number"]),
         (["--revert", "mlp", "--save", "{tmp}/x", "--shard-size", "big"], ["--shard-size"]),
         (["--revert", "mlp", "--envs", "{envs}", "--metric", "accuracy"], ["--metric"]),
+        (["--grid", "paper", "--envs", "{envs}", "--controls", "1"], ["--controls must be at least 2"]),
+        (["--revert", "mlp", "--envs", "{envs}", "--analysis-limit", "-1"], ["--analysis-limit"]),
         (["--revert", "mlp", "--save", "{existing}"], ["exists; pass --force"]),
     ],
 )

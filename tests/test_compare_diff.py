@@ -160,7 +160,7 @@ def test_selector_restricts_the_rows(written):
     comparison = compare_checkpoints(*written[("llama", "pt")], select="mlp@lower, embed")
     rows = comparison.parameters
     assert set(rows["component"]) == {"mlp.gate", "mlp.up", "mlp.down", "embed"}
-    assert set(rows["layer"].dropna()) == {0, 1}
+    assert set(rows["layer"].dropna()) == {0}  # the lower third of 4 blocks
 
 
 def test_chunking_and_threads_do_not_change_results(written):

@@ -135,8 +135,8 @@ def layers_of(text: str, n_layers: int = 8, component: str = "mlp.down") -> set:
     [
         ("mlp@0-2", {0, 1, 2}),
         ("mlp.down@-4:", {4, 5, 6, 7}),
-        ("mlp@lower", {0, 1, 2, 3}),
-        ("mlp@upper", {4, 5, 6, 7}),
+        ("mlp@lower", {0, 1, 2}),  # the thirds of band_layers: 0 .. round(8/3)=3 exclusive
+        ("mlp@upper", {5, 6, 7}),
         ("mlp@middle", {3, 4}),  # round(8/3)=3 .. round(16/3)=5 exclusive
         ("mlp@3", {3}),
         ("mlp@-1", {7}),
@@ -161,8 +161,8 @@ def test_selector_layers(text, layers):
 
 def test_selector_components_and_outside_parameters():
     selector = parse_selector("attn.*@lower, embed", 4)
-    assert selector.matches(0, "attn.q") and selector.matches(1, "attn.o")
-    assert not selector.matches(2, "attn.q") and not selector.matches(0, "mlp.up")
+    assert selector.matches(0, "attn.q") and selector.matches(0, "attn.o")  # lower: the first third, block 0
+    assert not selector.matches(1, "attn.q") and not selector.matches(0, "mlp.up")
     assert selector.matches(None, "embed") and selector.matches(None, "embed.pos")
     assert not selector.matches(None, "lm_head")
     # A layer spec only matches parameters inside blocks.
@@ -229,3 +229,9 @@ def test_bands_are_thirds():
         "upper",
     ]
     assert [band_of_layer(i, 4) for i in range(4)] == ["lower", "middle", "middle", "upper"]
+    # one definition: the selectors name exactly the blocks of each band, at every depth
+    for n_layers in (1, 2, 3, 4, 5, 7, 24, 28):
+        for band in ("lower", "middle", "upper"):
+            in_band = {i for i in range(n_layers) if band_of_layer(i, n_layers) == band}
+            if in_band:
+                assert layers_of(f"mlp@{band}", n_layers) == in_band

@@ -13,7 +13,7 @@ from toolrl_analysis.envs.schema import FTRL_FIELDS, SCENARIOS, read_envs
 REPO = Path(__file__).resolve().parents[1]
 
 SMALL = ["--set", "train_size=20", "--set", "test_per_scenario=2", "--set", "validation_per_scenario=2",
-         "--set", "same_world_test_per_scenario=2", "--set", "train_worlds=5"]  # fmt: skip
+         "--set", "same_world_test_per_scenario=2", "--set", "train_worlds=5", "--set", "analysis_per_scenario=3"]  # fmt: skip
 
 
 def build(out: Path, *extra: str) -> dict:
@@ -47,12 +47,13 @@ def exec_tools(record) -> dict:
 def test_build_writes_every_split_with_the_configured_counts(small):
     out, manifest = small
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "test.jsonl", "test_same_world.jsonl", "train.jsonl", "validation.jsonl",
+        "analysis.jsonl", "manifest.json", "test.jsonl", "test_same_world.jsonl", "train.jsonl", "validation.jsonl",
     ]  # fmt: skip
     train, test = read_envs(out / "train.jsonl"), read_envs(out / "test.jsonl")
     assert len(train) == 20 and len(test) == 8
     for split in ("test", "test_same_world", "validation"):
         assert manifest["counts"][split] == {s: 2 for s in SCENARIOS}
+    assert manifest["counts"]["analysis"] == {s: 3 for s in SCENARIOS}
     assert sum(manifest["counts"]["train"].values()) == 20
     assert {r.split for r in train} == {"train"} and {r.split for r in test} == {"test"}
     assert len(manifest["worlds"]["train"]) == 5 and manifest["worlds"]["train"][0] == "0"

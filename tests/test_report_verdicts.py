@@ -14,8 +14,7 @@ from toolrl_analysis.report.verdicts import (
     REPRODUCED,
     context_rule,
     general_rule,
-    lower_mlp_rule,
-    retained_fraction,
+    judge_lower_mlp,
     tool_use_rule,
 )
 
@@ -59,24 +58,30 @@ def test_exact_match_change_is_a_difference_of_two_proportions():
     assert (change["low"], change["high"]) == pytest.approx((0.1 - half, 0.1 + half), abs=1e-3)
 
 
-def paired(values: dict[str, float], noise: float = 0.01, n: int = 2000) -> dict[str, Estimate]:
-    """Estimates sharing one source of noise (the same resampled environments), as the ablation's are."""
-    shared = np.random.default_rng(0).normal(0, noise, n)
-    return {name: Estimate(value, value + shared * (1 + value)) for name, value in values.items()}
+@pytest.mark.parametrize(("where", "verdict"), [("mlp", REPRODUCED), ("attn", NOT_REPRODUCED)])
+def test_the_lower_mlp_verdict_is_the_ablation_rule_on_the_saved_files(tmp_path, where, verdict):
+    """The report recomputes `ablate`'s verdict from ablation.json and likelihood.csv (a planted grid)."""
+    import json
+    from dataclasses import asdict
 
+    from test_ablate_verdict import entries, planted_grid
 
-def test_lower_mlp_rule():
-    found = paired({"base": 0.2, "trained": 0.5, "revert": 0.23, "control": 0.49})
-    gain = found["trained"] - found["base"]
-    retained = retained_fraction(found["revert"], found["base"], found["trained"])
-    control = retained_fraction(found["control"], found["base"], found["trained"])
-    assert retained.value == pytest.approx(0.1) and control.value == pytest.approx(0.29 / 0.3)
-    assert lower_mlp_rule(gain, retained, control) == REPRODUCED
-    assert lower_mlp_rule(gain, control, retained) == NOT_REPRODUCED  # removing them costs nothing
-    # less than half may be left, or more: the interval straddles 0.5, so the rule cannot tell
-    assert lower_mlp_rule(gain, spread(0.45, 0.3, 0.6), spread(0.55, 0.4, 0.7)) == INCONCLUSIVE
-    no_gain = spread(0.0, -0.05, 0.05)
-    assert lower_mlp_rule(no_gain, retained, control) == INCONCLUSIVE  # nothing to attribute
+    values = planted_grid(where, 1.0)
+    rows = [
+        {"variant": name, "source": "trained", "environment": i, "role": "format", "nll_sum": -float(v),
+         "top1_sum": 0.0, "tokens": 10}
+        for name, per_env in values.items() for i, v in enumerate(per_env)
+    ]  # fmt: skip
+    (tmp_path / "ablate").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "ablate" / "likelihood.csv", index=False)
+    summary = {"grid_entries": [asdict(e) for e in entries()], "model": {"blocks": 28},
+               "analysis_environments": 120}  # fmt: skip
+    (tmp_path / "ablate" / "ablation.json").write_text(json.dumps({"summary": summary}))
+    found = judge_lower_mlp(tmp_path)
+    assert found.verdict == verdict
+    assert "blocks 0-8" in found.evidence and "20 matched controls" in found.evidence
+    assert "E = " in found.evidence and found.rule.startswith("`ablate --grid paper`'s rule")
+    assert judge_lower_mlp(tmp_path / "missing").verdict == INCONCLUSIVE
 
 
 def test_context_rule():

@@ -267,9 +267,11 @@ class ParameterMap:
         components = ", ".join(c for c in COMPONENTS if c in present)
         if self.n_layers <= 0:
             return f"this model has components {components} and no numbered blocks"
-        top, half = self.n_layers - 1, self.n_layers // 2
-        halves = f" (lower = 0-{half - 1}, upper = {half}-{top})" if half else ""
-        return f"this model has components {components} and blocks 0-{top}{halves}"
+        top = self.n_layers - 1
+        named = ", ".join(
+            f"{band} = {_span(layers)}" for band, layers in band_layers(self.n_layers).items() if layers
+        )
+        return f"this model has components {components} and blocks 0-{top} ({named})"
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(
@@ -334,8 +336,8 @@ def component_matches(pattern: str, component: str) -> bool:
 def parse_selector(text: str, n_layers: int) -> Selector:
     """Parse `mlp@0-2`, `attn.*@lower`, `mlp.down@-4:`, `embed`, `all`, or a comma-separated union.
 
-    Layer specs: N, a-b (inclusive), a:b / a: / :b / -4: (python slices), lower / upper (first / last half
-    of the blocks), middle (middle third), all. Negative indices count from the top block.
+    Layer specs: N, a-b (inclusive), a:b / a: / :b / -4: (python slices), lower / middle / upper (the
+    thirds of `band_layers`), all. Negative indices count from the top block.
     """
     if not isinstance(text, str) or not text.strip():
         raise SelectorError("empty selector: name components and layers, e.g. 'mlp@0-2' or 'all'")
@@ -380,12 +382,7 @@ def parse_layers(spec: str, n_layers: int, text: str | None = None) -> frozenset
             )
         return resolved
 
-    half, third = n_layers // 2, n_layers / 3
-    named = {
-        "lower": range(0, half),
-        "upper": range(half, n_layers),
-        "middle": range(round(third), round(2 * third)),
-    }
+    named = band_layers(n_layers)
     if spec in named:
         layers = frozenset(named[spec])
     elif re.fullmatch(r"-?\d+", spec):
@@ -428,11 +425,21 @@ def selected_names(
     return list(dict.fromkeys(part.name for part in select_parameters(selector, shapes)))
 
 
+def band_layers(n_layers: int) -> dict[str, range]:
+    """The one definition of lower / middle / upper: the thirds of the blocks, rounded to whole blocks.
+
+    Selectors (`mlp@lower`), the band table of `compare`, the ablation grid and the report all use it. Thirds,
+    not halves: the paper's "lower layers" were blocks 0-2 of 28, the bottom tenth, and half a model is not
+    "lower" in that sense; and a third leaves two thirds of the blocks outside a band, from which matched
+    controls are drawn. 28 blocks: 0-8, 9-18, 19-27; 4 blocks (the embedded model): 0, 1-2, 3."""
+    first, second = round(n_layers / 3), round(2 * n_layers / 3)
+    return {"lower": range(0, first), "middle": range(first, second), "upper": range(second, n_layers)}
+
+
 def band_of_layer(layer: int, n_layers: int) -> str:
-    """'lower', 'middle' or 'upper' third of the blocks (the same thirds as the 'middle' selector)."""
-    third = n_layers / 3
-    if layer < round(third):
-        return "lower"
-    if layer < round(2 * third):
-        return "middle"
-    return "upper"
+    """The band ('lower', 'middle' or 'upper') a block lies in (`band_layers`)."""
+    return next(band for band, layers in band_layers(n_layers).items() if layer in layers)
+
+
+def _span(layers: range) -> str:
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"

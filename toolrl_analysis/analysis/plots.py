@@ -5,6 +5,9 @@ is involved; callers save it (`fig.savefig(path)`) or display it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -152,56 +155,91 @@ def plot_band_summary(
 
 
 # -- ablation ------------------------------------------------------------------------------------------
-_ABLATION_BARS = (  # (kind, control, colour, hatch) within each subset's group, the control beside its subset
-    ("revert", False, "#3b6ea5", None),
-    ("revert", True, "#9aa5b1", "//"),
-    ("transplant", False, "#d08c2f", None),
-    ("transplant", True, "#c8b9a3", "//"),
-)
-
-
 def plot_gain_retained(variants: pd.DataFrame, *, title: str | None = None) -> Figure:
-    """Fraction of the training gain each variant retains (ablate's `variants` frame), grouped by subset:
-    revert, its size-matched control, transplant, its control; 95% bootstrap intervals as error bars. A
-    variant whose fraction is undefined (the gain within its noise, or not evaluated) is marked n/a."""
-    figure = Figure(figsize=(8.0, 3.6))
+    """Fraction of the training's change each main variant keeps (ablate's `variants` frame), by subset:
+    revert and transplant, in the teacher-forced log-likelihood (solid) and in Solve-F1 (hatched), with 95%
+    Fieller intervals; the mean of the subset's matched controls (LL) as a diamond. A fraction that is
+    undefined (the change within its noise, or not measured) is marked n/a."""
+    figure = Figure(figsize=(9.0, 3.6))
     ax = figure.subplots()
     rows = variants[variants["kind"] != "reference"]
-    groups = list(dict.fromkeys(rows["subset"].where(rows["subset"] != "", rows["variant"])))
-    width = 0.8 / len(_ABLATION_BARS)
-    labelled: set[tuple[str, bool]] = set()
+    main = rows[~rows["control"].astype(bool)]
+    groups = list(dict.fromkeys(main["subset"].where(main["subset"] != "", main["variant"])))
+    bars = [
+        (kind, column) for kind in ("revert", "transplant") for column in ("ll_retained", "gain_retained")
+    ]
+    width = 0.8 / len(bars)
+    labelled: set[str] = set()
     for x, group in enumerate(groups):
-        for i, (kind, control, colour, hatch) in enumerate(_ABLATION_BARS):
-            chosen = rows[(rows["subset"] == group) & (rows["kind"] == kind) & (rows["control"] == control)]
-            if group not in set(rows["subset"]) and i == 0:  # a user's own splice: one bar
-                chosen = rows[rows["variant"] == group]
-            if chosen.empty:
+        for i, (kind, column) in enumerate(bars):
+            chosen = main[(main["subset"] == group) & (main["kind"] == kind)]
+            if group not in set(main["subset"]):  # a user's own splice: its two bars in the revert places
+                chosen = main[main["variant"] == group] if kind == "revert" else chosen.iloc[0:0]
+            if chosen.empty or column not in chosen:
                 continue
             row = chosen.iloc[0]
-            position = x + (i - (len(_ABLATION_BARS) - 1) / 2) * width
-            label = f"{kind} {'control' if control else 'subset'}"
-            if pd.isna(row["gain_retained"]):
-                ax.text(position, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+            position = x + (i - (len(bars) - 1) / 2) * width
+            label = f"{kind}, {'LL' if column == 'll_retained' else 'Solve-F1'}"
+            if pd.isna(row[column]):
+                ax.text(position, 0.02, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
                 continue
-            error = [
-                [row["gain_retained"] - row["gain_retained_low"]],
-                [row["gain_retained_high"] - row["gain_retained"]],
-            ]
+            low, high = row.get(f"{column}_low"), row.get(f"{column}_high")
+            # a degenerate interval (no spread at all) can sit a rounding error off its point
+            error = None if pd.isna(low) else [[max(row[column] - low, 0.0)], [max(high - row[column], 0.0)]]
             ax.bar(
-                position, row["gain_retained"], width=width, color=colour, hatch=hatch, yerr=error, capsize=2,
-                label=None if (kind, control) in labelled else label,
+                position, row[column], width=width, color=_KIND_COLOURS[kind],
+                hatch="//" if column == "gain_retained" else None, alpha=1.0 if column == "ll_retained" else 0.5,
+                yerr=error, capsize=2, label=None if label in labelled else label,
             )  # fmt: skip
-            labelled.add((kind, control))
+            labelled.add(label)
+            controls = rows[(rows["subset"] == group) & (rows["kind"] == kind) & rows["control"].astype(bool)]
+            if (
+                column == "ll_retained"
+                and "ll_retained" in controls
+                and controls["ll_retained"].notna().any()
+            ):
+                name = "controls' mean (LL)"
+                ax.plot(position, controls["ll_retained"].mean(), "D", color="black", markersize=4,
+                        label=None if name in labelled else name)  # fmt: skip
+                labelled.add(name)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(groups)), groups)
-    metric = (
-        variants["retained_metric"].iloc[0] if "retained_metric" in variants and len(variants) else "gain"
-    )
-    ax.set_ylabel(f"fraction of the {metric} gain retained")
-    ax.set_title(title or "what the training gain depends on (dashed: the trained model)")
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("fraction of the change kept")
+    ax.set_title(title or "what the training's change depends on (dashed: the trained model)")
     if labelled:
         ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return figure
+
+
+_KIND_COLOURS = {"revert": "#c0504d", "transplant": "#4f81bd"}
+
+
+def plot_control_null(verdicts: Sequence[dict]) -> Figure:
+    """Each subset in its controls' null distribution: the fraction of the change kept by reverting (left)
+    or transplanting (right) each matched control (dots), and by the subset itself (a bar with its 95%
+    interval), one row per subset with controls; the verdict beside it."""
+    shown = [v for v in verdicts if "revert" in v or "transplant" in v]
+    figure = Figure(figsize=(9.0, 0.5 + 0.45 * max(len(shown), 1)))
+    axes = figure.subplots(1, 2, sharey=True, squeeze=False)[0]
+    for ax, side in zip(axes, ("revert", "transplant"), strict=True):
+        for y, found in enumerate(shown):
+            details, fraction = found.get(side), found.get(f"{side}_fraction")
+            if not details or not fraction:
+                continue
+            values = details["controls"]["values"]
+            jitter = (np.arange(len(values)) % 5 - 2) * 0.05
+            ax.plot(values, y + jitter, "o", color="0.55", markersize=3)
+            ax.plot([fraction["value"]] * 2, [y - 0.3, y + 0.3], color=_KIND_COLOURS[side], linewidth=2)
+            if np.isfinite(fraction["low"]) and np.isfinite(fraction["high"]):
+                ax.fill_betweenx([y - 0.3, y + 0.3], fraction["low"], fraction["high"],
+                                 color=_KIND_COLOURS[side], alpha=0.2)  # fmt: skip
+        ax.axvline(0.0, color="black", linewidth=0.6)
+        ax.axvline(1.0, color="black", linewidth=0.6, linestyle="--")
+        ax.set_xlabel(f"fraction of the change kept ({side})")
+    axes[0].set_yticks(range(len(shown)), [f"{v['subset']}: {v['verdict']}" for v in shown], fontsize=8)
+    axes[0].invert_yaxis()
+    figure.suptitle("subsets (bars, 95% interval) against their matched controls (dots)", fontsize=10)
     return figure
 
 

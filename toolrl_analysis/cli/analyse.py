@@ -85,11 +85,20 @@ def _add_ablate(sub, common: argparse.ArgumentParser) -> None:
         help="base + ALPHA * update on SELECTOR",
     )
     p.add_argument(
-        "--grid", choices=["paper"], default=None, help="the paper's grid of variants and controls"
-    )
+        "--grid", choices=["paper"], default=None,
+        help="the paper's grid: each third of the blocks per family, embedding, norms, the rank-k block, with "
+        "matched controls and a verdict per subset",
+    )  # fmt: skip
     p.add_argument(
-        "--envs", default=None, help="held-out environments: an environment set (its test.jsonl) or a file"
-    )
+        "--envs", default=None,
+        help="held-out environments: an environment set (its analysis.jsonl, else test.jsonl) or a file",
+    )  # fmt: skip
+    p.add_argument(
+        "--analysis-limit", type=int, default=None,
+        help="environments for the teacher-forced metric, balanced over scenarios (default: all; 0: off)",
+    )  # fmt: skip
+    p.add_argument("--controls", type=int, default=20, help="matched random controls drawn per subset")
+    p.add_argument("--rank", type=int, default=1, help="k of the grid's rank-k block")
     p.add_argument(
         "--metric", default="solve_f1", help="gain retained on solve_f1|solve_p|solve_r|nll_real|context_gap"
     )
@@ -107,6 +116,10 @@ def _add_ablate(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-missing", action="store_true", help=ALLOW_MISSING_HELP)
     p.add_argument("--lora-base", default=None, help="base weights for a PEFT adapter directory")
     p.add_argument("--threads", type=int, default=1, help="torch threads for evaluation (0: torch's default)")
+    p.add_argument(
+        "--score-threads", type=int, default=2,
+        help="torch threads for the teacher-forced scoring (1 when other jobs share the cores)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_ablate, general_tasks=VARIANT_GENERAL_TASKS)  # the suite runs once per variant
 
 
@@ -160,13 +173,14 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
     from toolrl_analysis.analysis.ablate import EvaluationOptions, Operation, ablate, render_ablation
 
     operations = [Operation(kind, values[0], scale_factor(values)) for kind, values in args.operations]
-    if args.threads < 0:
-        raise UserError("--threads must be 0 (torch's default) or more")
+    if args.threads < 0 or args.score_threads < 0:
+        raise UserError("--threads and --score-threads must be 0 (torch's default) or more")
     episodes = episode_options(args)
     options = EvaluationOptions(
         general=not args.no_general,
         roles=not args.no_roles,
         threads=args.threads,
+        score_threads=args.score_threads,
         general_tasks=args.general_tasks,
         **asdict(episodes),
     )
@@ -187,6 +201,9 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
             replicates=args.bootstrap,
             metric=args.metric,
             options=options,
+            controls=args.controls,
+            rank=args.rank,
+            analysis_limit=args.analysis_limit,
             progress=on_step,
         )
     if args.out:

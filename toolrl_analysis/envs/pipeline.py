@@ -6,6 +6,8 @@ writes them (SPLIT_FILES) and DIR/manifest.json. The splits live in worlds of th
 - `train`: `train_worlds` worlds, environments dealt round-robin over them;
 - `test` (the headline split) and `validation`: held-out worlds whose entity names occur nowhere in the
   training worlds (nor in each other), so a policy can score there only by reading its context;
+- `analysis`: more held-out worlds, for the analyses that need many environments (`ablate --grid`'s
+  teacher-forced metric), so that they never reuse the headline test split for their choices;
 - `test_same_world`: unseen questions about the training worlds, so the gap between the two test splits
   is what a policy recalls of its training world rather than reads.
 
@@ -56,6 +58,11 @@ class EnvBuildConfig:
     test_worlds: int = 4
     validation_worlds: int = 2
     validation_per_scenario: int = 50  # held-out worlds, for choosing recipes (train-grpo validates on it)
+    analysis_worlds: int = 2
+    # held-out worlds for the analyses: ablate --grid's teacher-forced metric scores every one of them for
+    # each of its ~200 variants; 160 give mlp@lower's fraction an interval of about +-0.01 and its contrast
+    # with the controls a detectable effect of ~0.04, in ~18 minutes (docs/recipes.md)
+    analysis_per_scenario: int = 40
     same_world_test_per_scenario: int = 50  # training worlds, questions train never asks
     # World size.
     world_people: int = 400
@@ -91,7 +98,7 @@ class EnvBuildConfig:
         "sizes": ("train_size", "test_per_scenario", "train_mix"),
         "worlds": (
             "train_worlds", "test_worlds", "validation_worlds", "validation_per_scenario",
-            "same_world_test_per_scenario",
+            "analysis_worlds", "analysis_per_scenario", "same_world_test_per_scenario",
         ),
         "world": ("world_people", "world_places", "world_organisations", "world_artefacts"),
         "scenarios": (
@@ -109,9 +116,9 @@ class EnvBuildConfig:
     def validate(self) -> None:
         require(self.train_size >= 0, "train_size", "must be >= 0")
         require(self.test_per_scenario >= 0, "test_per_scenario", "must be >= 0")
-        for key in ("validation_per_scenario", "same_world_test_per_scenario"):
+        for key in ("validation_per_scenario", "analysis_per_scenario", "same_world_test_per_scenario"):
             require(getattr(self, key) >= 0, key, "must be >= 0")
-        for key in ("train_worlds", "test_worlds", "validation_worlds"):
+        for key in ("train_worlds", "test_worlds", "validation_worlds", "analysis_worlds"):
             require(1 <= getattr(self, key) <= 1000, key, "must be between 1 and 1000")
         require(len(self.train_mix) == len(SCENARIOS), "train_mix", f"must list {len(SCENARIOS)} weights")
         require(
@@ -173,8 +180,10 @@ SPLIT_FILES = {
     "test": "test.jsonl",
     "test_same_world": "test_same_world.jsonl",
     "validation": "validation.jsonl",
+    "analysis": "analysis.jsonl",
 }
-NEW_WORLD_SPLITS = ("test", "validation")
+# Held-out splits, in the order their worlds are built: adding a later one leaves the earlier ones' bytes.
+NEW_WORLD_SPLITS = ("test", "validation", "analysis")
 
 
 @dataclass
@@ -184,6 +193,7 @@ class EnvSetBuild:
     manifest: dict[str, Any]
     test_same_world: list[EnvRecord] = field(default_factory=list)
     validation: list[EnvRecord] = field(default_factory=list)
+    analysis: list[EnvRecord] = field(default_factory=list)
 
     def splits(self) -> dict[str, list[EnvRecord]]:
         return {split: getattr(self, split) for split in SPLIT_FILES}
@@ -314,7 +324,7 @@ def train_scenarios(config: EnvBuildConfig) -> list[str]:
 
 def split_worlds(config: EnvBuildConfig) -> dict[str, list[World]]:
     """The worlds of each split. Held-out worlds are built against a guard holding every name before them
-    (train, then test, then validation), so they share no entity, and no name inside another, with those."""
+    (train, then test, validation, analysis), so they share no entity, and no name inside another, with those."""
 
     def world(seed: int | str, guard: NameGuard | None = None) -> World:
         return build_world(
@@ -332,7 +342,8 @@ def split_worlds(config: EnvBuildConfig) -> dict[str, list[World]]:
     guard = NameGuard(name for w in train for name in w.names())
     worlds = {"train": train}
     sizes = {"test": (config.test_worlds, config.test_per_scenario),
-             "validation": (config.validation_worlds, config.validation_per_scenario)}  # fmt: skip
+             "validation": (config.validation_worlds, config.validation_per_scenario),
+             "analysis": (config.analysis_worlds, config.analysis_per_scenario)}  # fmt: skip
     for split in NEW_WORLD_SPLITS:
         wanted, per_scenario = sizes[split]
         count = max(1, min(wanted, len(SCENARIOS) * per_scenario))
@@ -344,8 +355,8 @@ def split_worlds(config: EnvBuildConfig) -> dict[str, list[World]]:
 
 
 def build_envsets(config: EnvBuildConfig, progress: Callable[[int], None] | None = None) -> EnvSetBuild:
-    """Build every split: per scenario, `test_per_scenario` (held-out worlds), `validation_per_scenario`
-    (other held-out worlds) and `same_world_test_per_scenario` (training worlds); and train (train_size,
+    """Build every split: per scenario, `test_per_scenario` (held-out worlds), `validation_per_scenario` and
+    `analysis_per_scenario` (other held-out worlds) and `same_world_test_per_scenario` (training worlds); and train (train_size,
     mixed by train_mix). Environments are dealt round-robin over their split's worlds."""
     worlds = split_worlds(config)
     taken: dict[int, set[tuple]] = {id(w): set() for ws in worlds.values() for w in ws}
@@ -369,9 +380,11 @@ def build_envsets(config: EnvBuildConfig, progress: Callable[[int], None] | None
     train = make("train", worlds["train"], train_scenarios(config))
     test = make("test", worlds["test"], balanced(config.test_per_scenario))
     validation = make("validation", worlds["validation"], balanced(config.validation_per_scenario))
-    splits = {"train": train, "test": test, "test_same_world": same, "validation": validation}
+    analysis = make("analysis", worlds["analysis"], balanced(config.analysis_per_scenario))
+    splits = {"train": train, "test": test, "test_same_world": same, "validation": validation,
+              "analysis": analysis}  # fmt: skip
     return EnvSetBuild(
-        train=train, test=test, test_same_world=same, validation=validation,
+        train=train, test=test, test_same_world=same, validation=validation, analysis=analysis,
         manifest=manifest(splits, config, worlds),
     )  # fmt: skip
 
@@ -379,7 +392,10 @@ def build_envsets(config: EnvBuildConfig, progress: Callable[[int], None] | None
 def build_size(config: EnvBuildConfig) -> int:
     """Environments `build_envsets` makes (for progress bars)."""
     per_scenario = (
-        config.test_per_scenario + config.validation_per_scenario + config.same_world_test_per_scenario
+        config.test_per_scenario
+        + config.validation_per_scenario
+        + config.analysis_per_scenario
+        + config.same_world_test_per_scenario
     )
     return config.train_size + len(SCENARIOS) * per_scenario
 
@@ -555,7 +571,7 @@ def render_build(manifest: dict[str, Any], out_dir: str, console: Any) -> None:
         console.print(
             "worlds: "
             + ", ".join(f"{split} {n}" for split, n in worlds.items())
-            + " (test and validation share no entity name with train; test_same_world asks about train's worlds)"
+            + " (test, validation and analysis share no entity name with train, nor with each other; test_same_world asks about train's worlds)"
         )
     tools = manifest["tools_per_environment"]["all"]
     if tools.get("n"):

@@ -14,6 +14,7 @@ from toolrl_analysis.report.tables import (
     ORDER,
     POLICIES,
     TRAINED,
+    ablation_verdicts,
     read_csv,
     success_counts_of,
     tool_use_points,
@@ -90,6 +91,8 @@ def write_figures(run: str | Path, out_dir: str | Path | None = None) -> list[Pa
             save(plots.plot_band_summary(bands), f"bands_{policy}.png")
     if (variants := read_csv(run / "ablate" / "variants.csv")) is not None:
         save(plots.plot_gain_retained(variants), "gain_retained.png")
+    if grid := ablation_verdicts(run):
+        save(plots.plot_control_null(grid), "control_null.png")
     probe = run / "probe"
     if (summary := read_csv(probe / "probe_summary.csv")) is not None:
         for site in dict.fromkeys(summary["site"]):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from toolrl_analysis.analysis.ablate.control import energy_ratio_text
 from toolrl_analysis.report.tables import (
     POLICIES,
     TRAINED,
     ablation_table,
+    ablation_verdicts,
     environment_table,
     general_table,
     pass_at_k_comparison,
@@ -22,6 +22,7 @@ from toolrl_analysis.report.tables import (
     seed_table,
     tool_use_estimates_by_policy,
     tool_use_table,
+    verdict_table,
 )
 from toolrl_analysis.report.verdicts import judge_all
 
@@ -72,8 +73,9 @@ def _header(run: Path) -> list[str]:
         lines += [
             f"Sizes: evaluation on {limit} test environments ({evaluation.get('max_turns')} turns, "
             f"{evaluation.get('max_new_tokens')} tokens a turn, {evaluation.get('general_tasks')} general tasks); "
-            f"ablation on a balanced slice of {ablate.get('limit')} test environments "
-            f"({ablate.get('bootstrap')} bootstrap replicates); probes on {probe.get('limit') or 'all'} environments "
+            f"ablation: every variant scored on the analysis split ({ablate.get('analysis_limit') or 'all'} "
+            f"environments of held-out worlds), the main variants played on {ablate.get('limit')} of them "
+            f"({ablate.get('controls')} matched controls per subset); probes on {probe.get('limit') or 'all'} environments "
             f"({probe.get('seeds')} seeds, {probe.get('rollout_envs')} rollout environments per model).",
             "",
         ]
@@ -253,22 +255,43 @@ def _ablation(run: Path) -> list[str]:
         return []
     summary = (read_json(run / "ablate" / "ablation.json") or {}).get("summary", {})
     lines = [
-        "## 6. What the gain depends on: ablation of the GRPO update",
+        "## 6. Where the change lives: ablation of the GRPO update",
         "",
-        f"`ablate --grid paper` on {summary.get('environments')} test environments: each variant reverts a part "
-        "of the update to the base (or transplants only that part into the base), beside a size-matched random "
-        "control; *gain retained* = (variant - base) / (trained - base), n/a when the gain is within its noise.",
+        f"`ablate --grid paper`: each variant reverts a part of the update to the base (or transplants only that "
+        f"part into the base). *LL kept* = the fraction of the change in the trained model's log-likelihood of its "
+        f"own greedy trajectories that the variant keeps, on {summary.get('analysis_environments')} analysis "
+        f"environments (held-out worlds); *Solve-F1 kept*, the same fraction of the gain in Solve-F1 on "
+        f"{summary.get('environments')} of them. 95% Fieller intervals; n/a when the change is within its noise.",
         "",
         markdown_table(table),
         "",
     ]
+    tracking = summary.get("tracking") or {}
+    if tracking.get("n") and tracking.get("r") is not None:  # r is null (NaN) when a side never moved
+        lines += [
+            f"The teacher-forced metric tracks Solve-F1 over the {tracking['n']} played variants (change from the "
+            f"base): r = {tracking['r']:.2f} [{tracking['low']:.2f}, {tracking['high']:.2f}].",
+            "",
+        ]
+    grid = ablation_verdicts(run)
+    if grid:
+        lines += [
+            f"Each subset against {summary.get('control_draws')} matched random controls (same family, shape and "
+            "parameter count, other blocks), by the one rule of `analysis/ablate/verdict.py`:",
+            "",
+            markdown_table(verdict_table(grid)),
+            "",
+            f"*Rule:* {grid[0]['rule']}",
+            "",
+        ]
     for control in summary.get("controls", []):
-        note = f" ({control['note']})" if control.get("note") else ""
-        lines.append(
-            f"- control({control['subset']}): {control['parameters']:,} parameters, update energy "
-            f"{energy_ratio_text(control['energy_ratio'])}{note}"
-        )
-    return lines + [""] + _figures(run, "gain_retained") + [""]
+        ratios = [r for r in control.get("energy_ratios", []) if r is not None and r == r]
+        if ratios:
+            lines.append(
+                f"- controls of {control['subset']}: {control['draws']} draws of {control['parameters']:,} "
+                f"parameters; their update energy is {min(ratios):.2f}-{max(ratios):.2f}x the subset's"
+            )
+    return lines + [""] + _figures(run, "gain_retained", "control_null") + [""]
 
 
 def _probes(run: Path) -> list[str]:

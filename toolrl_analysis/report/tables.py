@@ -290,16 +290,18 @@ def ablation_estimates(run: Path, metric: str = "solve_f1") -> dict[str, Any] | 
 
 
 def ablation_table(run: Path) -> pd.DataFrame | None:
+    """The grid's main variants: parameters, update share, Solve-F1, and the fraction of the change each keeps
+    in Solve-F1 and in the teacher-forced metric (controls are summarised by the verdict table)."""
     variants = read_csv(run / "ablate" / "variants.csv")
     if variants is None:
         return None
     metric = variants["retained_metric"].iloc[0] if "retained_metric" in variants else "solve_f1"
+    if "control" in variants:
+        variants = variants[~variants["control"].astype(bool)]
     rows = []
     for row in variants.to_dict(orient="records"):
-        retained = "n/a"
-        if not pd.isna(row["gain_retained"]):
-            retained = f"{row['gain_retained']:.2f} [{row['gain_retained_low']:.2f}, {row['gain_retained_high']:.2f}]"
         reference = row["variant"] in ("base", "trained")  # the two models themselves: nothing spliced
+        played = row.get("played", True) and not pd.isna(row.get(metric, float("nan")))
         rows.append(
             {
                 "variant": row["variant"],
@@ -307,10 +309,63 @@ def ablation_table(run: Path) -> pd.DataFrame | None:
                 "update share": ""
                 if reference or pd.isna(row["update_share"])
                 else f"{row['update_share']:.2f}",
-                f"{metric} (mean ± s.e.)": f"{row.get(metric, float('nan')):.3f} ± {row.get(f'{metric}_se', float('nan')):.3f}",
-                "gain retained [95%]": retained,
+                f"{metric} (mean ± s.e.)": f"{row[metric]:.3f} ± {row.get(f'{metric}_se', float('nan')):.3f}"
+                if played
+                else "",
+                f"{metric} kept [95%]": fraction_text(row, "gain_retained"),
+                "LL kept [95%]": fraction_text(row, "ll_retained"),
             }
         )
+    return pd.DataFrame(rows)
+
+
+def fraction_text(row: dict, column: str) -> str:
+    """`column` of a row with its `_low` / `_high` bounds (`bounds_text`)."""
+    return bounds_text(row.get(column), row.get(f"{column}_low"), row.get(f"{column}_high"))
+
+
+def bounds_text(value, low, high, digits: int = 2) -> str:
+    """value [low, high]; "n/a" without a value, "[unbounded]" without bounds (Fieller's open interval)."""
+    if value is None or pd.isna(value):
+        return "n/a"
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return f"{value:.{digits}f} [unbounded]"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def ablation_verdicts(run: Path) -> list[dict[str, Any]]:
+    """The grid's verdict objects, recomputed from the saved files by `ablate`'s own rule (empty without)."""
+    from toolrl_analysis.analysis.ablate import verdicts_of
+
+    document, likelihood = (
+        read_json(run / "ablate" / "ablation.json"),
+        read_csv(run / "ablate" / "likelihood.csv"),
+    )
+    return [] if document is None or likelihood is None else verdicts_of(document, likelihood)
+
+
+def verdict_table(verdicts: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per subset: the fraction its revert (or the rank-k transplant) keeps, its controls' spread,
+    the effect E with its interval, Holm's p, the minimum detectable effect, and the verdict."""
+    rows = []
+    for found in verdicts:
+        side = found.get(found["decided_by"]) or {}
+        controls, effect = side.get("controls") or {}, side.get("effect") or {}
+        fraction = found.get(f"{found['decided_by']}_fraction") or {}
+        rows.append(
+            {
+                "subset": found["subset"],
+                "measured by": found["decided_by"],
+                "kept by the subset": bounds_text(fraction.get("value"), fraction.get("low"), fraction.get("high")),
+                "kept by its controls (mean ± sd, draws)": (
+                    f"{controls['mean']:.3f} ± {controls['sd']:.3f} ({controls['draws']})" if controls else "none"
+                ),
+                "E [95%]": bounds_text(effect.get("value"), effect.get("low"), effect.get("high")),
+                "Holm p": f"{side['p_holm']:.3g}" if "p_holm" in side else "",
+                "MDE": f"{side['mde']:.3f}" if "mde" in side else "",
+                "verdict": found["verdict"],
+            }
+        )  # fmt: skip
     return pd.DataFrame(rows)
 
 

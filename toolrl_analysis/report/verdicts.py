@@ -14,14 +14,18 @@ from pathlib import Path
 import pandas as pd
 
 from toolrl_analysis.analysis.ablate.bootstrap import Estimate
+from toolrl_analysis.analysis.ablate.verdict import RULE as ABLATION_RULE
 from toolrl_analysis.report.tables import (
     POLICIES,
     TRAINED,
     ablation_estimates,
+    ablation_verdicts,
+    bounds_text,
     exact_match_change,
     general_values,
     interval,
     read_csv,
+    read_json,
     seed_gains,
     tool_use_estimates_by_policy,
 )
@@ -30,7 +34,6 @@ REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inco
 SMALLEST_GAIN = 0.02  # Solve-F1 points (the paper's GRPO gain on Qwen2.5-7B was about 0.21)
 LOSS_MARGIN = 0.02  # relative rise of the held-out text loss that still counts as kept
 EXACT_MATCH_MARGIN = 0.10  # absolute drop in exact match that still counts as kept
-MOST_OF_THE_GAIN = 0.5
 LOWER_MLP = "mlp@lower"
 
 RULES = {
@@ -53,14 +56,8 @@ RULES = {
         "Reinforce++ is judged by the same rule beside it."
     ),
     "lower_mlp": (
-        "From `ablate --grid paper` on the GRPO pair (Solve-F1, paired bootstrap over the ablation's "
-        f"environments): R = fraction of the training gain retained after reverting the lower-half MLPs "
-        f"({LOWER_MLP}) to the base, C = the same for their size-matched random control, E = C - R. "
-        "Inconclusive if the training gain's 95% interval contains 0 (nothing to attribute). Reproduced if E's "
-        f"95% interval lies above 0 and R's upper bound is below {MOST_OF_THE_GAIN} (without the lower MLP "
-        "update less than half the gain is left, and reverting as many random parameters removes less); not "
-        f"reproduced if R's lower bound is at least {MOST_OF_THE_GAIN} or E's upper bound is at most 0; "
-        "inconclusive otherwise."
+        f"`ablate --grid paper`'s rule (analysis/ablate/verdict.py) for {LOWER_MLP}, the MLPs of the lower third "
+        f"of the blocks, on the GRPO pair: {ABLATION_RULE}"
     ),
     "context": (
         "G = context gap: the NLL of the tokens that must come from the context (argument values, the answer) "
@@ -178,53 +175,51 @@ def judge_general(run: Path) -> Verdict:
 
 
 # -- 3. lower-layer MLPs ---------------------------------------------------------------------------------
-def lower_mlp_rule(gain: Estimate, retained: Estimate, control: Estimate) -> str:
-    low, high = _bounds(gain)
-    if not (low > 0 or high < 0):
-        return INCONCLUSIVE
-    difference = control - retained
-    r_low, r_high = _bounds(retained)
-    d_low, d_high = _bounds(difference)
-    if d_low > 0 and r_high < MOST_OF_THE_GAIN:
-        return REPRODUCED
-    if r_low >= MOST_OF_THE_GAIN or d_high <= 0:
-        return NOT_REPRODUCED
-    return INCONCLUSIVE
-
-
-def retained_fraction(variant: Estimate, base: Estimate, trained: Estimate) -> Estimate:
-    import numpy as np
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return Estimate(
-            (variant.value - base.value) / (trained.value - base.value),
-            (variant - base).replicates / (trained - base).replicates,
-        )
+def lower_mlp_verdict(run: Path) -> dict | None:
+    """The grid's verdict object for the lower MLPs, recomputed from the saved files by `ablate`'s own rule
+    (`analysis.ablate.verdict`), or None when the grid did not run with the teacher-forced metric."""
+    return next((v for v in ablation_verdicts(run) if v["subset"] == LOWER_MLP), None)
 
 
 def judge_lower_mlp(run: Path) -> Verdict:
-    found = ablation_estimates(run)
-    names = ("base", "trained", f"revert {LOWER_MLP}", f"revert control({LOWER_MLP})")
-    if found is None or not all(n in found["metric"] for n in names):
-        return Verdict("lower_mlp", INCONCLUSIVE, "the ablation grid was not run")
-    base, trained, reverted, control = (found["metric"][n] for n in names)
-    gain = trained - base
+    found = lower_mlp_verdict(run)
+    if found is None:
+        return Verdict(
+            "lower_mlp", INCONCLUSIVE, "the ablation grid was not run with the teacher-forced metric"
+        )
+    summary = (read_json(run / "ablate" / "ablation.json") or {}).get("summary", {})
+    fraction = found.get("revert_fraction") or {}
     evidence = (
-        f"training gain in Solve-F1 on the {found['environments']} ablation environments: {interval(gain)}"
+        f"on {summary.get('analysis_environments')} held-out analysis environments, reverting {LOWER_MLP} "
+        f"({lower_blocks(summary)}) keeps F = {_fraction(fraction)} of the change in the trained "
+        "model's log-likelihood of its own greedy trajectories"
     )
-    low, high = _bounds(gain)
-    if not (low > 0 or high < 0):
-        return Verdict("lower_mlp", INCONCLUSIVE, evidence + ", within its noise: nothing to attribute.")
-    retained = retained_fraction(reverted, base, trained)
-    controlled = retained_fraction(control, base, trained)
-    evidence += (
-        f"; gain retained after reverting {LOWER_MLP}: R = {interval(retained, 2)}; after reverting its control: "
-        f"C = {interval(controlled, 2)}; E = C - R = {interval(controlled - retained, 2)}"
-    )
-    transplant = found["metric"].get(f"transplant {LOWER_MLP}")
-    if transplant is not None:
-        evidence += f"; transplanting only {LOWER_MLP} into the base keeps {interval(retained_fraction(transplant, base, trained), 2)}"
-    return Verdict("lower_mlp", lower_mlp_rule(gain, retained, controlled), evidence + ".")
+    side = found.get("revert")
+    if side:
+        controls = side["controls"]
+        evidence += (
+            f"; its {controls['draws']} matched controls keep {controls['mean']:.3f} ± {controls['sd']:.3f} "
+            f"(controls keeping more than the subset: "
+            f"{round((1 - controls['share_below_subset']) * controls['draws'])} of {controls['draws']})"
+        )
+    transplant = found.get("transplant_fraction")
+    if transplant:
+        evidence += f"; transplanting only {LOWER_MLP} into the base keeps {_fraction(transplant)}"
+    return Verdict("lower_mlp", found["verdict"], f"{evidence}. {found['reason']}.")
+
+
+def _fraction(found: dict) -> str:
+    return bounds_text(found.get("value"), found.get("low"), found.get("high"), digits=3)
+
+
+def lower_blocks(summary: dict) -> str:
+    from toolrl_analysis.analysis.components import band_layers
+
+    blocks = int((summary.get("model") or {}).get("blocks") or 0)
+    layers = band_layers(blocks)["lower"] if blocks else range(0)
+    if not layers:
+        return "no block"
+    return f"block {layers[0]}" if len(layers) == 1 else f"blocks {layers[0]}-{layers[-1]}"
 
 
 # -- 4. context understanding ---------------------------------------------------------------------------

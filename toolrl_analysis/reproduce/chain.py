@@ -231,20 +231,21 @@ def ablate_stage(run: Path, settings: ChainSettings) -> Stage:
         evaluation = EvaluationOptions(
             general=options.general, roles=options.roles, max_turns=options.max_turns,
             max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-            general_tasks=options.general_tasks,
+            general_tasks=options.general_tasks, score_threads=options.score_threads,
         )  # fmt: skip
         result = ablate(
             base, trained, grid="paper", envs=run / "envs", limit=options.limit, seed=options.seed,
-            replicates=options.bootstrap, metric=options.metric, options=evaluation, progress=progress,
+            replicates=options.bootstrap, metric=options.metric, options=evaluation, controls=options.controls,
+            rank=options.rank, analysis_limit=options.analysis_limit or None, progress=progress,
         )  # fmt: skip
         result.write(out)
 
     inputs = {
         "base/base.pt": base,
         f"{ANALYSED}/trained.pt": trained,
-        "envs/test.jsonl": run / "envs" / "test.jsonl",
+        "envs/analysis.jsonl": run / "envs" / "analysis.jsonl",
     }
-    outputs = ("variants.csv", "metrics.csv", "episodes.csv", "ablation.json")
+    outputs = ("variants.csv", "metrics.csv", "episodes.csv", "likelihood.csv", "ablation.json")
     return Stage(
         "ablate", out, outputs, inputs, asdict(options), action, after=("base", "train grpo", "envs")
     )

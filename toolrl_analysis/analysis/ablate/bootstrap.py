@@ -6,9 +6,10 @@ average over scenarios stays defined) and scores every variant on it. Difference
 training gain, what a variant keeps of it) are then measured on paired samples, which is what makes them
 tighter than the spread of either variant alone.
 
-Fraction of the gain retained = (variant - base) / (trained - base). When the 95% interval of the gain
-(trained - base) contains 0, the gain is within its noise and the fraction is NaN with that reason: a ratio
-over noise would be any number, often a huge one.
+Fraction of the gain retained = (variant - base) / (trained - base), with Fieller's interval from the
+replicates' variances and covariance (never their percentiles: a ratio over a denominator near 0 would be
+any number). When the gain is within its noise Fieller's set is unbounded, and the fraction is NaN with
+that reason.
 """
 
 from __future__ import annotations
@@ -132,18 +133,31 @@ class Retained:
 
 def gain_retained(variant: Estimate, base: Estimate, trained: Estimate, metric: str, n: int) -> Retained:
     """(variant - base) / (trained - base) with a paired bootstrap interval; NaN when the gain is noise."""
-    gain = trained - base
+    gain, kept = trained - base, variant - base
     low, high = gain.interval
-    if not math.isfinite(gain.value) or gain.value == 0 or not (low > 0 or high < 0):
+    both = np.isfinite(gain.replicates) & np.isfinite(kept.replicates)
+    nan = float("nan")
+    if not math.isfinite(gain.value) or gain.value == 0 or both.sum() < 2:
+        return Retained(
+            nan,
+            nan,
+            nan,
+            nan,
+            f"the training gain in {metric} is {gain.value:+.4g}, within its noise: nothing to divide by",
+        )
+    covariance = np.cov(kept.replicates[both], gain.replicates[both], ddof=1)
+    z = 1.959963984540054
+    value = kept.value / gain.value
+    a2 = gain.value**2 - z * z * covariance[1, 1]
+    if a2 <= 0:
         reason = (
             f"the training gain in {metric} ({gain.value:+.4g}, 95% interval [{low:+.4g}, {high:+.4g}]) "
-            f"is within its noise (paired bootstrap over {n} environments)"
+            f"is within its noise (paired bootstrap over {n} environments): the fraction is unbounded"
         )
-        nan = float("nan")
         return Retained(nan, nan, nan, nan, reason)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fraction = Estimate(
-            (variant.value - base.value) / gain.value, (variant - base).replicates / gain.replicates
-        )
-    fraction_low, fraction_high = fraction.interval
-    return Retained(fraction.value, fraction_low, fraction_high, fraction.se)
+    a1 = kept.value * gain.value - z * z * covariance[0, 1]
+    a0 = kept.value**2 - z * z * covariance[0, 0]
+    root = math.sqrt(max(a1 * a1 - a2 * a0, 0.0))
+    spread = covariance[0, 0] - 2 * value * covariance[0, 1] + value * value * covariance[1, 1]
+    se = math.sqrt(max(spread, 0.0)) / abs(gain.value)
+    return Retained(value, (a1 - root) / a2, (a1 + root) / a2, se)

@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from toolrl_analysis.analysis.ablate.bootstrap import DEFAULT_REPLICATES, stratified_resamples
-from toolrl_analysis.analysis.ablate.control import energy_pairs_in_memory, energy_ratio_text, update_energies
-from toolrl_analysis.analysis.ablate.grid import Variant, custom_variants, grid_variants
+from toolrl_analysis.analysis.ablate.contrasts import correlation, ratio
+from toolrl_analysis.analysis.ablate.control import energy_pairs_in_memory, update_energies
+from toolrl_analysis.analysis.ablate.grid import (
+    DEFAULT_CONTROLS,
+    DEFAULT_RANK,
+    Grid,
+    Variant,
+    custom_variants,
+    grid_variants,
+)
+from toolrl_analysis.analysis.ablate.likelihood import changes
 from toolrl_analysis.analysis.ablate.save import DEFAULT_SHARD_BYTES, output_format, save_spliced
 from toolrl_analysis.analysis.ablate.splice import Operation, compile_operations
 from toolrl_analysis.analysis.ablate.tables import RETAINED_METRICS, build_frames
 from toolrl_analysis.analysis.ablate.variants import EvaluationOptions, evaluate_variants, pairs_in_memory
+from toolrl_analysis.analysis.ablate.verdict import GridEntry, grid_verdicts
 from toolrl_analysis.analysis.checkpoints import open_pair
 from toolrl_analysis.analysis.diff import plan_pairs
 from toolrl_analysis.envs.schema import EnvRecord, limited, read_envs
@@ -38,39 +48,57 @@ class Ablation:
     # can draw the same paired bootstrap and compare two variants directly.
     episodes: pd.DataFrame | None = None
     meter: pd.DataFrame | None = None
+    likelihood: pd.DataFrame | None = None  # per variant x source x environment x role (likelihood.score)
+    # One object per subset of a grid (verdict.grid_verdicts): subset, verdict, reason, rule, the numbers.
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
 
     def to_document(self) -> dict[str, Any]:
         frames = {"variants": self.variants, "metrics": self.metrics}
         return {k: None if v is None else json_records(v) for k, v in frames.items()} | {
-            "summary": json_clean(self.summary)
+            "verdicts": json_clean(self.verdicts),
+            "summary": json_clean(self.summary),
         }
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """variants / metrics / episodes / meter as CSV and parquet, ablation.json, and gain_retained.png."""
-        from toolrl_analysis.analysis.plots import plot_gain_retained
+        """variants / metrics / episodes / meter / likelihood as CSV and parquet, ablation.json (with the
+        verdicts), gain_retained.png and, for a grid, control_null.png."""
+        from toolrl_analysis.analysis.plots import plot_control_null, plot_gain_retained
 
         frames = {
             "variants": self.variants,
             "metrics": self.metrics,
             "episodes": self.episodes,
             "meter": self.meter,
+            "likelihood": self.likelihood,
         }
         written = write_results(out_dir, frames, self.to_document(), "ablation.json", parquet=True)
         out = Path(out_dir)
+        figures = []
         if self.variants is not None:
-            figure = plot_gain_retained(self.variants)
-            figure.savefig(out / "gain_retained.png", dpi=120, bbox_inches="tight")
-            written.append(out / "gain_retained.png")
+            figures.append(("gain_retained.png", plot_gain_retained(self.variants)))
+        if any("revert" in v or "transplant" in v for v in self.verdicts):
+            figures.append(("control_null.png", plot_control_null(self.verdicts)))
+        for name, figure in figures:
+            figure.savefig(out / name, dpi=120, bbox_inches="tight")
+            written.append(out / name)
         return written
 
 
+def heldout_path(envs: str | Path) -> Path:
+    """The environments an ablation reads: a .jsonl/.parquet file, or an environment set's `analysis.jsonl`
+    (held-out worlds kept for the analyses), or its `test.jsonl` when the set has no analysis split."""
+    path = Path(envs)
+    if not path.is_dir():
+        return path
+    return path / "analysis.jsonl" if (path / "analysis.jsonl").is_file() else path / "test.jsonl"
+
+
 def heldout_records(envs: str | Path, limit: int | None) -> list[EnvRecord]:
-    """The held-out environments: `test.jsonl` of an environment set, or a .jsonl/.parquet file; with
-    `limit`, that many balanced over scenarios (`limited`)."""
+    """The held-out environments (`heldout_path`); with `limit`, that many balanced over scenarios
+    (`limited`)."""
     if limit is not None and limit < 1:
         raise ConfigError("--limit must be a positive number of environments")
-    path = Path(envs)
-    return limited(read_envs(path / "test.jsonl" if path.is_dir() else path), limit)
+    return limited(read_envs(heldout_path(envs)), limit)
 
 
 def _check_request(operations, grid, envs, save, metric) -> None:
@@ -107,14 +135,28 @@ def ablate(
     replicates: int = DEFAULT_REPLICATES,
     metric: str = "solve_f1",
     options: EvaluationOptions | None = None,
+    controls: int = DEFAULT_CONTROLS,
+    rank: int = DEFAULT_RANK,
+    analysis_limit: int | None = None,
     progress: Progress | None = None,
 ) -> Ablation:
     """Splice (base, trained) as `operations` say and `--save` the hybrid, and/or evaluate the variants
-    (the user's splice, or a grid) on held-out environments beside the base and the trained model."""
+    (the user's splice, or a grid) on held-out environments beside the base and the trained model: main
+    variants played on `limit` environments (Solve-F1), every variant scored by the teacher-forced metric
+    on `analysis_limit` of them (all when None; 0 turns it off)."""
     _check_request(operations, grid, envs, save, metric)
     if replicates < 2:
         raise ConfigError("--bootstrap needs at least 2 replicates")
+    if grid and controls < 2:
+        raise ConfigError("--controls must be at least 2 (the controls' spread is the null distribution)")
+    if rank < 1:
+        raise ConfigError(f"--rank must be at least 1, got {rank}")
+    if analysis_limit is not None and analysis_limit < 0:
+        raise ConfigError("--analysis-limit must be a number of environments (0: no teacher-forced metric)")
     records = heldout_records(envs, limit) if envs is not None else None
+    analysis_records = None
+    if envs is not None and analysis_limit != 0:
+        analysis_records = heldout_records(envs, analysis_limit)
     started = time.perf_counter()
     base_ckpt, trained_ckpt = open_pair(str(base), str(trained), lora_base=lora_base)
     summary: dict[str, Any] = {"base": str(base), "trained": str(trained), "seed": seed}
@@ -141,132 +183,97 @@ def ablate(
             return Ablation(None, None, summary)
         pairs = pairs_in_memory(base_ckpt, trained_ckpt, plan)
         if grid:
-            variants = grid_variants(grid, plan, update_energies(energy_pairs_in_memory(pairs)), seed)
+            energies = update_energies(energy_pairs_in_memory(pairs))
+            built = grid_variants(grid, plan, energies, pairs, seed=seed, draws=controls, rank=rank)
         else:
-            variants = custom_variants(plan, operations)
+            built = Grid(custom_variants(plan, operations), [])
+        variants = built.variants
         results = evaluate_variants(
-            base_ckpt,
-            trained_ckpt,
-            plan,
-            pairs,
-            variants,
-            records,
-            options or EvaluationOptions(),
-            progress=progress,
-        )
+            base_ckpt, trained_ckpt, plan, pairs, variants, records, options or EvaluationOptions(),
+            analysis_records=analysis_records, progress=progress,
+        )  # fmt: skip
     finally:
         base_ckpt.close()
         trained_ckpt.close()
     resamples = stratified_resamples([r.scenario for r in records], replicates, seed)
     metrics, frame = build_frames(variants, results, resamples, metric)
+    scored = [r.likelihood.assign(variant=r.variant.name) for r in results if r.likelihood is not None]
+    likelihood = pd.concat(scored, ignore_index=True) if scored else None
     summary.update(
         {
             "grid": grid,
             "operations": [op.label for op in operations],
             "environments": len(records),
-            "envs": str(envs),
+            "envs": str(heldout_path(envs)),
+            "analysis_environments": len(analysis_records or ()),
             "metric": metric,
             "bootstrap_replicates": replicates,
-            "controls": [_control_summary(v) for v in variants if v.drawn is not None and v.kind == "revert"],
-            "seconds": time.perf_counter() - started,
+            "control_draws": controls if grid else 0,
+            "rank": rank if grid else None,
+            "controls": _control_summaries(variants),
+            "grid_entries": [asdict(entry) for entry in built.entries],
         }
     )
-    episodes = pd.concat([r.episodes.assign(variant=r.variant.name) for r in results], ignore_index=True)
+    verdicts: list[dict[str, Any]] = []
+    if likelihood is not None:
+        values = changes(likelihood)
+        frame = _with_fractions(frame, values)
+        verdicts = grid_verdicts(built.entries, values) if built.entries else []
+        summary["tracking"] = _tracking(frame, values, metric)
+    summary["seconds"] = time.perf_counter() - started
+    played = [r.episodes.assign(variant=r.variant.name) for r in results if r.episodes is not None]
     meters = [r.meter.assign(variant=r.variant.name) for r in results if r.meter is not None]
     return Ablation(
-        frame, metrics, summary, episodes, pd.concat(meters, ignore_index=True) if meters else None
-    )
+        frame, metrics, summary, pd.concat(played, ignore_index=True),
+        pd.concat(meters, ignore_index=True) if meters else None, likelihood, verdicts,
+    )  # fmt: skip
 
 
-def _control_summary(variant: Variant) -> dict[str, Any]:
-    drawn = variant.drawn
-    return {
-        "subset": drawn.subset,
-        "parameters": drawn.parameters,
-        "pool_parameters": drawn.pool_parameters,
-        "energy_ratio": drawn.energy_ratio,
-        "tilt": drawn.tilt,
-        "tensors": len(drawn.regions),
-        "note": drawn.note,
-    }
+def verdicts_of(document: dict[str, Any], likelihood: pd.DataFrame) -> list[dict[str, Any]]:
+    """The grid's verdicts recomputed from saved files (ablation.json and likelihood.csv), by the same rule."""
+    entries = [GridEntry(**entry) for entry in (document.get("summary") or {}).get("grid_entries", [])]
+    return grid_verdicts(entries, changes(likelihood)) if entries else []
 
 
-# ---------------------------------------------------------------------------------------------
-# Terminal rendering (used by the CLI)
-# ---------------------------------------------------------------------------------------------
-def _fixed(value: float, digits: int) -> str:
-    text = f"{value:.{digits}f}"
-    return text.lstrip("-") if float(text) == 0 else text  # no "-0.00"
+def _with_fractions(frame: pd.DataFrame, values: dict[str, Any]) -> pd.DataFrame:
+    """Each variant's fraction of the change in the teacher-forced metric, with Fieller's interval."""
+    change = values.get("trained")
+    rows = []
+    for name in frame["variant"]:
+        if name not in values or change is None:
+            rows.append((float("nan"),) * 3)
+            continue
+        found = ratio(values[name], change)
+        rows.append((found.value, found.low, found.high))
+    columns = ["ll_retained", "ll_retained_low", "ll_retained_high"]
+    return frame.assign(**{c: [r[i] for r in rows] for i, c in enumerate(columns)})
 
 
-def _cell(value: float | None, se: float | None = None, digits: int = 3) -> str:
-    if value is None or pd.isna(value):
-        return "n/a"
-    text = _fixed(value, digits)
-    return text if se is None or pd.isna(se) else f"{text}±{_fixed(se, digits)}"
+def _tracking(frame: pd.DataFrame, values: dict[str, Any], metric: str) -> dict[str, float]:
+    """How well the teacher-forced metric tracks the played metric over the played variants: Pearson's r of
+    (variant - base) in each (mean LL per environment; `metric`), with a Fisher-z interval. Differences, not
+    fractions: a fraction of a gain within its noise is undefined, a difference never is."""
+    played = frame[frame["played"] & frame["variant"].isin(list(values))]
+    if metric not in played or "base" not in set(played["variant"]):
+        return {"r": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    base = float(played.loc[played["variant"] == "base", metric].iloc[0])
+    likelihood = [float(values[name].mean()) for name in played["variant"]]
+    found = correlation(likelihood, played[metric].to_numpy(float) - base)
+    return {**found, "metric": metric}
 
 
-def _count(value: int) -> str:
-    for size, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
-        if value >= size:
-            return f"{value / size:.1f}{suffix}"
-    return str(value)
-
-
-def render_ablation(ablation: Ablation, console) -> None:
-    """The saved hybrid, then two tables (the gain retained; general ability and context reading) and notes."""
-    from rich import box
-    from rich.markup import escape  # selectors and paths may hold brackets; they are text, not markup
-    from rich.table import Table
-
-    saved = ablation.summary.get("saved")
-    if saved:
-        console.print(
-            escape(
-                f"saved {saved['splice']} ({saved['parameters_changed']:,} parameters from the "
-                f"{'base' if saved['start'] == 'trained' else 'trained model'}) to {saved['path']} "
-                f"[{saved['format']}, {saved['bytes'] / 1e6:.1f} MB in {saved['seconds']:.1f} s]"
-            )
-        )
-    frame = ablation.variants
-    if frame is None:
-        return
-    metric = ablation.summary.get("metric", "solve_f1")
-    title = f"Gain retained in {metric} ({ablation.summary.get('environments')} environments, 95% bootstrap)"
-    # Narrow enough for an 80-column log: no outer padding, controls shown as ctrl(...).
-    layout = {"box": box.SIMPLE_HEAD, "pad_edge": False, "show_edge": False, "collapse_padding": True}
-    table = Table(title=title, **layout)
-    for column in ("variant", "params", "share", metric, "retained [95%]"):
-        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
-    general = Table(title="General ability and context reading", **layout)
-    for column in ("variant", "exact match", "text loss", "oracle NLL", "context gap"):
-        general.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
-    for row in frame.to_dict(orient="records"):
-        retained = _cell(row["gain_retained"], digits=2)
-        if not pd.isna(row["gain_retained"]):
-            low, high = _fixed(row["gain_retained_low"], 2), _fixed(row["gain_retained_high"], 2)
-            retained += f" [{low},{high}]"
-        style = "bold" if row["kind"] == "reference" else None
-        name = escape(row["variant"].replace("control(", "ctrl("))
-        table.add_row(
-            name, _count(int(row["parameters"])), _cell(row["update_share"], digits=2),
-            _cell(row.get(metric), row.get(f"{metric}_se")), retained, style=style,
+def _control_summaries(variants: Sequence[Variant]) -> list[dict[str, Any]]:
+    """Per subset: how many controls were drawn, their parameter count and update energy, or why none."""
+    out: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        if not variant.control or variant.kind != "revert" or variant.low_rank is not None:
+            continue
+        entry = out.setdefault(
+            variant.subset, {"subset": variant.subset, "draws": 0, "parameters": 0, "energy_ratios": [],
+                             "note": variant.note},
         )  # fmt: skip
-        general.add_row(
-            name, _cell(row.get("tasks.exact_match"), row.get("tasks.exact_match_se"), 2),
-            _cell(row.get("heldout_text.loss")), _cell(row.get("nll_real"), row.get("nll_real_se")),
-            _cell(row.get("context_gap"), row.get("context_gap_se")), style=style,
-        )  # fmt: skip
-    console.print(table)
-    console.print(general)
-    reasons = dict.fromkeys(r for r in frame["gain_retained_reason"] if isinstance(r, str) and r)
-    for reason in reasons:
-        console.print(escape(f"n/a: {reason}"))
-    for control in ablation.summary.get("controls", []):
-        note = f"; {control['note']}" if control["note"] else ""
-        console.print(
-            escape(
-                f"control({control['subset']}): {control['parameters']:,} parameters from {control['tensors']} "
-                f"tensors, update energy {energy_ratio_text(control['energy_ratio'])}{note}"
-            )
-        )
+        if variant.drawn is not None:
+            entry["draws"] += 1
+            entry["parameters"] = variant.drawn.parameters
+            entry["energy_ratios"].append(variant.drawn.energy_ratio)
+    return list(out.values())

@@ -114,6 +114,8 @@ def build_frames(
     n = resamples.weights.shape[1]
     for result in results:
         name = result.variant.name
+        if result.episodes is None:  # a control: scored by the teacher-forced metric only
+            continue
         tool = tool_use_estimates(result.episodes, resamples)
         roles = role_estimates(result.meter, n, resamples) if result.meter is not None else {}
         estimates[name] = {**tool, **roles}
@@ -148,8 +150,10 @@ def _variant_row(
         "control": variant.control,
         "parameters": result.account.parameters if result else 0,
         "update_share": result.account.update_share if result else nan,
+        "draw": variant.draw if variant.draw is not None else -1,
         "control_energy_ratio": variant.drawn.energy_ratio if variant.drawn else nan,
         "evaluated": result is not None,
+        "played": result is not None and result.episodes is not None,
         "seconds": result.seconds if result else nan,
         "note": variant.note,
     }
@@ -165,6 +169,8 @@ def _variant_row(
     key = (OVERALL, metric) if metric != "nll_real" else ("all", "nll_real")
     if result is None:
         retained = (nan, nan, nan, nan, variant.note or "not evaluated")
+    elif result.episodes is None:
+        retained = (nan, nan, nan, nan, "a control: scored by the teacher-forced metric only")
     elif key not in mine or key not in base or key not in trained:
         retained = (nan, nan, nan, nan, f"{metric} was not measured")
     else:

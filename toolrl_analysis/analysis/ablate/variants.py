@@ -1,8 +1,9 @@
 """Evaluate every variant with the same code as `toolrl-analyze evaluate`, on one model object and one sandbox.
 
 The pair is read into memory once; each variant's spliced tensors are written into a single loaded model
-(every shared tensor, so nothing of the previous variant survives) and `evaluate.evaluate` runs on it. The
-context-reading meter's trajectories are built once and scored for every variant (`context_meter`).
+(every shared tensor, so nothing of the previous variant survives). Main variants are played with
+`evaluate.evaluate` (Solve-F1, the general suite, the context-reading meter on oracle trajectories); every
+variant scores the base's and the trained model's greedy trajectories, played once (`likelihood`).
 Evaluation needs the models in memory; for a model too big for that, `--save` the hybrid and evaluate it
 with your own serving stack.
 """
@@ -19,6 +20,7 @@ import torch
 
 from toolrl_analysis.analysis.ablate.grid import Variant
 from toolrl_analysis.analysis.ablate.splice import SpliceAccount, splice_in_memory
+from toolrl_analysis.analysis.ablate.splice import reference as reference_splice
 from toolrl_analysis.analysis.checkpoints import Checkpoint
 from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan, iter_pairs, torch_threads
 from toolrl_analysis.envs.schema import EnvRecord
@@ -42,19 +44,24 @@ class EvaluationOptions:
     # torch threads while evaluating (0: torch's default). A tiny model gains nothing from more than one,
     # and on a busy 2-core machine two threads ran the general suite 12x slower than one (measured).
     threads: int = 1
+    # threads for the teacher-forced scoring, one big forward pass at a time (2 on 2 idle cores: 1.8x faster;
+    # on cores shared with another job, oversubscribed threads ran it several times slower: use 1 there)
+    score_threads: int = 2
 
 
 @dataclass
 class VariantResult:
-    """What one variant measured: per-episode tool use, the general suite, the meter's sums."""
+    """What one variant measured: per-episode tool use, the general suite, the meter's sums (main variants
+    played on `records`), and the teacher-forced metric (every variant, on the analysis trajectories)."""
 
     variant: Variant
     account: SpliceAccount
-    episodes: pd.DataFrame
-    tool_use: pd.DataFrame
+    episodes: pd.DataFrame | None
+    tool_use: pd.DataFrame | None
     general: pd.DataFrame | None
     meter: pd.DataFrame | None  # context_meter.meter_values; None when no record has golden calls
     seconds: float
+    likelihood: pd.DataFrame | None = None  # likelihood.score
 
 
 def pairs_in_memory(base: Checkpoint, trained: Checkpoint, plan: PairPlan) -> InMemoryPairs:
@@ -106,43 +113,71 @@ def evaluate_variants(
     records: Sequence[EnvRecord],
     options: EvaluationOptions,
     *,
+    analysis_records: Sequence[EnvRecord] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[VariantResult]:
-    """Every buildable variant through `evaluate` (a variant without a splice is skipped: its note says why)."""
+    """Every buildable variant (one without a splice is skipped: its note says why): main variants through
+    `evaluate` on `records`, and every variant through the teacher-forced metric on the greedy trajectories
+    of the base and the trained model over `analysis_records` (none when None)."""
+    from toolrl_analysis.analysis.ablate.likelihood import SOURCES, play, score
+    from toolrl_analysis.analysis.ablate.low_rank import low_rank_in_memory
     from toolrl_analysis.context_meter import meter_values, oracle_meter_set
     from toolrl_analysis.envs.sandbox import Sandbox
     from toolrl_analysis.evaluate import evaluate
 
     model, tokenizer = load_model(base, trained)
     unmatched = {"base": unmatched_tensors(base, plan), "trained": unmatched_tensors(trained, plan)}
-    buildable = [v for v in variants if v.splice is not None]
+    buildable = [v for v in variants if v.buildable]
     results = []
+    svd_cache: dict = {}
     threads = torch_threads(options.threads) if options.threads else contextlib.nullcontext()
     with threads, Sandbox(workers=options.sandbox_workers) as sandbox:
         meter = oracle_meter_set(tokenizer, records, sandbox) if options.roles else None
+        trajectories = []
+        if analysis_records:
+            for source in SOURCES:
+                if progress is not None:
+                    progress(f"playing the {source} model's trajectories", 0, len(buildable))
+                tensors, _ = splice_in_memory(reference_splice(source), pairs)
+                write_into(model, {**unmatched[source], **tensors})
+                trajectories.append(
+                    play(model, tokenizer, analysis_records, sandbox, source, max_turns=options.max_turns,
+                         max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
+                )  # fmt: skip
         for done, variant in enumerate(buildable):
             if progress is not None:
                 progress(variant.name, done, len(buildable))
             started = time.perf_counter()
-            tensors, account = splice_in_memory(variant.splice, pairs)
-            write_into(model, {**unmatched[variant.splice.start], **tensors})
+            if variant.low_rank is not None:
+                tensors, account = low_rank_in_memory(variant.low_rank, pairs, svd_cache)
+            else:
+                tensors, account = splice_in_memory(variant.splice, pairs)
+            write_into(model, {**unmatched[variant.start], **tensors})
             del tensors
-            report = evaluate(
-                model, tokenizer, records, general=options.general, roles=False, sandbox=sandbox,
-                max_turns=options.max_turns, max_new_tokens=options.max_new_tokens,
-                batch_size=options.batch_size, n_general_tasks=options.general_tasks,
-            )  # fmt: skip
-            values = None
-            if meter is not None:
-                meter_set, indices = meter
-                values = meter_values(model, meter_set)
-                values["environment"] = values["example"].map(dict(enumerate(indices)))
-            results.append(
-                VariantResult(
-                    variant, account, report.episodes, report.tool_use, report.general, values,
-                    time.perf_counter() - started,
+            report, values = None, None
+            if variant.main:
+                report = evaluate(
+                    model, tokenizer, records, general=options.general, roles=False, sandbox=sandbox,
+                    max_turns=options.max_turns, max_new_tokens=options.max_new_tokens,
+                    batch_size=options.batch_size, n_general_tasks=options.general_tasks,
+                )  # fmt: skip
+                if meter is not None:
+                    meter_set, indices = meter
+                    values = meter_values(model, meter_set)
+                    values["environment"] = values["example"].map(dict(enumerate(indices)))
+            likelihood = None
+            if trajectories:
+                scoring = (
+                    torch_threads(options.score_threads)
+                    if options.score_threads
+                    else contextlib.nullcontext()
                 )
-            )  # fmt: skip
+                with torch.inference_mode(), scoring:
+                    # controls need only the trained model's trajectories (the verdict's metric)
+                    likelihood = score(model, trajectories if variant.main else trajectories[:1])
+            played = (report.episodes, report.tool_use, report.general) if report else (None, None, None)
+            seconds = time.perf_counter() - started
+            results.append(VariantResult(variant, account, *played, values, seconds, likelihood))
     if progress is not None:
         progress("", len(buildable), len(buildable))
     return results

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -128,8 +129,15 @@ def test_paper_grid_on_a_planted_pair_recovers_where_the_gain_lives(planted, cap
     lower = verdicts["mlp@lower"]["revert"]
     assert lower["controls"]["draws"] == 4 and lower["environments"] == 12
     assert {"p", "p_holm", "p_equivalent", "p_equivalent_holm", "mde", "environments_differ"} <= set(lower)
+    # Per role, on the trained model's trajectories: reverting the lower MLPs keeps nothing of any role's
+    # change, transplanting them all of it.
+    roles = pd.read_csv(tmp_path / "roles_kept.csv")
+    mine = roles[(roles["source"] == "trained")].set_index(["variant", "role"])["kept"]
+    assert len(mine.loc["revert mlp@lower"]) >= 1  # four tokens a turn: mostly format tokens
+    assert np.allclose(mine.loc["revert mlp@lower"], 0.0, atol=1e-9)
+    assert np.allclose(mine.loc["transplant mlp@lower"], 1.0)
     assert {
-        "variants.csv", "variants.parquet", "metrics.csv", "likelihood.csv", "likelihood.parquet",
+        "variants.csv", "variants.parquet", "metrics.csv", "likelihood.csv", "likelihood.parquet", "roles_kept.csv",
         "ablation.json", "gain_retained.png", "control_null.png",
     } <= {p.name for p in tmp_path.iterdir()}  # fmt: skip
     # The report recomputes the same verdicts from the saved files, by the same function.

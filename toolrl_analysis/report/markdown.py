@@ -18,6 +18,7 @@ from toolrl_analysis.report.tables import (
     probe_table,
     read_csv,
     read_json,
+    role_kept_table,
     role_table_by_policy,
     seed_table,
     tool_use_estimates_by_policy,
@@ -271,6 +272,14 @@ def _ablation(run: Path) -> list[str]:
         lines += [
             f"The teacher-forced metric tracks Solve-F1 over the {tracking['n']} played variants (change from the "
             f"base): r = {tracking['r']:.2f} [{tracking['low']:.2f}, {tracking['high']:.2f}].",
+            "",
+        ]
+    roles = role_kept_table(run)
+    if roles is not None:
+        lines += [
+            "The same fraction per token role (the trained model's trajectories; tokens over all environments):",
+            "",
+            markdown_table(roles),
             "",
         ]
     grid = ablation_verdicts(run)

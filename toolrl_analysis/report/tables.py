@@ -333,6 +333,21 @@ def bounds_text(value, low, high, digits: int = 2) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def role_kept_table(run: Path, variants=("revert mlp@lower", "transplant mlp@lower")) -> pd.DataFrame | None:
+    """Per token role, on the trained model's trajectories: the fraction of the change `variants` keep."""
+    roles = read_csv(run / "ablate" / "roles_kept.csv")
+    if roles is None or roles.empty:
+        return None
+    chosen = roles[(roles["source"] == "trained") & roles["variant"].isin(variants)]
+    if chosen.empty:
+        return None
+    table = chosen.assign(kept=[bounds_text(r.kept, r.low, r.high) for r in chosen.itertuples()])
+    wide = table.pivot_table(
+        index=["role", "tokens"], columns="variant", values="kept", aggfunc="first", sort=False
+    )
+    return wide.reset_index()
+
+
 def ablation_verdicts(run: Path) -> list[dict[str, Any]]:
     """The grid's verdict objects, recomputed from the saved files by `ablate`'s own rule (empty without)."""
     from toolrl_analysis.analysis.ablate import verdicts_of

@@ -98,3 +98,28 @@ def changes(frame: pd.DataFrame, source: str = "trained", roles: Sequence[str] |
         return {}
     base = table.loc["base"].to_numpy(float)
     return {name: row.to_numpy(float) - base for name, row in table.iterrows()}
+
+
+def role_fractions(frame: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
+    """Per variant x source x role: the fraction of the change each of `variants` keeps on that role's tokens
+    (Fieller interval over environments), on the trained model's and on the base's trajectories. On the
+    base's, the change is how much less likely the trained model finds them; the fraction is read alike."""
+    from toolrl_analysis.analysis.ablate.contrasts import ratio
+    from toolrl_analysis.context_meter import ROLES
+
+    rows = []
+    for source in SOURCES:
+        of_source = frame[frame["source"] == source]
+        for role in ROLES:
+            tokens = int(
+                of_source.loc[(of_source["role"] == role) & (of_source["variant"] == "base"), "tokens"].sum()
+            )
+            values = changes(frame, source, [role]) if tokens else {}
+            if "trained" not in values:
+                continue
+            for name in variants:
+                if name in values:
+                    found = ratio(values[name], values["trained"])
+                    rows.append({"variant": name, "source": source, "role": role, "tokens": tokens,
+                                 "kept": found.value, "low": found.low, "high": found.high})  # fmt: skip
+    return pd.DataFrame(rows, columns=["variant", "source", "role", "tokens", "kept", "low", "high"])

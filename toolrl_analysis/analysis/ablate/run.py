@@ -22,7 +22,7 @@ from toolrl_analysis.analysis.ablate.grid import (
     custom_variants,
     grid_variants,
 )
-from toolrl_analysis.analysis.ablate.likelihood import changes
+from toolrl_analysis.analysis.ablate.likelihood import changes, role_fractions
 from toolrl_analysis.analysis.ablate.save import DEFAULT_SHARD_BYTES, output_format, save_spliced
 from toolrl_analysis.analysis.ablate.splice import Operation, compile_operations
 from toolrl_analysis.analysis.ablate.tables import RETAINED_METRICS, build_frames
@@ -49,6 +49,7 @@ class Ablation:
     episodes: pd.DataFrame | None = None
     meter: pd.DataFrame | None = None
     likelihood: pd.DataFrame | None = None  # per variant x source x environment x role (likelihood.score)
+    roles: pd.DataFrame | None = None  # per main variant x source x role: the fraction kept (role_fractions)
     # One object per subset of a grid (verdict.grid_verdicts): subset, verdict, reason, rule, the numbers.
     verdicts: list[dict[str, Any]] = field(default_factory=list)
 
@@ -60,7 +61,7 @@ class Ablation:
         }
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """variants / metrics / episodes / meter / likelihood as CSV and parquet, ablation.json (with the
+        """variants / metrics / episodes / meter / likelihood / roles_kept as CSV and parquet, ablation.json (with the
         verdicts), gain_retained.png and, for a grid, control_null.png."""
         from toolrl_analysis.analysis.plots import plot_control_null, plot_gain_retained
 
@@ -70,6 +71,7 @@ class Ablation:
             "episodes": self.episodes,
             "meter": self.meter,
             "likelihood": self.likelihood,
+            "roles_kept": self.roles,
         }
         written = write_results(out_dir, frames, self.to_document(), "ablation.json", parquet=True)
         out = Path(out_dir)
@@ -215,7 +217,9 @@ def ablate(
         }
     )
     verdicts: list[dict[str, Any]] = []
+    roles = None
     if likelihood is not None:
+        roles = role_fractions(likelihood, [v.name for v in variants if v.main and v.buildable])
         values = changes(likelihood)
         frame = _with_fractions(frame, values)
         verdicts = grid_verdicts(built.entries, values) if built.entries else []
@@ -225,7 +229,7 @@ def ablate(
     meters = [r.meter.assign(variant=r.variant.name) for r in results if r.meter is not None]
     return Ablation(
         frame, metrics, summary, pd.concat(played, ignore_index=True),
-        pd.concat(meters, ignore_index=True) if meters else None, likelihood, verdicts,
+        pd.concat(meters, ignore_index=True) if meters else None, likelihood, roles, verdicts,
     )  # fmt: skip
 
 

@@ -157,3 +157,24 @@ def test_rank_one_transplant_recovers_a_planted_rank_one_update_and_the_residual
         assert float(torch.linalg.matrix_norm(tensors["w"] - base)) == pytest.approx(
             float(torch.linalg.matrix_norm(trained - base)), rel=1e-4
         )
+
+
+def test_verdicts_from_saved_files_without_the_references_are_empty():
+    import pandas as pd
+
+    from toolrl_analysis.analysis.ablate import verdicts_of
+
+    document = {"summary": {"grid_entries": [{"subset": "mlp@lower", "revert": "revert mlp@lower",
+                                              "transplant": None, "revert_controls": [], "transplant_controls": []}]}}  # fmt: skip
+    rows = pd.DataFrame(
+        [
+            {
+                "variant": "revert mlp@lower",
+                "source": "trained",
+                "environment": 0,
+                "role": "format",
+                "nll_sum": 1.0,
+            }
+        ]
+    )
+    assert verdicts_of(document, rows) == []

@@ -222,7 +222,7 @@ def ablate(
         roles = role_fractions(likelihood, [v.name for v in variants if v.main and v.buildable])
         values = changes(likelihood)
         frame = _with_fractions(frame, values)
-        verdicts = grid_verdicts(built.entries, values) if built.entries else []
+        verdicts = grid_verdicts(built.entries, values) if built.entries and "trained" in values else []
         summary["tracking"] = _tracking(frame, values, metric)
     summary["seconds"] = time.perf_counter() - started
     played = [r.episodes.assign(variant=r.variant.name) for r in results if r.episodes is not None]
@@ -236,7 +236,8 @@ def ablate(
 def verdicts_of(document: dict[str, Any], likelihood: pd.DataFrame) -> list[dict[str, Any]]:
     """The grid's verdicts recomputed from saved files (ablation.json and likelihood.csv), by the same rule."""
     entries = [GridEntry(**entry) for entry in (document.get("summary") or {}).get("grid_entries", [])]
-    return grid_verdicts(entries, changes(likelihood)) if entries else []
+    values = changes(likelihood)
+    return grid_verdicts(entries, values) if entries and "trained" in values else []
 
 
 def _with_fractions(frame: pd.DataFrame, values: dict[str, Any]) -> pd.DataFrame:

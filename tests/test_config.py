@@ -145,3 +145,10 @@ def test_optional_keys_read_none_and_numbers():
 
     assert build_config(Optional, {"cap": "none"}).cap is None
     assert build_config(Optional, {"cap": "5"}).cap == 5
+
+
+def test_reproduce_without_an_analysis_split_is_one_line_and_exit_2(capsys, tmp_path):
+    status = main(["reproduce", "--out", str(tmp_path / "run"), "--set", "envs.analysis_per_scenario=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "envs.analysis_per_scenario" in err[0]
+    assert not (tmp_path / "run" / "envs").exists()

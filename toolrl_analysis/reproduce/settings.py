@@ -188,11 +188,16 @@ def load_settings(
     def merged(stage: str) -> list[str]:
         return sizes[stage] + extra[stage]
 
+    envs = load_config(EnvBuildConfig, None, merged("envs"))
+    if envs.analysis_per_scenario < 1:  # the ablation stage reads the analysis split, never the test split
+        raise ConfigError(
+            "--set envs.analysis_per_scenario: reproduce's ablation needs at least 1 (it uses them)"
+        )
     return ChainSettings(
         quick=quick,
         base=base,
         grpo_seeds=seeds,
-        envs=load_config(EnvBuildConfig, None, merged("envs")),
+        envs=envs,
         sft=load_config(SFTConfig, None, merged("base")),
         grpo=load_config(GRPOConfig, None, merged("grpo")),
         eval=load_config(EvalSettings, None, merged("eval")),

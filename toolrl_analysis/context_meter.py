@@ -377,6 +377,22 @@ def _transfer_roles(source: LabelledExample, target: LabelledExample) -> list[st
     return roles
 
 
+def role_sums(example: LabelledExample, values: Sequence[tuple[float, bool]]) -> list[dict[str, Any]]:
+    """One example's `token_nlls` summed per role: `role`, `nll_sum`, `top1_sum`, `tokens` (roles it has)."""
+    per_role: dict[str, list[tuple[float, bool]]] = {}
+    for (_, role), value in zip([t for t in example.targets if t[0] > 0], values, strict=True):
+        per_role.setdefault(role, []).append(value)
+    return [
+        {
+            "role": role,
+            "nll_sum": sum(v[0] for v in role_values),
+            "top1_sum": float(sum(v[1] for v in role_values)),
+            "tokens": len(role_values),
+        }
+        for role, role_values in per_role.items()
+    ]
+
+
 def meter_values(model, meter_set: MeterSet, batch_tokens: int = 16384) -> pd.DataFrame:
     """The meter's raw sums, one row per example x context x role (roles the example has): `example`,
     `context`, `role`, `nll_sum`, `top1_sum`, `tokens`. Sums, so that a bootstrap over environments can
@@ -385,20 +401,7 @@ def meter_values(model, meter_set: MeterSet, batch_tokens: int = 16384) -> pd.Da
     for context, examples in (("real", meter_set.real), ("replaced", meter_set.replaced)):
         scored = token_nlls(model, examples, batch_tokens)
         for index, (example, values) in enumerate(zip(examples, scored, strict=True)):
-            per_role: dict[str, list[tuple[float, bool]]] = {}
-            for (_, role), value in zip([t for t in example.targets if t[0] > 0], values, strict=True):
-                per_role.setdefault(role, []).append(value)
-            for role, role_values in per_role.items():
-                rows.append(
-                    {
-                        "example": index,
-                        "context": context,
-                        "role": role,
-                        "nll_sum": sum(v[0] for v in role_values),
-                        "top1_sum": float(sum(v[1] for v in role_values)),
-                        "tokens": len(role_values),
-                    }
-                )
+            rows += [{"example": index, "context": context, **sums} for sums in role_sums(example, values)]
     return pd.DataFrame(rows, columns=["example", "context", "role", "nll_sum", "top1_sum", "tokens"])
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from toolrl_analysis.analysis.ablate.contrasts import fieller_bounds
+
 DEFAULT_REPLICATES = 1000
 LEVEL = 0.95
 
@@ -146,18 +148,15 @@ def gain_retained(variant: Estimate, base: Estimate, trained: Estimate, metric: 
             f"the training gain in {metric} is {gain.value:+.4g}, within its noise: nothing to divide by",
         )
     covariance = np.cov(kept.replicates[both], gain.replicates[both], ddof=1)
-    z = 1.959963984540054
     value = kept.value / gain.value
-    a2 = gain.value**2 - z * z * covariance[1, 1]
-    if a2 <= 0:
+    z = 1.959963984540054
+    bounds = fieller_bounds(kept.value, gain.value, covariance[0, 0], covariance[1, 1], covariance[0, 1], z)
+    if bounds is None:
         reason = (
             f"the training gain in {metric} ({gain.value:+.4g}, 95% interval [{low:+.4g}, {high:+.4g}]) "
             f"is within its noise (paired bootstrap over {n} environments): the fraction is unbounded"
         )
         return Retained(nan, nan, nan, nan, reason)
-    a1 = kept.value * gain.value - z * z * covariance[0, 1]
-    a0 = kept.value**2 - z * z * covariance[0, 0]
-    root = math.sqrt(max(a1 * a1 - a2 * a0, 0.0))
     spread = covariance[0, 0] - 2 * value * covariance[0, 1] + value * value * covariance[1, 1]
     se = math.sqrt(max(spread, 0.0)) / abs(gain.value)
-    return Retained(value, (a1 - root) / a2, (a1 + root) / a2, se)
+    return Retained(value, *bounds, se)

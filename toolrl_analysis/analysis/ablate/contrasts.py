@@ -99,12 +99,27 @@ class _Moments:
         return float(stats.t.cdf(self.statistic(rho), max(self.df(rho), 1.0)))
 
 
+def fieller_bounds(
+    mean_a: float, mean_b: float, var_a: float, var_b: float, cov: float, q: float
+) -> tuple[float, float] | None:
+    """The values rho with (mean_a - rho * mean_b)^2 <= q^2 * var(mean_a - rho * mean_b), given the
+    variances and covariance of the two means; None when that set is unbounded (mean_b within q standard
+    errors of 0)."""
+    a2 = mean_b**2 - q * q * var_b
+    if a2 <= 0:
+        return None
+    a1 = mean_a * mean_b - q * q * cov
+    a0 = mean_a**2 - q * q * var_a
+    root = math.sqrt(max(a1 * a1 - a2 * a0, 0.0))
+    return (a1 - root) / a2, (a1 + root) / a2
+
+
 def _fieller(m: _Moments, level: float) -> tuple[float, float, str]:
     if m.n < 2:
         return math.nan, math.nan, f"{m.n} environment(s): no interval"
     q = m.quantile((1 - level) / 2, m.mean_a / m.mean_b if m.mean_b else 0.0)
-    a2 = m.mean_b**2 - q * q * m.var_b
-    if a2 <= 0:  # the denominator is not significantly different from 0: the set is unbounded
+    bounds = fieller_bounds(m.mean_a, m.mean_b, m.var_a, m.var_b, m.cov, q)
+    if bounds is None:  # the denominator is not significantly different from 0
         return (
             math.nan,
             math.nan,
@@ -113,10 +128,7 @@ def _fieller(m: _Moments, level: float) -> tuple[float, float, str]:
                 f"its noise over {m.n} environments: the fraction of it is unbounded"
             ),
         )
-    a1 = m.mean_a * m.mean_b - q * q * m.cov
-    a0 = m.mean_a**2 - q * q * m.var_a
-    root = math.sqrt(max(a1 * a1 - a2 * a0, 0.0))
-    return (a1 - root) / a2, (a1 + root) / a2, ""
+    return (*bounds, "")
 
 
 def ratio(a: Sequence[float], b: Sequence[float], *, level: float = LEVEL) -> Ratio:

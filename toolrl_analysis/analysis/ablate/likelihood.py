@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from toolrl_analysis.context_meter import LabelledExample, label_roles, token_nlls
+from toolrl_analysis.context_meter import LabelledExample, label_roles, role_sums, token_nlls
 from toolrl_analysis.envs.schema import EnvRecord
 
 SOURCES = ("trained", "base")  # whose greedy trajectories are scored
@@ -36,7 +36,6 @@ class Trajectories:
     source: str
     examples: list[LabelledExample]
     environments: list[int]
-    solve_f1: list[float]
 
 
 def play(
@@ -51,14 +50,13 @@ def play(
         model, tokenizer, records, sandbox=sandbox, max_turns=max_turns, max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )  # fmt: skip
-    examples, environments, solve = [], [], []
+    examples, environments = [], []
     for index, episode in enumerate(episodes):
         labelled = label_roles(tokenizer, episode.messages, episode.record.tools, episode.record.answer)
         if any(position > 0 for position, _ in labelled.targets):
             examples.append(labelled)
             environments.append(index)
-            solve.append(episode.metrics()["solve_f1"])
-    return Trajectories(source, examples, environments, solve)
+    return Trajectories(source, examples, environments)
 
 
 def score(model, trajectories: Sequence[Trajectories]) -> pd.DataFrame:
@@ -69,20 +67,8 @@ def score(model, trajectories: Sequence[Trajectories]) -> pd.DataFrame:
         for example, environment, values in zip(
             trajectory.examples, trajectory.environments, scored, strict=True
         ):
-            per_role: dict[str, list[tuple[float, bool]]] = {}
-            for (_, role), value in zip([t for t in example.targets if t[0] > 0], values, strict=True):
-                per_role.setdefault(role, []).append(value)
-            for role, role_values in per_role.items():
-                rows.append(
-                    {
-                        "source": trajectory.source,
-                        "environment": environment,
-                        "role": role,
-                        "nll_sum": sum(v[0] for v in role_values),
-                        "top1_sum": float(sum(v[1] for v in role_values)),
-                        "tokens": len(role_values),
-                    }
-                )
+            place = {"source": trajectory.source, "environment": environment}
+            rows += [{**place, **sums} for sums in role_sums(example, values)]
     return pd.DataFrame(rows, columns=LIKELIHOOD_COLUMNS)
 
 

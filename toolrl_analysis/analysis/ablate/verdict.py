@@ -68,7 +68,12 @@ def _fraction_summary(found) -> dict[str, float]:
 
 
 def _side(
-    values: Mapping[str, np.ndarray], change: np.ndarray, subject: str, controls: Sequence[str], sign: float
+    values: Mapping[str, np.ndarray],
+    change: np.ndarray,
+    subject: str,
+    subject_fraction,
+    controls: Sequence[str],
+    sign: float,
 ) -> tuple[Contrast, dict[str, Any]]:
     """E = sign * (mean control fraction - subject fraction), as a contrast over environments."""
     subject_delta = values[subject]
@@ -77,7 +82,6 @@ def _side(
     fractions = control_deltas.mean(axis=1) / change.mean()
     extra = float(np.var(control_deltas.mean(axis=1), ddof=1)) / len(controls) if len(controls) > 1 else 0.0
     found = contrast(numerator, change, margin=MARGIN, extra_variance=extra, extra_df=len(controls) - 1)
-    subject_fraction = ratio(subject_delta, change)
     below = float(np.mean(fractions < subject_fraction.value))
     details = {
         "fraction": _fraction_summary(subject_fraction),
@@ -117,11 +121,12 @@ def grid_verdicts(
         ):
             if subject is None or subject not in values:
                 continue
-            found[f"{side}_fraction"] = _fraction_summary(ratio(values[subject], change))
+            fraction = ratio(values[subject], change)
+            found[f"{side}_fraction"] = _fraction_summary(fraction)
             usable = [c for c in controls if c in values]
             if len(usable) < 2:
                 continue
-            result, details = _side(values, change, subject, usable, sign)
+            result, details = _side(values, change, subject, fraction, usable, sign)
             found[side] = details
             tested.append((index, side, result))
         objects.append(found)

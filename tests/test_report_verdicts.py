@@ -7,16 +7,9 @@ import pandas as pd
 import pytest
 
 from toolrl_analysis.analysis.ablate.bootstrap import Estimate
-from toolrl_analysis.report.tables import exact_match_change, tool_use_table
-from toolrl_analysis.report.verdicts import (
-    INCONCLUSIVE,
-    NOT_REPRODUCED,
-    REPRODUCED,
-    context_rule,
-    general_rule,
-    judge_lower_mlp,
-    tool_use_rule,
-)
+from toolrl_analysis.analysis.judge.rules import tool_use_rule
+from toolrl_analysis.report.tables import tool_use_table
+from toolrl_analysis.report.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, judge_lower_mlp, judged
 
 
 def spread(value: float, low: float, high: float) -> Estimate:
@@ -38,24 +31,23 @@ def spread(value: float, low: float, high: float) -> Estimate:
     ],
 )
 def test_tool_use_rule(low, high, verdict):
-    assert tool_use_rule(spread((low + high) / 2, low, high)) == verdict
+    assert tool_use_rule(*spread((low + high) / 2, low, high).interval) == verdict
 
 
-def test_general_rule():
-    kept = {"value": 0.01, "low": -0.06, "high": 0.08}
-    assert general_rule(0.01, kept) == REPRODUCED
-    assert general_rule(0.03, kept) == NOT_REPRODUCED  # the text loss rose by more than 2%
-    assert general_rule(0.0, {"value": -0.2, "low": -0.3, "high": -0.1}) == NOT_REPRODUCED  # a real drop
-    assert general_rule(0.0, {"value": -0.05, "low": -0.15, "high": 0.05}) == INCONCLUSIVE  # too wide to tell
+def test_the_report_decides_general_ability_again_with_its_tool_use_verdict(tmp_path):
+    """judge.json's general numbers, read by the report: kept ability is reproduced only beside a gain."""
+    import json
 
-
-def test_exact_match_change_is_a_difference_of_two_proportions():
-    change = exact_match_change(
-        {"tasks.exact_match": 0.5, "tasks.tasks": 100}, {"tasks.exact_match": 0.6, "tasks.tasks": 100}
-    )
-    half = 1.96 * np.sqrt(0.25 / 100 + 0.24 / 100)
-    assert change["value"] == pytest.approx(0.1)
-    assert (change["low"], change["high"]) == pytest.approx((0.1 - half, 0.1 + half), abs=1e-3)
+    kept = {"value": 1.0, "low": 0.97, "high": 1.03}
+    rises = {"general_tasks": {"value": 0.0, "low": -0.01, "high": 0.01}}
+    numbers = {"retained": kept, "rises": rises, "measured": "R = 1.000"}
+    document = {"verdicts": {"general": {"verdict": REPRODUCED, "evidence": "x", "numbers": numbers}}}
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "judge.json").write_text(json.dumps(document))
+    assert judged(tmp_path, "general", REPRODUCED).verdict == REPRODUCED
+    found = judged(tmp_path, "general", NOT_REPRODUCED)
+    assert found.verdict == INCONCLUSIVE and found.evidence.startswith("R = 1.000")
+    assert judged(tmp_path, "context", REPRODUCED).verdict == INCONCLUSIVE  # not measured
 
 
 @pytest.mark.parametrize(("where", "verdict"), [("mlp", REPRODUCED), ("attn", NOT_REPRODUCED)])
@@ -82,16 +74,6 @@ def test_the_lower_mlp_verdict_is_the_ablation_rule_on_the_saved_files(tmp_path,
     assert "blocks 0-8" in found.evidence and "20 matched controls" in found.evidence
     assert "E = " in found.evidence and found.rule.startswith("`ablate --grid paper`'s rule")
     assert judge_lower_mlp(tmp_path / "missing").verdict == INCONCLUSIVE
-
-
-def test_context_rule():
-    up, flat, down = spread(0.2, 0.1, 0.3), spread(0.0, -0.1, 0.1), spread(-0.2, -0.3, -0.1)
-    assert context_rule(REPRODUCED, up, probe_losses=0) == REPRODUCED
-    assert context_rule(REPRODUCED, up, probe_losses=2) == INCONCLUSIVE  # the probes disagree
-    assert context_rule(REPRODUCED, down, probe_losses=0) == NOT_REPRODUCED
-    assert context_rule(REPRODUCED, flat, probe_losses=0) == INCONCLUSIVE
-    assert context_rule(NOT_REPRODUCED, up, probe_losses=0) == INCONCLUSIVE  # no gain to explain
-    assert context_rule(REPRODUCED, None, probe_losses=0) == INCONCLUSIVE  # not measured
 
 
 def test_tool_use_table_shows_each_policy_with_its_interval():

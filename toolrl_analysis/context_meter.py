@@ -280,44 +280,60 @@ def donor_order(records: Sequence[EnvRecord], seed: int = 0) -> list[int]:
 # =============================================================================================
 # Scoring
 # =============================================================================================
+def batches(examples: Sequence[LabelledExample], batch_tokens: int) -> list[list[int]]:
+    """Indices of `examples`, shortest first, in batches of at most `batch_tokens` padded tokens (a longer
+    example gets a batch of its own)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    out: list[list[int]] = []
+    for index in order:
+        if out and len(examples[index].ids) * (len(out[-1]) + 1) <= batch_tokens:
+            out[-1].append(index)
+        else:
+            out.append([index])
+    return out
+
+
+@torch.no_grad()
+def target_logits(model, chunk: Sequence[LabelledExample]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per example of one batch: (logits [n, V] in float32 that predict its labelled tokens, the n target
+    ids), or None when it has no labelled token after the first position."""
+    device = next(model.parameters()).device
+    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    width = max(len(e.ids) for e in chunk)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, example in enumerate(chunk):
+        ids[row, : len(example.ids)] = torch.tensor(example.ids)
+        mask[row, : len(example.ids)] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        hidden, head = _final_states(model, ids, mask)
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for row, example in enumerate(chunk):
+            positions = [p for p, _ in example.targets if p > 0]
+            if not positions:
+                out.append(None)
+                continue
+            at = torch.tensor(positions, device=device)
+            out.append((head(hidden[row, at - 1]).float(), ids[row, at]))  # token p is predicted at p-1
+        return out
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def token_nlls(model, examples: Sequence[LabelledExample], batch_tokens: int = 16384) -> list[list[float]]:
     """NLL and greedy-correctness of every labelled token of every example: [(nll, top1), ...] per example,
     in the order of `example.targets`."""
-    device = next(model.parameters()).device
-    pad = int(getattr(model.config, "pad_token_id", None) or 0)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     results: list[list[tuple[float, bool]]] = [[] for _ in examples]
-    was_training = model.training
-    model.eval()
-    try:
-        start = 0
-        while start < len(order):
-            width = len(examples[order[start]].ids)
-            stop = start + 1
-            while stop < len(order) and len(examples[order[stop]].ids) * (stop - start + 1) <= batch_tokens:
-                stop += 1
-            chunk = [examples[i] for i in order[start:stop]]
-            width = max(len(e.ids) for e in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
-            mask = torch.zeros_like(ids)
-            for row, example in enumerate(chunk):
-                ids[row, : len(example.ids)] = torch.tensor(example.ids)
-                mask[row, : len(example.ids)] = 1
-            hidden, head = _final_states(model, ids, mask)
-            for row, example in enumerate(chunk):
-                positions = [p for p, _ in example.targets if p > 0]
-                if not positions:
-                    continue
-                at = torch.tensor(positions, device=device)
-                row_logits = head(hidden[row, at - 1]).float()  # [n, V]: token p is predicted at p-1
-                targets = ids[row, at]
-                nll = torch.nn.functional.cross_entropy(row_logits, targets, reduction="none")
-                top1 = row_logits.argmax(-1) == targets
-                results[order[start + row]] = list(zip(nll.tolist(), top1.tolist(), strict=True))
-            start = stop
-    finally:
-        model.train(was_training)
+    for batch in batches(examples, batch_tokens):
+        for index, found in zip(batch, target_logits(model, [examples[i] for i in batch]), strict=True):
+            if found is None:
+                continue
+            logits, targets = found
+            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            results[index] = list(zip(nll.tolist(), (logits.argmax(-1) == targets).tolist(), strict=True))
     return results
 
 

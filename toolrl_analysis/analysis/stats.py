@@ -25,7 +25,9 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
 def paired_difference(
     base: Sequence[float], trained: Sequence[float], level: float = 0.95
 ) -> dict[str, float]:
-    """trained - base over paired samples: mean, t-interval and the paired t-test's two-sided p-value."""
+    """trained - base over paired samples: mean, t-interval, the paired t-test's two-sided p-value, the
+    effect size d_z (mean / sd of the differences) and the minimum detectable difference (two-sided 5%, 80%
+    power) at this n and spread."""
     from scipy import stats
 
     pairs = [(b, t) for b, t in zip(base, trained, strict=True) if not (math.isnan(b) or math.isnan(t))]
@@ -35,7 +37,17 @@ def paired_difference(
         p_value = math.nan if diff.size < 2 else (1.0 if mean == 0 else 0.0)
     else:
         p_value = float(stats.ttest_1samp(diff, 0.0).pvalue)
-    return {"diff_mean": mean, "diff_ci_low": low, "diff_ci_high": high, "p_value": p_value, "n": len(pairs)}
+    sd = float(diff.std(ddof=1)) if diff.size > 1 else math.nan
+    mde = (
+        float(
+            (stats.t.ppf(0.975, diff.size - 1) + stats.t.ppf(0.8, diff.size - 1)) * sd / math.sqrt(diff.size)
+        )
+        if diff.size > 1
+        else math.nan
+    )
+    effect = mean / sd if sd and math.isfinite(sd) else math.nan
+    return {"diff_mean": mean, "diff_ci_low": low, "diff_ci_high": high, "p_value": p_value, "n": len(pairs),
+            "effect_size": effect, "mde": mde}  # fmt: skip
 
 
 def holm_reject(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
@@ -47,3 +59,20 @@ def holm_reject(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
             break
         reject[i] = True
     return reject
+
+
+def bounds_text(value, low, high, digits: int = 2) -> str:
+    """value [low, high]; "n/a" without a value, "[unbounded]" without bounds (Fieller's open interval)."""
+
+    def absent(v) -> bool:
+        try:
+            return v is None or math.isnan(float(v))
+        except TypeError:  # pandas' NA
+            return True
+
+    missing = [absent(v) for v in (value, low, high)]
+    if missing[0]:
+        return "n/a"
+    if missing[1] or missing[2]:
+        return f"{value:.{digits}f} [unbounded]"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from toolrl_analysis.cli import analyse, envs, evaluate, reproduce, train
+from toolrl_analysis.cli import analyse, envs, evaluate, judge, reproduce, train
 from toolrl_analysis.cli.args import check_out_dir
 from toolrl_analysis.errors import UserError
 
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(sub, common)
     evaluate.add_parsers(sub, common)
     analyse.add_parsers(sub, common)
+    judge.add_parsers(sub, common)
     reproduce.add_parsers(sub, common)
     return parser
 

@@ -73,7 +73,20 @@ def episode_flags() -> argparse.ArgumentParser:
 
 def add_episode_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of `episode_flags`."""
-    from toolrl_analysis.episodes import EPISODES, GENERAL_TASKS
+    from toolrl_analysis.episodes import GENERAL_TASKS
+
+    add_play_flags(parser)
+    parser.add_argument("--no-general", action="store_true", help="skip the general-capability suite")
+    parser.add_argument(
+        "--general-tasks", type=int, default=GENERAL_TASKS, help="exact-match tasks of the general suite"
+    )
+    parser.add_argument("--no-roles", action="store_true", help="skip the context-reading role-NLL table")
+    add_limit_flag(parser)
+
+
+def add_play_flags(parser: argparse.ArgumentParser) -> None:
+    """How episodes are played (episodes.EpisodeOptions), for a command that only plays them."""
+    from toolrl_analysis.episodes import EPISODES
 
     parser.add_argument(
         "--max-turns", type=int, default=EPISODES.max_turns, help="assistant turns per episode (FTRL's)"
@@ -84,22 +97,13 @@ def add_episode_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=EPISODES.batch_size, help="prompts generated together"
     )
-    parser.add_argument("--no-general", action="store_true", help="skip the general-capability suite")
-    parser.add_argument(
-        "--general-tasks", type=int, default=GENERAL_TASKS, help="exact-match tasks of the general suite"
-    )
-    parser.add_argument("--no-roles", action="store_true", help="skip the context-reading role-NLL table")
-    add_limit_flag(parser)
 
 
-def add_limit_flag(parser: argparse.ArgumentParser) -> None:
+def add_limit_flag(
+    parser: argparse.ArgumentParser, help: str = "use N environments, balanced over scenarios"
+) -> None:
     """--limit N: the same slice in every command, N environments balanced over scenarios."""
-    parser.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="use N environments, balanced over scenarios (default: all of them)",
-    )
+    parser.add_argument("--limit", type=int, default=None, help=f"{help} (default: all of them)")
 
 
 def check_limit(args: argparse.Namespace) -> None:
@@ -113,7 +117,7 @@ def episode_options(args: argparse.Namespace):
     from toolrl_analysis.episodes import EpisodeOptions
 
     check_limit(args)
-    if args.general_tasks < 1:
+    if getattr(args, "general_tasks", 1) < 1:
         raise UserError(
             f"--general-tasks must be at least 1 (--no-general skips the suite), got {args.general_tasks}"
         )

@@ -57,7 +57,8 @@ def pass_at_k_levels(run: Path) -> pd.DataFrame | None:
 
 def write_figures(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Solve-F1 per policy and scenario, the RL curves, the base's loss curve, the parameter-change
-    heatmaps, layer profiles and band summaries, the ablation chart, and the probe and attention plots."""
+    heatmaps, layer profiles and band summaries, the ablation chart, the probe and attention plots, and the
+    output divergence by token role."""
     from toolrl_analysis.analysis import plots
     from toolrl_analysis.analysis.probe.plots import (
         plot_attention_difference,
@@ -101,4 +102,10 @@ def write_figures(run: str | Path, out_dir: str | Path | None = None) -> list[Pa
         save(plot_attention_mass(by_block), "attention_mass.png")
     if (heads := read_csv(probe / "head_comparison.csv")) is not None:
         save(plot_attention_difference(heads), "attention_difference.png")
+    divergence = run / "judge" / "divergence"
+    roles, deciles = read_csv(divergence / "by_role.csv"), read_csv(divergence / "by_entropy.csv")
+    if roles is not None and deciles is not None:
+        from toolrl_analysis.analysis.judge.plots import plot_divergence
+
+        save(plot_divergence(roles, deciles), "divergence.png")
     return written

@@ -311,25 +311,85 @@ def _probes(run: Path) -> list[str]:
         "## 7. Context understanding inside the network: probes and attention",
         "",
         "Linear probes per layer (0 = embeddings) on the hidden state at each decision point, for base and "
-        "trained, with Hewitt & Liang control tasks (selectivity = accuracy - control accuracy); mean and 95% "
-        "interval over seeds; differences paired over seeds and Holm-corrected.",
+        "trained, with control tasks that permute the labels within a surface type of the context (selectivity = "
+        "accuracy - control accuracy: what the hidden state says beyond that type); mean and 95% interval over "
+        "seeds (re-splits of the environments); differences paired over seeds and Holm-corrected, with the "
+        "smallest change in selectivity the comparison could detect (80% power). Probes are read beside the "
+        "context verdict, not in it.",
         "",
         markdown_table(probe_table(frames["probe_summary"], frames["probe_comparison"])),
         "",
     ]
     attention = frames.get("attention_comparison")
     if attention is not None and not attention.empty:
-        rows = attention.groupby("region", sort=False).agg(
-            base=("base_mean", "mean"), trained=("trained_mean", "mean"),
-            blocks_that_differ=("significant", lambda s: int(s.astype(bool).sum())),
-        )  # fmt: skip
+        aggregates = {"base": ("base_mean", "mean"), "trained": ("trained_mean", "mean"),
+                      "blocks_that_differ": ("significant", lambda s: int(s.astype(bool).sum()))}  # fmt: skip
+        if "effect_size" in attention:
+            aggregates |= {"largest_effect_size": ("effect_size", lambda s: float(s.abs().max())),
+                           "smallest_mde": ("mde", "min")}  # fmt: skip
+        rows = attention.groupby("region", sort=False).agg(**aggregates)
+        environments = int(attention["n"].max()) if "n" in attention else 0
         lines += [
-            "Attention mass from the decision token to each region of the context (mean over blocks):",
+            "Attention mass from the decision token to each region of the context (mean over blocks), compared "
+            f"per environment ({environments} environments: each environment's mean over its decision points, "
+            "then paired), with the largest effect size d_z over blocks and the smallest detectable difference:",
             "",
             markdown_table(rows.reset_index()),
             "",
         ]
     return lines + _figures(run, "probe_curves_resid", "attention_mass", "attention_difference") + [""]
+
+
+def _judged(run: Path) -> list[str]:
+    """Section 8: what `judge` measured for the context and general claims, and `divergence`'s tables."""
+    lines = []
+    roles = read_csv(run / "judge" / "context_roles.csv")
+    if roles is not None and not roles.empty:
+        lines += [
+            "## 8. Context understanding against a sharpened base, and where the outputs differ",
+            "",
+            "Oracle trajectories of the analysis split, teacher-forced, per token role: NLL (nats per token) of "
+            "the base, the *sharpened* base (its logits times the one factor that gives it the trained model's "
+            "mean entropy on these tokens) and the trained model in the real context; top-1 of base and trained "
+            "(sharpening keeps the base's); and each model's context gap (swapped minus real context). "
+            "`understanding` pools the roles the context verdict reads.",
+            "",
+            markdown_table(roles, 3),
+            "",
+        ]
+    divergence = read_csv(run / "judge" / "divergence" / "by_role.csv")
+    summary = (read_json(run / "judge" / "divergence" / "divergence.json") or {}).get("summary") or {}
+    if divergence is not None and summary:
+        shown = ["source", "role", "tokens", "kl_base_trained", "kl_share", "entropy_base", "entropy_sharp",
+                 "entropy_trained", "logp_change", "logp_change_sharp"]  # fmt: skip
+        lines += [
+            "KL(base || trained) per token on both models' greedy trajectories of the analysis split "
+            f"({summary.get('tokens')} tokens, {summary.get('environments')} environments), by token role; "
+            "*logp_change* is the rise in the log-prob of the token written (trained minus base, and minus the "
+            f"sharpened base, factor {summary.get('scale', float('nan')):.3f} on these tokens). The forking tokens "
+            f"(the 20% of highest base entropy) carry {summary.get('forking_kl_share', float('nan')):.1%} of the KL. "
+            "The 20 tokens of largest KL, with their context, are in `judge/divergence/top_contexts.jsonl`.",
+            "",
+            markdown_table(divergence[shown], 4),
+            "",
+        ]
+        lines += _figures(run, "divergence") + [""]
+    items = read_csv(run / "judge" / "items.csv")
+    if items is not None and not items.empty:
+        kinds = items.groupby("kind").agg(items=("item", "size"), tokens=("tokens", "sum"),
+                                          nll_base=("nll_base", "sum"), nll_trained=("nll_trained", "sum"),
+                                          exact_base=("exact_base", "mean"), exact_trained=("exact_trained", "mean"))  # fmt: skip
+        kinds["nll_base"] /= kinds["tokens"]
+        kinds["nll_trained"] /= kinds["tokens"]
+        lines += [
+            "General ability as the general verdict reads it: paired per item, teacher-forced, on held-out "
+            "general tasks and on oracle tool-use conversations of held-out environments (NLL in nats per "
+            "assistant token; exact match: every token of the answer turn the model's greedy choice).",
+            "",
+            markdown_table(kinds.reset_index(), 4),
+            "",
+        ]
+    return lines
 
 
 def _timings(run: Path) -> list[str]:
@@ -351,7 +411,17 @@ def _timings(run: Path) -> list[str]:
 def write_report(run: str | Path) -> Path:
     run = Path(run)
     lines = _header(run) + _verdicts(run)
-    for section in (_environments, _tool_use, _general, _roles, _parameters, _ablation, _probes, _timings):
+    for section in (
+        _environments,
+        _tool_use,
+        _general,
+        _roles,
+        _parameters,
+        _ablation,
+        _probes,
+        _judged,
+        _timings,
+    ):
         lines += section(run)
     path = run / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")

@@ -16,6 +16,7 @@ import pandas as pd
 
 from toolrl_analysis.analysis.ablate.bootstrap import Estimate, Resamples, binomial, stratified_resamples
 from toolrl_analysis.analysis.ablate.tables import role_estimates, tool_use_estimates
+from toolrl_analysis.analysis.stats import bounds_text
 from toolrl_analysis.envs.schema import SCENARIOS
 
 POLICIES = {"base": "base", "grpo": "GRPO", "reinforce_pp": "Reinforce++"}
@@ -208,17 +209,6 @@ def general_values(run: Path, policy: str) -> dict[str, float] | None:
     return {f"{r.suite}.{r.metric}": float(r.value) for r in frame.itertuples()}
 
 
-def exact_match_change(base: dict[str, float], trained: dict[str, float]) -> dict[str, float]:
-    """trained - base exact match with a 95% normal interval for two independent proportions (the per-task
-    outcomes are not saved, so the pairing is not used: a conservative interval)."""
-    n = int(base.get("tasks.tasks", 0))
-    first = binomial(base["tasks.exact_match"], n)
-    second = binomial(trained["tasks.exact_match"], int(trained.get("tasks.tasks", 0)))
-    se = float(np.hypot(first["se"], second["se"]))
-    diff = second["value"] - first["value"]
-    return {"value": diff, "low": diff - 1.959963984540054 * se, "high": diff + 1.959963984540054 * se}
-
-
 def general_table(run: Path) -> pd.DataFrame | None:
     values = {p: v for p in POLICIES if (v := general_values(run, p)) is not None}
     if not values:
@@ -324,15 +314,6 @@ def fraction_text(row: dict, column: str) -> str:
     return bounds_text(row.get(column), row.get(f"{column}_low"), row.get(f"{column}_high"))
 
 
-def bounds_text(value, low, high, digits: int = 2) -> str:
-    """value [low, high]; "n/a" without a value, "[unbounded]" without bounds (Fieller's open interval)."""
-    if value is None or pd.isna(value):
-        return "n/a"
-    if low is None or high is None or pd.isna(low) or pd.isna(high):
-        return f"{value:.{digits}f} [unbounded]"
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
-
 def role_kept_table(run: Path, variants=("revert mlp@lower", "transplant mlp@lower")) -> pd.DataFrame | None:
     """Per token role, on the trained model's trajectories: the fraction of the change `variants` keep."""
     roles = read_csv(run / "ablate" / "roles_kept.csv")
@@ -418,8 +399,19 @@ def probe_table(summary: pd.DataFrame, comparison: pd.DataFrame) -> pd.DataFrame
             ", ".join(f"{r.metric} @{int(r.layer)} {r.diff_mean:+.2f}" for r in differs.itertuples())
             or "nowhere"
         )
+        row["smallest detectable selectivity change"] = _smallest_mde(comparison, task)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _smallest_mde(comparison: pd.DataFrame, task: str) -> str:
+    """The least minimum detectable selectivity change over the task's layers (80% power, 5% two-sided,
+    before Holm), or n/a from files written before it was saved."""
+    if "mde" not in comparison:
+        return "n/a"
+    chosen = comparison[(comparison["task"] == task) & (comparison["site"] == "resid")]
+    values = chosen.loc[chosen["metric"] == "selectivity", "mde"].dropna()
+    return f"{values.min():.3f}" if len(values) else "n/a"
 
 
 # -- pass@k and coverage -------------------------------------------------------------------------------

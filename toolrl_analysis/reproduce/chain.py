@@ -3,7 +3,8 @@
 envs build -> the base (the shipped embedded base, a policy file, or train-base) -> evaluate it (test
 split of held-out worlds and the same-world split) and its pass@k -> train-grpo with GRPO (one run per
 training seed) and with Reinforce++ -> evaluate each, pass@k of the first GRPO run -> compare each
-algorithm's run with the base -> ablate --grid paper and probe on the GRPO pair -> figures and report.md.
+algorithm's run with the base -> ablate --grid paper, probe, and judge's general and context claims with
+divergence on the GRPO pair -> figures and report.md.
 """
 
 from __future__ import annotations
@@ -267,6 +268,35 @@ def probe_stage(run: Path, settings: ChainSettings) -> Stage:
     return Stage("probe", out, outputs, inputs, config, action, after=("base", "train grpo", "envs"))
 
 
+def judge_stage(run: Path, settings: ChainSettings) -> Stage:
+    """`judge`'s general and context claims into judge/, and `divergence` into judge/divergence/."""
+    from toolrl_analysis.analysis.judge.divergence import measure_divergence
+    from toolrl_analysis.analysis.judge.run import judge
+    from toolrl_analysis.episodes import EpisodeOptions
+
+    options = settings.judge
+    out = run / "judge"
+    base, trained = run / "base" / "base.pt", run / ANALYSED / "trained.pt"
+
+    def action(ctx: StageContext) -> None:
+        episodes = EpisodeOptions(options.max_turns, options.max_new_tokens, options.batch_size)
+        limit = options.analysis_limit or None
+        judge(base, trained, run / "envs", claims=("general", "context"), analysis_limit=limit,
+              tasks=options.tasks, options=episodes, log=ctx.log).write(out)  # fmt: skip
+        ctx.fraction(0.3)
+        measure_divergence(base, trained, run / "envs", limit=limit, options=episodes, top=options.top).write(
+            out / "divergence"
+        )
+
+    inputs = {
+        "base/base.pt": base,
+        f"{ANALYSED}/trained.pt": trained,
+        "envs/analysis.jsonl": run / "envs" / "analysis.jsonl",
+    }
+    outputs = ("judge.json", "items.csv", "divergence/by_role.csv", "divergence/divergence.json")
+    return Stage("judge", out, outputs, inputs, asdict(options), action, after=("base", "train grpo", "envs"))
+
+
 def build_stages(run: Path, settings: ChainSettings) -> list[Stage]:
     base = run / "base" / "base.pt"
     runs = rl_runs(settings)
@@ -284,5 +314,5 @@ def build_stages(run: Path, settings: ChainSettings) -> list[Stage]:
     if sampling:
         stages += [pass_at_k_stage(run, settings, ANALYSED, run / ANALYSED / "trained.pt", "train grpo")]
     stages += [compare_stage(run, name) for name in ALGORITHMS]
-    stages += [ablate_stage(run, settings), probe_stage(run, settings)]
+    stages += [ablate_stage(run, settings), probe_stage(run, settings), judge_stage(run, settings)]
     return stages

@@ -82,6 +82,24 @@ class AblateSettings:
         require(self.score_threads >= 0, "score_threads", "must be 0 (torch's default) or more")
 
 
+@dataclass
+class JudgeSettings:
+    """`judge`'s general and context claims and `divergence` on the GRPO pair (the report's verdicts are
+    written from them; tool use and the lower MLPs are decided from the evaluate and ablate stages)."""
+
+    analysis_limit: int = 0  # environments of the analysis split (0: all of them)
+    tasks: int = 4096  # held-out general tasks, teacher-forced
+    top: int = 20  # max-KL tokens saved with their context
+    max_turns: int = EPISODES.max_turns
+    max_new_tokens: int = EPISODES.max_new_tokens
+    batch_size: int = EPISODES.batch_size
+
+    def validate(self) -> None:
+        require(self.analysis_limit >= 0, "analysis_limit", "must not be negative (0: the whole split)")
+        for key in ("tasks", "top", "max_turns", "max_new_tokens", "batch_size"):
+            require(getattr(self, key) >= 1, key, "must be at least 1")
+
+
 # Overrides of the default run (on top of each command's defaults); measured to keep `make reproduce` near an hour.
 DEFAULT = {
     "envs": [],
@@ -90,6 +108,7 @@ DEFAULT = {
     "eval": [],
     "ablate": [],
     "probe": ["limit=64", "rollout_envs=16", "seeds=5"],
+    "judge": [],
 }
 # The smoke run: every stage at a few environments and one or two iterations.
 QUICK = {
@@ -104,6 +123,7 @@ QUICK = {
     "eval": ["limit=8", "max_turns=4", "max_new_tokens=48", "general_tasks=16", "samples=2", "sample_limit=4"],
     "ablate": ["limit=8", "max_turns=2", "max_new_tokens=32", "bootstrap=200", "controls=3"],
     "probe": ["limit=16", "rollout_envs=0", "seeds=2", "max_iter=30"],
+    "judge": ["tasks=256", "max_turns=2", "max_new_tokens=32"],
 }  # fmt: skip
 STAGE_KEYS = tuple(DEFAULT)
 STAGE_FIELDS = {
@@ -113,6 +133,7 @@ STAGE_FIELDS = {
     "eval": "eval",
     "ablate": "ablate",
     "probe": "probe",
+    "judge": "judge",
 }
 # GRPO runs of the default recipe with seeds seed, seed + 1, ...: `--set grpo.seeds=N` (a key of the chain,
 # not of GRPOConfig). The first is the analysed pair; the others give the gain's spread over training seeds.
@@ -146,6 +167,7 @@ class ChainSettings:
     eval: EvalSettings
     ablate: AblateSettings
     probe: Any
+    judge: JudgeSettings
 
     def document(self) -> dict[str, Any]:
         return {"quick": self.quick, "base": self.base, "grpo_seeds": self.grpo_seeds} | {
@@ -203,4 +225,5 @@ def load_settings(
         eval=load_config(EvalSettings, None, merged("eval")),
         ablate=load_config(AblateSettings, None, merged("ablate")),
         probe=load_config(ProbeConfig, None, merged("probe")),
+        judge=load_config(JudgeSettings, None, merged("judge")),
     )

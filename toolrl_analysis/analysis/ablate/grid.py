@@ -157,14 +157,18 @@ def paper_grid(
     seed: int = 0,
     draws: int = DEFAULT_CONTROLS,
     rank: int = DEFAULT_RANK,
+    subsets: Sequence[str] = PAPER_SUBSETS,
 ) -> Grid:
-    """References, then for each subset its revert and transplant and `draws` matched controls of each, then
-    the rank-k block (when `pairs` are given)."""
+    """References, then for each of `subsets` (of `PAPER_SUBSETS`) its revert and transplant and `draws`
+    matched controls of each, then the rank-k block (when `pairs` are given and `rank` > 0)."""
     if draws < 2:
         raise UserError("--controls must be at least 2 (the controls' spread is the null distribution)")
+    unknown = [s for s in subsets if s not in PAPER_SUBSETS]
+    if unknown:
+        raise UserError(f"unknown subset {unknown[0]!r} (the grid's: {', '.join(PAPER_SUBSETS)})")
     variants, entries = references(), []
     n_layers = plan.mapping.n_layers
-    for subset in PAPER_SUBSETS:
+    for subset in subsets:
         if subset == "mlp@0-2" and n_layers < 3:
             note = f"the model has {n_layers} blocks; the paper's subset needs 3"
             variants += [Variant(f"{k} {subset}", k, subset, note=note) for k in ("revert", "transplant")]
@@ -174,7 +178,7 @@ def paper_grid(
         if found is not None:
             variants += found[0]
             entries.append(found[1])
-    if pairs is not None:
+    if pairs is not None and rank > 0:
         extra, entry = _rank_variants(plan, pairs, draws, rank, seed)
         variants += extra
         if entry is not None:

@@ -140,18 +140,20 @@ def ablate(
     controls: int = DEFAULT_CONTROLS,
     rank: int = DEFAULT_RANK,
     analysis_limit: int | None = None,
+    subsets: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> Ablation:
     """Splice (base, trained) as `operations` say and `--save` the hybrid, and/or evaluate the variants
     (the user's splice, or a grid) on held-out environments beside the base and the trained model: main
     variants played on `limit` environments (Solve-F1), every variant scored by the teacher-forced metric
-    on `analysis_limit` of them (all when None; 0 turns it off)."""
+    on `analysis_limit` of them (all when None; 0 turns it off). `subsets` restricts the grid (and, with
+    `rank` 0, leaves out its rank-k block)."""
     _check_request(operations, grid, envs, save, metric)
     if replicates < 2:
         raise ConfigError("--bootstrap needs at least 2 replicates")
     if grid and controls < 2:
         raise ConfigError("--controls must be at least 2 (the controls' spread is the null distribution)")
-    if rank < 1:
+    if rank < 0 or (rank == 0 and subsets is None):
         raise ConfigError(f"--rank must be at least 1, got {rank}")
     if analysis_limit is not None and analysis_limit < 0:
         raise ConfigError("--analysis-limit must be a number of environments (0: no teacher-forced metric)")
@@ -186,7 +188,8 @@ def ablate(
         pairs = pairs_in_memory(base_ckpt, trained_ckpt, plan)
         if grid:
             energies = update_energies(energy_pairs_in_memory(pairs))
-            built = grid_variants(grid, plan, energies, pairs, seed=seed, draws=controls, rank=rank)
+            chosen = {} if subsets is None else {"subsets": tuple(subsets)}
+            built = grid_variants(grid, plan, energies, pairs, seed=seed, draws=controls, rank=rank, **chosen)
         else:
             built = Grid(custom_variants(plan, operations), [])
         variants = built.variants

@@ -79,7 +79,10 @@ def _side(
     subject_delta = values[subject]
     control_deltas = np.stack([values[c] for c in controls])
     numerator = sign * (control_deltas.mean(axis=0) - subject_delta)
-    fractions = control_deltas.mean(axis=1) / change.mean()
+    with np.errstate(
+        invalid="ignore", divide="ignore"
+    ):  # no change at all: NaN fractions, said in the reason
+        fractions = control_deltas.mean(axis=1) / change.mean()
     extra = float(np.var(control_deltas.mean(axis=1), ddof=1)) / len(controls) if len(controls) > 1 else 0.0
     found = contrast(numerator, change, margin=MARGIN, extra_variance=extra, extra_df=len(controls) - 1)
     below = float(np.mean(fractions < subject_fraction.value))

@@ -15,9 +15,10 @@ that sub-question's tool and its output verifies the answer, FTRL's `answer_veri
   source_response  decision token, when the next sub-question takes an argument from an earlier answer: how
                    many tool responses back the one holding that value is ("0" the latest, ..., "3+")
 
-Every row also carries a control type (Hewitt & Liang): a surface feature of the context that recurs across
-environments (the number of earlier responses and the last tool called; for responses, the tool and its
-index). The control task labels each type at random, so a probe that merely memorises types scores on it.
+Every row also carries a control type: a surface feature of the context that recurs across environments (the
+number of earlier responses and the scenario; for responses, the tool and its index). The control task
+permutes the labels within each type (`fit.control_labels`), so it keeps what the type tells about the label
+and nothing else.
 Token regions (question, tool documents, tool calls, tool responses, other) serve the attention analysis.
 """
 
@@ -146,12 +147,13 @@ def decision_labels(record: EnvRecord, context: Sequence[dict[str, Any]]) -> dic
         offset = len(responses) - 1 - solved_by[following["depends_on"]]
         source = str(offset) if offset < _MAX_OFFSET else f"{_MAX_OFFSET}+"
     tool = str(following.get("tool")) if following is not None else None
-    last_called = responses[-1][0] if responses else "-"
     return {
         "next_tool": tool if tool in record.tool_names else None,
         "call_or_answer": ("call" if following is not None else "answer") if subs else None,
         "source_response": source,
-        "control_type": f"{min(len(responses), 4)}|{last_called}",
+        # not the last tool called: that alone predicts much of the next tool, and the control would then
+        # measure the last call rather than the context (`fit.control_labels`)
+        "control_type": f"{min(len(responses), 4)}|{record.scenario}",
     }
 
 

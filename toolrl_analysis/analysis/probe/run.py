@@ -268,6 +268,7 @@ def run_probe(
     timings["probes_s"] = time.perf_counter() - started - timings["dataset_s"] - timings["capture_s"]
     timings["total_s"] = time.perf_counter() - started
 
+    point_envs = [t.env_id for t in dataset.trajectories for _ in t.decision_positions]
     info = {
         "base": str(base),
         "trained": str(trained),
@@ -289,9 +290,9 @@ def run_probe(
         probes=probes,
         probe_summary=summarise_probes(probes),
         probe_comparison=compare_probes(probes),
-        attention=attention_by_block(attention, REGIONS),
-        attention_comparison=compare_attention(attention, REGIONS, per_head=False),
-        head_comparison=compare_attention(attention, REGIONS),
+        attention=attention_by_block(attention, REGIONS, point_envs),
+        attention_comparison=compare_attention(attention, REGIONS, per_head=False, groups=point_envs),
+        head_comparison=compare_attention(attention, REGIONS, groups=point_envs),
     )
 
 
@@ -305,7 +306,9 @@ def render_probe(report: ProbeReport, console) -> None:
         f"points, hidden states {info['layers'][0]}-{info['layers'][-1]} "
         f"({info['timings']['total_s']:.0f}s)"
     )
-    table = Table("task", "site", "base best layer", "trained best layer", "differs at (trained - base)")
+    table = Table(
+        "task", "site", "base best layer", "trained best layer", "differs at (trained - base)", "smallest MDE"
+    )
     summary, comparison = report.probe_summary, report.probe_comparison
     for (task, site), rows in summary.groupby(["task", "site"], sort=False):
         best = {}
@@ -322,7 +325,13 @@ def render_probe(report: ProbeReport, console) -> None:
         text = (
             ", ".join(f"{r.metric} @{r.layer} {r.diff_mean:+.2f}" for r in differs.itertuples()) or "nowhere"
         )
-        table.add_row(task, site, best["base"], best["trained"], text)
+        mde = comparison.loc[
+            (comparison["task"] == task)
+            & (comparison["site"] == site)
+            & (comparison["metric"] == "selectivity"),
+            "mde",
+        ].min()
+        table.add_row(task, site, best["base"], best["trained"], text, f"{mde:.3f}")
     console.print(table)
     table = Table(
         "attention from the decision token to", "base", "trained", "trained - base [95% CI] per block"

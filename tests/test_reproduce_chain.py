@@ -58,7 +58,9 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
     assert verdicts["lower_mlp"] == "inconclusive"
     assert verdicts["context"] in ("not reproduced", "inconclusive")
     assert verdicts["general"] in ("not reproduced", "inconclusive")
-    assert (run / "judge" / "divergence" / "by_role.csv").is_file() and (run / "figures" / "divergence.png").is_file()
+    assert (run / "judge" / "divergence" / "by_role.csv").is_file() and (
+        run / "figures" / "divergence.png"
+    ).is_file()
     log = (run / "reproduce.log").read_text()
     assert "[5/17] train grpo: run (not run yet)" in log and "[17/17] report" in log and "ETA" in log
     # Held-out worlds and the training worlds' own split, a second training seed, and pass@k, in the report

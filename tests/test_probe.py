@@ -14,6 +14,7 @@ from toolrl_analysis.analysis.probe.fit import (
     fit_softmax_probes,
     group_split,
     probe_layers,
+    probe_layers_detailed,
     summarise_probes,
 )
 from toolrl_analysis.analysis.stats import holm_reject, mean_ci, paired_difference
@@ -108,22 +109,34 @@ def test_batched_fit_is_scikit_learns_logistic_regression(n_classes, C):
 
 
 def test_comparison_locates_the_layer_where_trained_differs():
+    """Paired over the 120 environments: the planted layer differs, with an interval that excludes 0.25;
+    elsewhere nothing differs, and the minimum detectable change is printed beside every row."""
     features, labels, groups, types = planted_dataset(strength=1.5)
     base_features, *_ = planted_dataset(seed=0, layer=None)
     settings = ProbeSettings(seeds=5)
-    results = [
-        probe_layers(f, labels, groups, types, range(N_LAYERS), settings).assign(
+    counts = [
+        probe_layers_detailed(f, labels, groups, types, range(N_LAYERS), settings)[1].assign(
             model=m, task="t", site="resid"
         )
         for m, f in (("base", base_features), ("trained", features))
     ]
     import pandas as pd
 
-    comparison = compare_probes(pd.concat(results)).set_index(["metric", "layer"])
+    comparison = compare_probes(pd.concat(counts)).set_index(["metric", "layer"])
     assert comparison.loc[("accuracy", PLANTED), "significant"]
     assert comparison.loc[("accuracy", PLANTED), "diff_ci_low"] > 0.25
+    assert (comparison["n"] > 100).all()  # environments, not seeds
     others = comparison.drop(index=PLANTED, level="layer")
     assert not others["significant"].any()
+    assert 0 < comparison.loc[("accuracy", PLANTED), "mde"] < 0.2
+    assert (others["diff_mean"] == 0).all()  # those layers' features are the same in both models
+    # identical models: no change, and the data exclude a change of 0.05
+    same = compare_probes(pd.concat([counts[0], counts[0].assign(model="trained")]))
+    assert (
+        (same["diff_mean"] == 0).all()
+        and not same["significant"].any()
+        and (same["p_equivalent"] < 0.05).all()
+    )
 
 
 def test_interval_and_tests_match_hand_computed_values():

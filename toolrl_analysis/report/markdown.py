@@ -313,9 +313,10 @@ def _probes(run: Path) -> list[str]:
         "Linear probes per layer (0 = embeddings) on the hidden state at each decision point, for base and "
         "trained, with control tasks that permute the labels within a surface type of the context (selectivity = "
         "accuracy - control accuracy: what the hidden state says beyond that type); mean and 95% interval over "
-        "seeds (re-splits of the environments); differences paired over seeds and Holm-corrected, with the "
-        "smallest change in selectivity the comparison could detect (80% power). Probes are read beside the "
-        "context verdict, not in it.",
+        "seeds (re-splits of the environments). Trained - base is paired over the held-out environments (each "
+        "environment's correct answers summed over the splits that held it out) and Holm-corrected, with the "
+        "change in selectivity the comparison could detect (80% power) and the layers where the data exclude a "
+        "change of 0.05 either way (equivalence, Holm). Probes are read beside the context verdict, not in it.",
         "",
         markdown_table(probe_table(frames["probe_summary"], frames["probe_comparison"])),
         "",
@@ -325,16 +326,18 @@ def _probes(run: Path) -> list[str]:
         aggregates = {"base": ("base_mean", "mean"), "trained": ("trained_mean", "mean"),
                       "blocks_that_differ": ("significant", lambda s: int(s.astype(bool).sum()))}  # fmt: skip
         if "effect_size" in attention:
-            aggregates |= {"largest_effect_size": ("effect_size", lambda s: float(s.abs().max())),
-                           "smallest_mde": ("mde", "min")}  # fmt: skip
+            aggregates |= {"largest_difference": ("diff_mean", lambda s: float(s.abs().max())),
+                           "largest_effect_size": ("effect_size", lambda s: float(s.abs().max())),
+                           "median_mde": ("mde", "median")}  # fmt: skip
         rows = attention.groupby("region", sort=False).agg(**aggregates)
         environments = int(attention["n"].max()) if "n" in attention else 0
         lines += [
             "Attention mass from the decision token to each region of the context (mean over blocks), compared "
             f"per environment ({environments} environments: each environment's mean over its decision points, "
-            "then paired), with the largest effect size d_z over blocks and the smallest detectable difference:",
+            "then paired): blocks that differ after Holm, the largest |trained - base| and effect size d_z over "
+            "blocks, and the median detectable difference (80% power):",
             "",
-            markdown_table(rows.reset_index()),
+            markdown_table(rows.reset_index(), 4),
             "",
         ]
     return lines + _figures(run, "probe_curves_resid", "attention_mass", "attention_difference") + [""]

@@ -399,19 +399,27 @@ def probe_table(summary: pd.DataFrame, comparison: pd.DataFrame) -> pd.DataFrame
             ", ".join(f"{r.metric} @{int(r.layer)} {r.diff_mean:+.2f}" for r in differs.itertuples())
             or "nowhere"
         )
-        row["smallest detectable selectivity change"] = _smallest_mde(comparison, task)
+        row["detectable selectivity change (median over layers)"] = _smallest_mde(comparison, task)
+        if "equivalent" in differs:
+            chosen = comparison[(comparison["task"] == task) & (comparison["site"] == "resid")]
+            chosen = chosen[chosen["metric"] == "selectivity"]
+            row["layers where a 0.05 change is excluded"] = (
+                f"{int(chosen['equivalent'].astype(bool).sum())} of {len(chosen)}"
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _smallest_mde(comparison: pd.DataFrame, task: str) -> str:
-    """The least minimum detectable selectivity change over the task's layers (80% power, 5% two-sided,
-    before Holm), or n/a from files written before it was saved."""
+    """The minimum detectable selectivity change (80% power, 5% two-sided, before Holm) over the task's
+    layers: median and range over the layers where at least two environments differ, else n/a."""
     if "mde" not in comparison:
         return "n/a"
     chosen = comparison[(comparison["task"] == task) & (comparison["site"] == "resid")]
     values = chosen.loc[chosen["metric"] == "selectivity", "mde"].dropna()
-    return f"{values.min():.3f}" if len(values) else "n/a"
+    if values.empty:
+        return "n/a"
+    return f"{values.median():.3f} ({values.min():.3f}-{values.max():.3f})"
 
 
 # -- pass@k and coverage -------------------------------------------------------------------------------

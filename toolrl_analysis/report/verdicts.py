@@ -17,6 +17,7 @@ from toolrl_analysis.analysis.judge.rules import (
     NOT_REPRODUCED,
     REPRODUCED,
     RULES,
+    as_sentence,
     general_rule,
     tool_use_rule,
 )
@@ -99,7 +100,7 @@ def judged(run: Path, claim: str, tool_use: str) -> Verdict:
     numbers = found.get("numbers") or {}
     if claim == "general" and "retained" in numbers:
         verdict, reason = general_rule(numbers["retained"], numbers.get("rises") or {}, tool_use)
-        return Verdict(claim, verdict, f"{numbers['measured']}. {reason}.")
+        return Verdict(claim, verdict, f"{numbers['measured']}. {as_sentence(reason)}")
     return Verdict(claim, found["verdict"], found["evidence"])
 
 

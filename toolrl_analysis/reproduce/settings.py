@@ -107,7 +107,7 @@ DEFAULT = {
     "grpo": [],
     "eval": [],
     "ablate": [],
-    "probe": ["limit=64", "rollout_envs=16", "seeds=5"],
+    "probe": ["limit=0", "rollout_envs=16", "seeds=5"],  # all 200 test environments: MDE near 0.05
     "judge": [],
 }
 # The smoke run: every stage at a few environments and one or two iterations.

@@ -23,6 +23,7 @@ from toolrl_analysis.analysis.judge.rules import (
     NLL_MARGIN,
     TOP1_MARGIN,
     UNDERSTANDING_ROLES,
+    as_sentence,
     context_rule,
 )
 from toolrl_analysis.context_meter import ROLES
@@ -43,9 +44,9 @@ class ContextMeasurement:
         nll, top1 = self.tests["nll"], self.tests["top1"]
         return (
             f"on {self.environments} held-out environments' oracle trajectories, tokens of "
-            f"{', '.join(UNDERSTANDING_ROLES)}: NLL improvement per token over the base "
+            f"{', '.join(UNDERSTANDING_ROLES)}: NLL improvement per token [97.5% interval] over the base "
             f"{_text(nll['base'])}, over the base sharpened x{self.scale:.2f} {_text(nll['sharpened'])}; top-1 "
-            f"improvement {_text(top1['base'])} (sharpening keeps the base's top-1). {self.reason}"
+            f"improvement {_text(top1['base'])} (sharpening keeps the base's top-1). {as_sentence(self.reason)}"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -73,6 +73,12 @@ RULES = {
 }
 
 
+def as_sentence(text: str) -> str:
+    """`text` with a capital first letter and a full stop (reasons are written to follow evidence)."""
+    text = text.strip()
+    return f"{text[:1].upper()}{text[1:]}" + ("" if text.endswith(".") else ".") if text else ""
+
+
 def _finite(*values: float | None) -> bool:
     return all(v is not None and math.isfinite(v) for v in values)
 
@@ -125,7 +131,11 @@ def context_rule(tests: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, str]
 
     for metric, by in tests.items():
         if by and max(p(found, "p_more") for found in by.values()) < level:
-            return REPRODUCED, f"the trained model beats the base and the sharpened base on {metric}"
+            name = {"nll": "NLL", "top1": "top-1"}.get(metric, metric)
+            return (
+                REPRODUCED,
+                f"the trained model beats the base and the sharpened base on {name} (p < {level} each)",
+            )
     if tests and all(by and min(p(found, "p_equivalent") for found in by.values()) < level
                      for by in tests.values()):  # fmt: skip
         return NOT_REPRODUCED, (

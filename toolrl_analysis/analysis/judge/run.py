@@ -27,6 +27,7 @@ from toolrl_analysis.analysis.judge.rules import (
     INCONCLUSIVE,
     LOWER_MLP,
     RULES,
+    as_sentence,
     general_rule,
     tool_use_rule,
 )
@@ -157,10 +158,10 @@ def general_claim(
         + "; ".join(
             f"{kind} {r['nll_base']:.4f} -> {r['nll_trained']:.4f} nats/token, rise {_bounds(r, percent=True)}"
             for kind, r in rises.items()
-        )  # fmt: skip
+        )
     )
     numbers = {"retained": retained, "rises": rises, "measured": measured, **flips}
-    return ClaimResult(verdict, f"{measured}. {reason}", numbers), items
+    return ClaimResult(verdict, f"{measured}. {as_sentence(reason)}", numbers), items
 
 
 def _bounds(found: dict[str, Any], percent: bool = False) -> str:

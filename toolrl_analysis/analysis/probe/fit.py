@@ -1,11 +1,12 @@
-"""Linear probes per layer: L2-regularised logistic regression, a Hewitt & Liang control task, and the
-base-vs-trained comparison.
+"""Linear probes per layer: L2-regularised logistic regression, a control task, and the base-vs-trained
+comparison.
 
 For one task and one model, every seed draws a train/test split *by environment* (no environment has rows on
-both sides) and a control labelling (each control type gets a label at random), and fits one probe per layer on
-the real labels and one on the control labels, with features standardised on the training rows. Selectivity =
-accuracy - control accuracy. The base and the trained model see the same rows, splits and control labels for
-the same seed, so their per-seed results pair up.
+both sides) and a control labelling (the labels permuted within each control type: `control_labels`), and fits
+one probe per layer on the real labels and one on the control labels, with features standardised on the
+training rows. Selectivity = accuracy - control accuracy. The base and the trained model see the same rows,
+splits and control labels for the same seed, so their results pair up; the comparison pairs them over the
+held-out environments (the decision points of one environment are not independent), not over seeds.
 
 The probes are multinomial logistic regressions with scikit-learn's objective (C * sum of cross-entropies +
 ||W||^2 / 2, intercepts unpenalised; a two-class problem penalises the one logit difference as scikit-learn's
@@ -23,9 +24,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from toolrl_analysis.analysis.stats import holm_reject, mean_ci, paired_difference
+from toolrl_analysis.analysis.stats import holm_reject, mean_ci
 
 METRICS = ("accuracy", "control_accuracy", "selectivity", "majority_accuracy")
+EQUIVALENCE_MARGIN = 0.05  # a change in probe accuracy or selectivity smaller than this counts as none
 MAX_PARAMETERS_PER_FIT = 3_000_000
 
 
@@ -132,6 +134,20 @@ def probe_layers(
     `features` is [rows, layers, d]; `labels`, `groups` (environment ids) and `types` (control types) have
     one entry per row.
     """
+    return probe_layers_detailed(features, labels, groups, types, layers, settings)[0]
+
+
+def probe_layers_detailed(
+    features: np.ndarray,
+    labels: Sequence,
+    groups: Sequence,
+    types: Sequence,
+    layers: Sequence[int],
+    settings: ProbeSettings = ProbeSettings(),
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`probe_layers`' frame, and one row per (layer, environment): the test rows of that environment over
+    the seeds that held it out (`rows`), and how many of them the probe (`correct`) and the control probe
+    (`control_correct`) got right, for comparisons paired over environments (`compare_probes`)."""
     layers = list(layers)
     labels, groups, types = (np.asarray(x).astype(str) for x in (labels, groups, types))
     keep = frequent_classes(labels, settings.min_class_count)
@@ -155,6 +171,7 @@ def probe_layers(
         )
         parts.append(fit_softmax_probes(x, *problems, len(classes), settings.C, settings.max_iter).numpy())
     predicted = np.concatenate(parts)  # [L, K, N]
+    by_environment = _environment_counts(predicted, targets, tests, groups, layers)
     out = []
     for seed, test in enumerate(tests):
         train_labels = labels[~test]
@@ -178,7 +195,22 @@ def probe_layers(
                     "n_classes": len(classes),
                 }
             )
-    return pd.DataFrame(out)
+    return pd.DataFrame(out), by_environment
+
+
+def _environment_counts(predicted, targets, tests, groups, layers) -> pd.DataFrame:
+    """Per (layer, environment): held-out rows, and correct answers of the probe and of the control probe,
+    summed over the seeds."""
+    frames = []
+    for seed, test in enumerate(tests):
+        hits = predicted[:, 2 * seed : 2 * seed + 2, test] == targets[None, 2 * seed : 2 * seed + 2, test]
+        for position, layer in enumerate(layers):
+            frames.append(pd.DataFrame({"layer": int(layer), "environment": groups[test], "rows": 1,
+                                        "correct": hits[position, 0].astype(int),
+                                        "control_correct": hits[position, 1].astype(int)}))  # fmt: skip
+    if not frames:
+        return pd.DataFrame(columns=["layer", "environment", "rows", "correct", "control_correct"])
+    return pd.concat(frames).groupby(["layer", "environment"], as_index=False).sum()
 
 
 def summarise_probes(
@@ -197,25 +229,50 @@ def summarise_probes(
 
 
 def compare_probes(
-    results: pd.DataFrame, base: str = "base", trained: str = "trained", alpha: float = 0.05
+    by_environment: pd.DataFrame,
+    base: str = "base",
+    trained: str = "trained",
+    alpha: float = 0.05,
+    margin: float = EQUIVALENCE_MARGIN,
 ) -> pd.DataFrame:
-    """Trained minus base per (task, site, layer) for accuracy and selectivity: paired over seeds (same
-    splits), with a t-interval, a paired t-test and Holm's correction over all rows of the frame."""
+    """Trained minus base per (task, site, layer) for accuracy and selectivity, paired over environments
+    (`probe_layers_detailed`'s counts; both models are probed on the same rows and splits): the change per
+    held-out row, its interval (Fieller's, over environments), a two-sided p, Holm's correction over all
+    rows, the minimum detectable change (80% power) and an equivalence p (two one-sided tests: is the change
+    within +-`margin`?)."""
+    from toolrl_analysis.analysis.ablate.contrasts import contrast
+
     rows = []
-    for (task, site, layer), group in results.groupby(["task", "site", "layer"], sort=True):
-        by_model = {m: g.set_index("seed") for m, g in group.groupby("model")}
-        if base not in by_model or trained not in by_model:
+    for (task, site, layer), group in by_environment.groupby(["task", "site", "layer"], sort=True):
+        wide = group.pivot_table(index="environment", columns="model", values=["rows", "correct", "control_correct"],
+                                 aggfunc="sum").dropna()  # fmt: skip
+        if base not in wide["rows"] or trained not in wide["rows"] or len(wide) < 2:
             continue
-        seeds = sorted(set(by_model[base].index) & set(by_model[trained].index))
+        count = wide["rows"][base].to_numpy(float)
+        hits = {m: wide["correct"][m].to_numpy(float) for m in (base, trained)}
+        controls = {m: wide["control_correct"][m].to_numpy(float) for m in (base, trained)}
         for metric in ("accuracy", "selectivity"):
-            first = by_model[base].loc[seeds, metric].tolist()
-            second = by_model[trained].loc[seeds, metric].tolist()
-            rows.append(
-                {"task": task, "site": site, "layer": layer, "metric": metric,
-                 "base_mean": mean_ci(first)[0], "trained_mean": mean_ci(second)[0],
-                 **paired_difference(first, second)}
-            )  # fmt: skip
+            score = {
+                m: hits[m] - controls[m] if metric == "selectivity" else hits[m] for m in (base, trained)
+            }
+            change = score[trained] - score[base]
+            found = contrast(change, count, margin=margin, level=1 - alpha)
+            below = contrast(-change, count, margin=margin, level=1 - alpha)
+            p_two_sided = 2 * min(found.p_more, 1 - found.p_more) if np.isfinite(found.p_more) else np.nan
+            if not change.any():
+                p_two_sided = 1.0
+            rows.append({
+                "task": task, "site": site, "layer": layer, "metric": metric,
+                "base_mean": score[base].sum() / count.sum(), "trained_mean": score[trained].sum() / count.sum(),
+                "diff_mean": found.effect.value, "diff_ci_low": found.effect.low, "diff_ci_high": found.effect.high,
+                # with fewer than two environments that differ the spread is not estimable: no MDE
+                "p_value": p_two_sided, "n": len(count), "differ": found.differ,
+                "mde": found.mde(alpha / 2) if found.differ >= 2 else np.nan,
+                "p_equivalent": max(found.p_equivalent, below.p_equivalent),
+            })  # fmt: skip
     frame = pd.DataFrame(rows)
     if not frame.empty:
         frame["significant"] = holm_reject(frame["p_value"].tolist(), alpha)
+        # the data exclude a change of `margin` either way, Holm over the same rows
+        frame["equivalent"] = holm_reject(frame["p_equivalent"].fillna(1.0).tolist(), alpha)
     return frame

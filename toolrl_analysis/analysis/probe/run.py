@@ -33,7 +33,12 @@ from toolrl_analysis.analysis.probe.decision_points import (
     oracle_conversations_for,
     rollout_conversations,
 )
-from toolrl_analysis.analysis.probe.fit import ProbeSettings, compare_probes, probe_layers, summarise_probes
+from toolrl_analysis.analysis.probe.fit import (
+    ProbeSettings,
+    compare_probes,
+    probe_layers_detailed,
+    summarise_probes,
+)
 from toolrl_analysis.config import require
 from toolrl_analysis.episodes import EPISODES
 from toolrl_analysis.errors import CheckpointError, EnvFormatError, SelectorError, UserError
@@ -94,10 +99,11 @@ class ProbeReport:
     dataset: pd.DataFrame  # rows, environments, classes per task and source
     probes: pd.DataFrame  # one row per model, task, site, layer, seed
     probe_summary: pd.DataFrame  # mean and CI over seeds
-    probe_comparison: pd.DataFrame  # trained - base, paired over seeds
+    probe_comparison: pd.DataFrame  # trained - base, paired over environments
     attention: pd.DataFrame  # head-averaged attention mass per model, block, region
     attention_comparison: pd.DataFrame  # trained - base per block and region (head-averaged)
     head_comparison: pd.DataFrame  # trained - base per block, head, region
+    probe_environments: pd.DataFrame | None = None  # per model, task, site, layer, environment: the counts
 
     def frames(self) -> dict[str, pd.DataFrame]:
         return {
@@ -108,6 +114,7 @@ class ProbeReport:
             "attention_by_block": self.attention,
             "attention_comparison": self.attention_comparison,
             "head_comparison": self.head_comparison,
+            "probe_environments": self.probe_environments,
         }
 
     def write(self, out_dir: str | Path) -> list[Path]:
@@ -254,17 +261,19 @@ def run_probe(
 
     log(f"fitting probes: {len(config.tasks)} tasks x {len(layers)} layers x {config.seeds} seeds x 2 models")
     index = dataset.positions().set_index(["trajectory", "position"])["feature"]
-    frames = []
+    frames, counts = [], []
     for task in config.tasks:
         rows = dataset.rows[dataset.rows["task"] == task]
         feature_rows = index.loc[list(zip(rows["trajectory"], rows["position"], strict=True))].to_numpy()
         for (name, site), values in features.items():
-            result = probe_layers(
+            result, per_environment = probe_layers_detailed(
                 values[feature_rows], rows["label"], rows["env_id"], rows["control_type"], layers,
                 config.probe_settings(),
             )  # fmt: skip
             frames.append(result.assign(model=name, task=task, site=site))
+            counts.append(per_environment.assign(model=name, task=task, site=site))
     probes = pd.concat(frames, ignore_index=True)
+    probe_environments = pd.concat(counts, ignore_index=True)
     timings["probes_s"] = time.perf_counter() - started - timings["dataset_s"] - timings["capture_s"]
     timings["total_s"] = time.perf_counter() - started
 
@@ -289,7 +298,8 @@ def run_probe(
         dataset=dataset.summary(),
         probes=probes,
         probe_summary=summarise_probes(probes),
-        probe_comparison=compare_probes(probes),
+        probe_comparison=compare_probes(probe_environments),
+        probe_environments=probe_environments,
         attention=attention_by_block(attention, REGIONS, point_envs),
         attention_comparison=compare_attention(attention, REGIONS, per_head=False, groups=point_envs),
         head_comparison=compare_attention(attention, REGIONS, groups=point_envs),
@@ -307,7 +317,7 @@ def render_probe(report: ProbeReport, console) -> None:
         f"({info['timings']['total_s']:.0f}s)"
     )
     table = Table(
-        "task", "site", "base best layer", "trained best layer", "differs at (trained - base)", "smallest MDE"
+        "task", "site", "base best layer", "trained best layer", "differs at (trained - base)", "median MDE"
     )
     summary, comparison = report.probe_summary, report.probe_comparison
     for (task, site), rows in summary.groupby(["task", "site"], sort=False):
@@ -330,7 +340,7 @@ def render_probe(report: ProbeReport, console) -> None:
             & (comparison["site"] == site)
             & (comparison["metric"] == "selectivity"),
             "mde",
-        ].min()
+        ].median()
         table.add_row(task, site, best["base"], best["trained"], text, f"{mde:.3f}")
     console.print(table)
     table = Table(

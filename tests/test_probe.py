@@ -14,7 +14,6 @@ from toolrl_analysis.analysis.probe.fit import (
     fit_softmax_probes,
     group_split,
     probe_layers,
-    probe_layers_detailed,
     summarise_probes,
 )
 from toolrl_analysis.analysis.stats import holm_reject, mean_ci, paired_difference
@@ -42,7 +41,7 @@ def _summary(results, model="m"):
 
 def test_the_probe_finds_a_planted_signal_at_its_layer_only():
     features, labels, groups, types = planted_dataset()
-    summary = _summary(probe_layers(features, labels, groups, types, range(N_LAYERS)))
+    summary = _summary(probe_layers(features, labels, groups, types, range(N_LAYERS))[0])
     assert summary.loc[PLANTED, "accuracy_mean"] > 0.85
     assert summary.loc[PLANTED, "selectivity_ci_low"] > 0.25
     assert abs(summary.loc[PLANTED, "control_accuracy_mean"] - 0.5) < 0.1
@@ -59,7 +58,7 @@ def test_the_control_is_never_easier_than_the_task_when_types_are_salient():
     types = types % 20
     labels = (types % 2).astype(int)
     features[:, :, :20] += 8.0 * np.eye(20)[types][:, None, :]
-    summary = _summary(probe_layers(features, labels, groups, types, [0, 1]))
+    summary = _summary(probe_layers(features, labels, groups, types, [0, 1])[0])
     assert (summary["accuracy_mean"] > 0.95).all() and (summary["control_accuracy_mean"] > 0.95).all()
     assert (summary["selectivity_mean"].abs() < 0.03).all()
 
@@ -115,7 +114,7 @@ def test_comparison_locates_the_layer_where_trained_differs():
     base_features, *_ = planted_dataset(seed=0, layer=None)
     settings = ProbeSettings(seeds=5)
     counts = [
-        probe_layers_detailed(f, labels, groups, types, range(N_LAYERS), settings)[1].assign(
+        probe_layers(f, labels, groups, types, range(N_LAYERS), settings)[1].assign(
             model=m, task="t", site="resid"
         )
         for m, f in (("base", base_features), ("trained", features))
@@ -160,9 +159,9 @@ def test_large_problems_are_fitted_in_chunks_of_layers_with_the_same_result(monk
 
     features, labels, groups, types = planted_dataset()
     settings = ProbeSettings(seeds=2)
-    whole = probe_layers(features, labels, groups, types, range(N_LAYERS), settings)
+    whole = probe_layers(features, labels, groups, types, range(N_LAYERS), settings)[0]
     monkeypatch.setattr(probe_module, "MAX_PARAMETERS_PER_FIT", 2 * 2 * DIM * 2)  # two layers per fit
-    chunked = probe_layers(features, labels, groups, types, range(N_LAYERS), settings)
+    chunked = probe_layers(features, labels, groups, types, range(N_LAYERS), settings)[0]
     # separate fits of independent problems converge to the joint fit's optimum (up to L-BFGS tolerance)
     assert (chunked[["layer", "seed"]] == whole[["layer", "seed"]]).all().all()
     assert (chunked["accuracy"] - whole["accuracy"]).abs().max() <= 0.01

@@ -128,26 +128,15 @@ def probe_layers(
     types: Sequence,
     layers: Sequence[int],
     settings: ProbeSettings = ProbeSettings(),
-) -> pd.DataFrame:
-    """One row per (layer, seed): accuracy, control_accuracy, selectivity, majority_accuracy, sizes.
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per seed, per environment). One row per (layer, seed): accuracy, control_accuracy, selectivity,
+    majority_accuracy, sizes. One row per (layer, environment): the test rows of that environment over the
+    seeds that held it out (`rows`), and how many of them the probe (`correct`) and the control probe
+    (`control_correct`) got right, for comparisons paired over environments (`compare_probes`).
 
     `features` is [rows, layers, d]; `labels`, `groups` (environment ids) and `types` (control types) have
     one entry per row.
     """
-    return probe_layers_detailed(features, labels, groups, types, layers, settings)[0]
-
-
-def probe_layers_detailed(
-    features: np.ndarray,
-    labels: Sequence,
-    groups: Sequence,
-    types: Sequence,
-    layers: Sequence[int],
-    settings: ProbeSettings = ProbeSettings(),
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`probe_layers`' frame, and one row per (layer, environment): the test rows of that environment over
-    the seeds that held it out (`rows`), and how many of them the probe (`correct`) and the control probe
-    (`control_correct`) got right, for comparisons paired over environments (`compare_probes`)."""
     layers = list(layers)
     labels, groups, types = (np.asarray(x).astype(str) for x in (labels, groups, types))
     keep = frequent_classes(labels, settings.min_class_count)
@@ -236,7 +225,7 @@ def compare_probes(
     margin: float = EQUIVALENCE_MARGIN,
 ) -> pd.DataFrame:
     """Trained minus base per (task, site, layer) for accuracy and selectivity, paired over environments
-    (`probe_layers_detailed`'s counts; both models are probed on the same rows and splits): the change per
+    (`probe_layers`' counts; both models are probed on the same rows and splits): the change per
     held-out row, its interval (Fieller's, over environments), a two-sided p, Holm's correction over all
     rows, the minimum detectable change (80% power) and an equivalence p (two one-sided tests: is the change
     within +-`margin`?)."""

@@ -36,7 +36,7 @@ from toolrl_analysis.analysis.probe.decision_points import (
 from toolrl_analysis.analysis.probe.fit import (
     ProbeSettings,
     compare_probes,
-    probe_layers_detailed,
+    probe_layers,
     summarise_probes,
 )
 from toolrl_analysis.config import require
@@ -266,7 +266,7 @@ def run_probe(
         rows = dataset.rows[dataset.rows["task"] == task]
         feature_rows = index.loc[list(zip(rows["trajectory"], rows["position"], strict=True))].to_numpy()
         for (name, site), values in features.items():
-            result, per_environment = probe_layers_detailed(
+            result, per_environment = probe_layers(
                 values[feature_rows], rows["label"], rows["env_id"], rows["control_type"], layers,
                 config.probe_settings(),
             )  # fmt: skip

@@ -25,7 +25,7 @@ import pandas as pd
 
 from toolrl_analysis.context_meter import LabelledExample, label_roles, token_nlls
 
-TASKS = 4096  # held-out general tasks: the base solves ~5%, so ~200 solved tasks for the ratio's interval
+TASKS = 4096  # held-out general tasks: the embedded base solves 6.7% (275), enough for R within +-0.04
 TEXT_KINDS = ("general_tasks", "tool_use")
 ITEM_COLUMNS = [
     "kind",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from toolrl_analysis.analysis.probe.run import ProbeConfig
 from toolrl_analysis.cli import main

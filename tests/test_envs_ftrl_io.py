@@ -87,3 +87,38 @@ def test_unknown_format_and_missing_source_are_user_errors(tmp_path):
         export(tmp_path / "missing.jsonl", "ftrl", tmp_path / "x.jsonl")
     with pytest.raises(UserError, match="holds no"):
         export(tmp_path, "ftrl", tmp_path / "x.jsonl")
+
+
+def test_the_reward_sandbox_is_created_once_when_first_calls_come_together(monkeypatch):
+    """verl calls reward functions from several threads: eight first calls at once start one pool."""
+    import threading
+    import time
+
+    from toolrl_analysis.envs import ftrl_io, sandbox
+
+    made = []
+
+    class Slow(sandbox.Sandbox):  # a slow start widens the window in which a second pool could begin
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            time.sleep(0.2)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sandbox, "Sandbox", Slow)
+    monkeypatch.setattr(ftrl_io, "_SANDBOX", None)
+    barrier, got = threading.Barrier(8), []
+
+    def first_call():
+        barrier.wait()
+        got.append(ftrl_io._sandbox())
+
+    threads = [threading.Thread(target=first_call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(made) == 1 and len(got) == 8 and all(g is made[0] for g in got)
+        assert made[0].call_many([("def f():\n    return 41 + 1\n", "f", {})])[0].ok
+    finally:
+        made[0].close()

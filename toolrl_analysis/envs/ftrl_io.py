@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -168,16 +169,21 @@ def export(source: str | Path, fmt: str, out_path: str | Path, keep_meta: bool =
 
 # -- verl reward entry point -----------------------------------------------------------------------
 _SANDBOX = None
+_SANDBOX_LOCK = threading.Lock()
 
 
 def _sandbox():
-    """One sandbox per process, created on first use (verl calls compute_score many times)."""
+    """One sandbox per process, created on first use (verl calls compute_score many times, from several
+    threads at once: without the lock, concurrent first calls each started a pool of workers)."""
     global _SANDBOX
     if _SANDBOX is None:
-        from toolrl_analysis.envs.sandbox import Sandbox
+        with _SANDBOX_LOCK:
+            if _SANDBOX is None:  # another thread may have made it while this one waited
+                from toolrl_analysis.envs.sandbox import Sandbox
 
-        _SANDBOX = Sandbox()
-        atexit.register(_SANDBOX.close)
+                made = Sandbox()
+                atexit.register(made.close)
+                _SANDBOX = made
     return _SANDBOX
 
 

@@ -208,7 +208,7 @@ class _TransformerLensBackend:
     def __init__(self, model: Any, tokenizer: Any, sites: Sequence[str], attention: bool):
         try:
             from transformer_lens.model_bridge import TransformerBridge
-            from transformer_lens.model_bridge.sources._hf_format import (
+            from transformer_lens.model_bridge.sources.transformers import (
                 determine_architecture_from_hf_config,
             )
         except ImportError:

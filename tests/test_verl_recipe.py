@@ -5,7 +5,8 @@ What verl reads, and where that is documented:
   `data_source`, `prompt` (chat messages, rendered by the tokenizer's chat template in RLHFDataset), `ability`,
   `reward_model.ground_truth`, `extra_info` (RLHFDataset also takes `extra_info.index`);
 - the reward: verl docs "Implement Reward Function for Dataset" (docs/preparation/reward_function.rst) and
-  verl/trainer/ppo/reward.py::get_custom_reward_fn: the file at `custom_reward_function.path` is loaded with
+  verl/trainer/ppo/reward.py::get_custom_reward_fn: the file at `reward.custom_reward_function.path` (verl 0.9;
+  top-level `custom_reward_function` before) is loaded with
   importlib.util.spec_from_file_location("custom_module", path), the function is getattr(module, name), and the
   reward manager calls it as fn(data_source=..., solution_str=..., ground_truth=..., extra_info=...);
 - the Hydra keys: verl docs "Config Explanation" (docs/examples/config.rst), verl's flattened
@@ -38,8 +39,9 @@ VERL_DIR = ROOT / "training" / "verl"
 LAUNCHER = VERL_DIR / "run_grpo.sh"
 REINFORCE_LAUNCHER = VERL_DIR / "run_reinforce_pp.sh"
 
-# Every key below is in verl's ppo_trainer config (docs/examples/config.rst, _generated_ppo_trainer.yaml) and/or is
-# set by FTRL's launchers; the launcher may set no other key.
+# Every key below exists in verl 0.9.1's trainer configuration (verl/trainer/config/_generated_ppo_trainer.yaml,
+# checked key by key against the released wheel); the launcher may set no other key. verl itself cannot be
+# installed beside this project's pins (it requires transformers < 5.11), so the list is checked here, not verl.
 VERL_REFERENCE_KEYS = frozenset(
     {
         "algorithm.adv_estimator",
@@ -87,9 +89,9 @@ VERL_REFERENCE_KEYS = frozenset(
         "actor_rollout_ref.rollout.n",
         "actor_rollout_ref.rollout.max_num_batched_tokens",
         "actor_rollout_ref.ref.fsdp_config.param_offload",
-        "reward_model.reward_manager",
-        "custom_reward_function.path",
-        "custom_reward_function.name",
+        "reward.reward_manager.name",
+        "reward.custom_reward_function.path",
+        "reward.custom_reward_function.name",
         "trainer.critic_warmup",
         "trainer.logger",
         "trainer.project_name",
@@ -446,10 +448,15 @@ def test_launcher_runs_main_ppo_with_the_papers_settings(exported, tokenizer_dir
     assert keys["trainer.n_gpus_per_node"] == "4" and keys["trainer.nnodes"] == "2"
     assert keys["actor_rollout_ref.model.path"] == str(tokenizer_dir)
     # The reward file verl will load by path, and the function it will take from it.
-    reward_path = Path(keys["custom_reward_function.path"])
+    reward_path = Path(keys["reward.custom_reward_function.path"])
     assert reward_path == VERL_DIR / "reward.py"
-    assert keys["custom_reward_function.name"] == "compute_score_f1"
-    _load_like_verl(reward_path, keys["custom_reward_function.name"])
+    assert keys["reward.custom_reward_function.name"] == "compute_score_f1"
+    _load_like_verl(reward_path, keys["reward.custom_reward_function.name"])
+    # verl 0.9: no legacy reward keys (main_ppo ignores them), and no rollout mode unless asked ("sync" raises)
+    assert not {"custom_reward_function.path", "reward_model.reward_manager"} & set(keys)
+    assert "actor_rollout_ref.rollout.mode" not in keys
+    asked = _dry_run(LAUNCHER, {**env, "ROLLOUT_MODE": "async"}, cwd=exported["base"])
+    assert asked["actor_rollout_ref.rollout.mode"] == "async"
     # The training file is the export, prepared: every prompt carries its tools in the system turn.
     import pyarrow.parquet as pq
 
@@ -467,7 +474,7 @@ def test_reinforce_launcher_and_variant_and_errors(exported):
     env = {"TRAIN_FILE": str(exported["parquet"]), "MODEL": "some/model", "PREPARE": "0"}
     keys = _dry_run(REINFORCE_LAUNCHER, {**env, "REWARD_VARIANT": "pr"}, cwd=exported["base"])
     assert keys["algorithm.adv_estimator"] == "reinforce_plus_plus"
-    assert keys["custom_reward_function.name"] == "compute_score_pr"
+    assert keys["reward.custom_reward_function.name"] == "compute_score_pr"
     assert keys["data.train_files"] == str(exported["parquet"])
     for key, expected in PAPER_VALUES.items():
         assert _value(keys[key]) == expected, key

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # FTRL's RL recipe on verl (python3 -m verl.trainer.main_ppo), with toolrl_analysis's step reward.
+# Written for verl 0.9 (the keys of its trainer configuration as of 0.9.1).
 #
 #   TRAIN_FILE=data/train.parquet MODEL=Qwen/Qwen2.5-7B-Instruct bash training/verl/run_grpo.sh [hydra.key=value ...]
 #
@@ -22,7 +23,7 @@
 #   KL_IN_REWARD [0]       0: k3 KL (low_var_kl) in the actor loss, FTRL's choice for both algorithms; 1 (Reinforce++
 #                          only): k1 KL paid per token in the reward (use_kl_in_reward, kl_penalty=kl), no KL loss.
 #                          train-grpo's kl_in_reward is the same switch.
-#   ROLLOUT_MODE [sync]    FTRL's value; verl releases without a sync rollout need async
+#   ROLLOUT_MODE []        unset: verl's own default (async; verl >= 0.7 removed sync and raises on it)
 #   OUT_DIR [checkpoints/toolrl/$EXPERIMENT]  PROJECT [toolrl-verl]  EXPERIMENT [ftrl-$ALGO]
 #   LOGGER [[console]]     e.g. "['console','wandb']"
 #   PREPARE [1]  PYTHON [python3]  DRY_RUN [0]: 1 prints the training command instead of running it
@@ -39,7 +40,7 @@ NNODES="${NNODES:-1}"
 TP_SIZE="${TP_SIZE:-2}"
 REWARD_VARIANT="${REWARD_VARIANT:-f1}"
 KL_IN_REWARD="${KL_IN_REWARD:-0}"
-ROLLOUT_MODE="${ROLLOUT_MODE:-sync}"
+ROLLOUT_MODE="${ROLLOUT_MODE:-}"
 PROJECT="${PROJECT:-toolrl-verl}"
 EXPERIMENT="${EXPERIMENT:-ftrl-${ALGO//+/p}}"
 OUT_DIR="${OUT_DIR:-checkpoints/toolrl/$EXPERIMENT}"
@@ -120,16 +121,15 @@ command=(
   actor_rollout_ref.actor.fsdp_config.param_offload=False
   actor_rollout_ref.actor.fsdp_config.optimizer_offload=False
   actor_rollout_ref.rollout.name=vllm
-  actor_rollout_ref.rollout.mode="$ROLLOUT_MODE"
   actor_rollout_ref.rollout.temperature=0.7
   actor_rollout_ref.rollout.tensor_model_parallel_size="$TP_SIZE"
   actor_rollout_ref.rollout.gpu_memory_utilization=0.7
   actor_rollout_ref.rollout.n=16
   actor_rollout_ref.rollout.max_num_batched_tokens=32768
   actor_rollout_ref.ref.fsdp_config.param_offload=True
-  reward_model.reward_manager=naive
-  custom_reward_function.path="$HERE/reward.py"
-  custom_reward_function.name="compute_score_$REWARD_VARIANT"
+  reward.reward_manager.name=naive
+  reward.custom_reward_function.path="$HERE/reward.py"
+  reward.custom_reward_function.name="compute_score_$REWARD_VARIANT"
   trainer.critic_warmup=0
   trainer.logger="$LOGGER"
   trainer.project_name="$PROJECT"
@@ -141,8 +141,11 @@ command=(
   trainer.save_freq=120
   trainer.test_freq=-1
   trainer.total_epochs=1
-  "$@"
 )
+# verl 0.9 reads the reward from reward.* (the top-level custom_reward_function and reward_model.reward_manager
+# keys are legacy, and main_ppo ignores them); the rollout mode is verl's own unless asked for.
+if [[ -n "$ROLLOUT_MODE" ]]; then command+=(actor_rollout_ref.rollout.mode="$ROLLOUT_MODE"); fi
+command+=("$@")
 
 if [[ "$DRY_RUN" == 1 ]]; then
   printf '%q ' "${command[@]}"

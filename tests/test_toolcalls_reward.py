@@ -349,3 +349,37 @@ def test_fuzz_answer_verify(predict, golden):
         assert answer_verify(f"{text} {golden.upper() if golden.isascii() else golden}", golden)
     ascii_golden = golden.encode("ascii", "ignore").decode()
     assert answer_verify(ascii_golden, ascii_golden)  # a gold answer verifies itself
+
+
+@pytest.mark.parametrize(
+    ("text", "calls", "malformed"),
+    [
+        # Llama 3.1's JSON tool call: the whole turn, `parameters`, its end-of-turn tokens
+        ('{"name": "person_info", "parameters": {"person": "Ada Vole"}}<|eot_id|>',
+         [("person_info", {"person": "Ada Vole"})], False),
+        ('<|python_tag|>{"name": "place_info", "parameters": {"place": "Kor"}}<|eom_id|>',
+         [("place_info", {"place": "Kor"})], False),
+        ('<|python_tag|>{"name": "a", "arguments": {"x": 1}}', [("a", {"x": 1})], False),
+        ('[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {"y": "2"}}]',
+         [("a", {"x": 1}), ("b", {"y": "2"})], False),
+        ('{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": "{\\"y\\": 2}"}',
+         [("a", {"x": 1}), ("b", {"y": 2})], False),
+        # broken Llama markup is malformed, never a crash
+        ('<|python_tag|>{"name": "a", "parameters": {', [], True),
+        ('{"name": 3, "parameters": {}}', [], True),
+        # a bare object with `arguments` and no tag stays text, as FTRL reads a Qwen turn
+        ('{"name": "a", "arguments": {"x": 1}}', [], False),
+        ("The answer is 42.", [], False),
+    ],
+)  # fmt: skip
+def test_llama_tool_calls_parse_in_their_own_format(text, calls, malformed):
+    parsed = parse_tool_calls(text)
+    assert [(c.name, c.arguments) for c in parsed.calls] == calls
+    assert parsed.malformed is malformed
+    if not calls:
+        assert parsed.content == parse_tool_calls(text).content and parsed.content
+
+
+def test_parameters_inside_qwen_tool_call_tags_stay_unparsed_as_ftrl_reads_them():
+    parsed = parse_tool_calls('<tool_call>\n{"name": "a", "parameters": {"x": 1}}\n</tool_call>')
+    assert parsed.calls == [] and parsed.malformed

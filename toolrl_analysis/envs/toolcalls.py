@@ -6,6 +6,12 @@ chunk that starts with `<tool_call>` holds one JSON call, and chunks that fail t
 parses, the content is the whole text. Differences, all on inputs FTRL would mishandle: a call must have a string
 name and an object of arguments (FTRL accepted e.g. a list and failed later, at the call), and we report whether
 any markup failed to parse (`malformed`).
+
+Llama 3.1 writes a tool call as the whole turn, a JSON object `{"name": ..., "parameters": {...}}` (its
+JSON-based tool calling), optionally after `<|python_tag|>`, ending with `<|eot_id|>` or `<|eom_id|>`; several
+calls come as a JSON list or separated by `;`. A turn without `<tool_call>` is read that way when it starts
+with `<|python_tag|>` or its JSON uses `parameters`: a bare object with `arguments` stays text, as FTRL reads
+Qwen turns.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from typing import Any
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 TOOL_RESPONSE_OPEN = "<tool_response>"
-END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>")
+END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>")
+PYTHON_TAG = "<|python_tag|>"  # Llama 3.1: what follows is a tool call
+LLAMA_KEYS = ("parameters", "arguments")
 
 
 @dataclass
@@ -47,6 +55,9 @@ def parse_tool_calls(text: str) -> ParsedTurn:
     text = strip_end_of_turn(_as_text(text))
     start = text.find(TOOL_CALL_OPEN)
     if start == -1:
+        llama = _llama_calls(text)
+        if llama is not None:
+            return llama
         has_markup = TOOL_CALL_CLOSE in text or TOOL_RESPONSE_OPEN in text
         return ParsedTurn(content=text, calls=[], malformed=has_markup)
     calls: list[ToolCall] = []
@@ -78,16 +89,46 @@ def format_tool_calls(calls: list[ToolCall]) -> str:
     )
 
 
-def _decode_call(body: str) -> ToolCall | None:
+def _llama_calls(text: str) -> ParsedTurn | None:
+    """A Llama 3.1 tool-call turn (see the module docstring), or None when the turn is not one."""
+    tagged = text.startswith(PYTHON_TAG)
+    body = text.removeprefix(PYTHON_TAG).strip()
+    if not (tagged or (body.startswith(("{", "[")) and '"parameters"' in body)):
+        return None
     try:
         data = json.loads(body)
-        if not isinstance(data, dict) or "arguments" not in data:
-            return None
-        name, arguments = data.get("name"), data["arguments"]
-        if isinstance(arguments, str):  # some models write the arguments as a JSON string
-            arguments = json.loads(arguments)
+        items = data if isinstance(data, list) else [data]
+    except (ValueError, RecursionError, MemoryError):
+        items = [part for part in body.split(";") if part.strip()]  # `{...}; {...}`
+    calls = [
+        _as_call(item, LLAMA_KEYS) if isinstance(item, dict) else _decode_call(item.strip(), LLAMA_KEYS)
+        for item in items
+    ]
+    if not calls or None in calls:
+        return ParsedTurn(content=text, calls=[], malformed=True)
+    return ParsedTurn(content="", calls=[c for c in calls if c is not None])
+
+
+def _decode_call(body: str, keys: tuple[str, ...] = ("arguments",)) -> ToolCall | None:
+    try:
+        data = json.loads(body)
     except (ValueError, RecursionError, MemoryError):  # JSONDecodeError, int digit limit, deep nesting
         return None
+    return _as_call(data, keys) if isinstance(data, dict) else None
+
+
+def _as_call(data: dict, keys: tuple[str, ...] = ("arguments",)) -> ToolCall | None:
+    """A call from its JSON object, its arguments under the first of `keys` it has (`arguments` inside
+    `<tool_call>`, as FTRL reads it; Llama 3.1 also writes `parameters`), maybe as a JSON string."""
+    key = next((k for k in keys if k in data), None)
+    if key is None:
+        return None
+    name, arguments = data.get("name"), data[key]
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError, MemoryError):
+            return None
     if not isinstance(name, str) or not name or not isinstance(arguments, dict):
         return None
     return ToolCall(name=name, arguments=arguments)

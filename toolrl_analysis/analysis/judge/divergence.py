@@ -150,13 +150,11 @@ def summarise(
     tokens.insert(1, "environment", [environments[i] for i in tokens["example"]])
     tokens["entropy_decile"] = entropy_deciles(tokens)
     entropy = by_entropy(tokens)
-    total = float(tokens["kl_base_trained"].sum())
-    forking = tokens[tokens["entropy_decile"] > DECILES * (1 - FORKING_SHARE)]
     summary = {
         "scale": scale, "tokens": len(tokens), "environments": len(set(environments)),
         "kl_base_trained": float(tokens["kl_base_trained"].mean()),
         "kl_trained_base": float(tokens["kl_trained_base"].mean()),
-        "forking_kl_share": float(forking["kl_base_trained"].sum() / total) if total > 0 else float("nan"),
+        "forking_kl_share": float(entropy.loc[entropy["forking"], "kl_share"].sum(min_count=1)),
         "entropy_base": float(tokens["entropy_base"].mean()), "entropy_trained": float(tokens["entropy_trained"].mean()),
     }  # fmt: skip
     return Divergence(
@@ -189,9 +187,8 @@ def measure_divergence(
     examples, sources, environments = [], [], []
     with Sandbox(workers=2) as sandbox:
         for source, model in zip(SOURCES, (models[1], models[0]), strict=True):
-            with torch_threads(
-                1
-            ):  # generation of a small model: one thread is fastest (ablate's measurement)
+            # generation of a small model: one thread is fastest (ablate's measurement)
+            with torch_threads(1):
                 played = play(model, tokenizer, records, sandbox, source, max_turns=options.max_turns,
                               max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)  # fmt: skip
             examples += played.examples

@@ -26,7 +26,6 @@ import pandas as pd
 from toolrl_analysis.context_meter import LabelledExample, label_roles, token_nlls
 
 TASKS = 4096  # held-out general tasks: the embedded base solves 6.7% (275), enough for R within +-0.04
-TEXT_KINDS = ("general_tasks", "tool_use")
 ITEM_COLUMNS = [
     "kind",
     "item",
@@ -41,7 +40,8 @@ ITEM_COLUMNS = [
 
 @dataclass
 class Items:
-    """Labelled conversations of one kind, and the general-task kind of each (None for tool use)."""
+    """Labelled conversations of one kind, and the general-task kind of each (None for tool use: `judge`
+    passes the context meter's oracle conversations, already built, rather than building them again)."""
 
     kind: str
     examples: list[LabelledExample]
@@ -57,20 +57,6 @@ def general_items(tokenizer, n: int = TASKS, seed: int = 0) -> Items:
     return Items("general_tasks", examples, [task["kind"] for task in tasks])
 
 
-def tool_use_items(tokenizer, records, sandbox, seed: int = 0) -> Items:
-    """Oracle conversations (golden calls, real tool output, the answer) of the records that have them."""
-    from toolrl_analysis.context_meter import oracle_meter_set
-
-    built = oracle_meter_set(tokenizer, records, sandbox, seed)
-    examples = [] if built is None else built[0].real
-    return Items("tool_use", examples, [None] * len(examples))
-
-
-def _turn_tokens(example: LabelledExample) -> list[int]:
-    """Positions of the assistant tokens scored (the first token of a sequence has no prediction)."""
-    return [p for p, _ in example.targets if p > 0]
-
-
 def score_items(base, trained, items: Sequence[Items], batch_tokens: int = 8192) -> pd.DataFrame:
     """One row per item: its tokens, both models' NLL sums, and whether each model's greedy choice is every
     token of it (`exact_*`)."""
@@ -78,8 +64,8 @@ def score_items(base, trained, items: Sequence[Items], batch_tokens: int = 8192)
     for group in items:
         scored = {name: token_nlls(model, group.examples, batch_tokens) for name, model in
                   (("base", base), ("trained", trained))}  # fmt: skip
-        for index, example in enumerate(group.examples):
-            if not _turn_tokens(example):
+        for index in range(len(group.examples)):
+            if not scored["base"][index]:  # no assistant token after the first position: nothing scored
                 continue
             row = {"kind": group.kind, "item": index, "task_kind": group.task_kinds[index],
                    "tokens": len(scored["base"][index])}  # fmt: skip

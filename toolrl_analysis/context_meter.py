@@ -39,6 +39,7 @@ import torch
 
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.errors import ConfigError
+from toolrl_analysis.models.placement import input_device
 
 ROLES = (
     "format",
@@ -297,7 +298,7 @@ def batches(examples: Sequence[LabelledExample], batch_tokens: int) -> list[list
 def target_logits(model, chunk: Sequence[LabelledExample]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Per example of one batch: (logits [n, V] in float32 that predict its labelled tokens, the n target
     ids), or None when it has no labelled token after the first position."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = int(getattr(model.config, "pad_token_id", None) or 0)
     width = max(len(e.ids) for e in chunk)
     ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
@@ -315,8 +316,9 @@ def target_logits(model, chunk: Sequence[LabelledExample]) -> list[tuple[torch.T
             if not positions:
                 out.append(None)
                 continue
-            at = torch.tensor(positions, device=device)
-            out.append((head(hidden[row, at - 1]).float(), ids[row, at]))  # token p is predicted at p-1
+            at = torch.tensor(positions, device=hidden.device)  # the last block's device (device_map="auto")
+            logits = head(hidden[row, at - 1]).float()  # token p is predicted at p-1
+            out.append((logits, ids[row, at.to(device)].to(logits.device)))
         return out
     finally:
         model.train(was_training)

@@ -32,6 +32,7 @@ import torch
 
 from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord
 from toolrl_analysis.episodes import GENERAL_TASKS, VARIANT_GENERAL_TASKS  # noqa: F401 (re-exported)
+from toolrl_analysis.models.placement import Placement, describe, input_device
 from toolrl_analysis.results import json_records, write_results
 from toolrl_analysis.rollout import (
     EPISODES,
@@ -282,7 +283,7 @@ def heldout_lm_loss(
         ids = tokenizer(text, verbose=False)["input_ids"]  # long texts are cut into windows below
         windows.extend(ids[i : i + max_length] for i in range(0, len(ids), max_length))
     windows = [w for w in windows if len(w) >= 2]
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_token_id_for(tokenizer)
     total_loss, total_tokens = 0.0, 0
     was_training = model.training
@@ -522,9 +523,11 @@ def evaluate_checkpoint(
     *,
     limit: int | None = None,
     general: bool = True,
+    placement: Placement | None = None,
     **options: Any,
 ) -> EvaluationReport:
-    """Load a checkpoint (our `.pt` or an HF directory) and environments from disk, then `evaluate`. An
+    """Load a checkpoint (our `.pt` or an HF directory; where `placement` says) and environments from disk,
+    then `evaluate`. An
     environment-set directory evaluates its test.jsonl (held-out worlds) and, greedy, its test_same_world.jsonl
     (the training worlds) into `.same_world`. A missing or unreadable checkpoint raises CheckpointError; a bad
     environment file EnvFormatError."""
@@ -545,9 +548,9 @@ def evaluate_checkpoint(
     if envs_path.is_dir():  # an environment set: its headline test split, and its same-world split if built
         envs_path, same_path = envs_path / "test.jsonl", envs_path / "test_same_world.jsonl"
     records = limited(read_envs(envs_path), limit)
-    model, tokenizer = load_policy(model_path)
+    model, tokenizer = load_policy(model_path, placement=placement)
     report = evaluate(model, tokenizer, records, general=general, **options)
-    report.info.update({"model": str(model_path), "envs": str(envs_path)})
+    report.info.update({"model": str(model_path), "envs": str(envs_path)} | describe(model))
     if same_path is not None and same_path.is_file():
         greedy = {k: v for k, v in options.items() if k not in ("samples", "roles")}
         report.same_world = evaluate(

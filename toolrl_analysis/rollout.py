@@ -27,6 +27,7 @@ from toolrl_analysis.envs.sandbox import ToolResult
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.envs.toolcalls import ParsedTurn, ToolCall, parse_tool_calls
 from toolrl_analysis.episodes import EPISODES, EpisodeOptions  # noqa: F401 (re-exported)
+from toolrl_analysis.models.placement import input_device
 
 STOP_NO_CALL = "no_call"
 STOP_MAX_TURNS = "max_turns"
@@ -79,6 +80,15 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row, drawn on the generator's device: a seeded CPU generator draws on the CPU for a model
+    on a GPU too, so one seed gives the same tokens from the same probabilities on every device."""
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1)
+    return drawn.to(probs.device)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -106,7 +116,7 @@ def generate(
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate() needs at least one prompt token per sequence")
     stop_ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
-    device = next(model.parameters()).device
+    device = input_device(model)
     repeats = max(1, samples_per_prompt)
     if not use_cache and repeats > 1:  # nothing to share without a cache
         prompt_ids, repeats = [p for p in prompt_ids for _ in range(repeats)], 1
@@ -139,10 +149,10 @@ def generate(
             if use_cache:
                 kwargs[cache_kw] = cache
                 kwargs["position_ids"] = position_ids(attention)[:, -step_input.shape[1] :]
-                logits = model(input_ids=step_input, **kwargs).logits[:, -1, :].float()
+                logits = model(input_ids=step_input, **kwargs).logits[:, -1, :].float().to(device)
             else:
                 kwargs["position_ids"] = position_ids(attention)
-                logits = model(input_ids=input_ids, **kwargs).logits[:, -1, :].float()
+                logits = model(input_ids=input_ids, **kwargs).logits[:, -1, :].float().to(device)
             if step == 0 and repeats > 1:
                 logits = logits.repeat_interleave(repeats, dim=0)
                 attention = attention.repeat_interleave(repeats, dim=0)
@@ -155,7 +165,7 @@ def generate(
             else:
                 scaled = logits / temperature  # [B, V]: the distribution sampled from
                 logprobs = torch.log_softmax(scaled, dim=-1)  # [B, V]
-                token = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(-1)
+                token = _sample(torch.softmax(scaled, dim=-1), generator)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             new_tokens.append(token)
             new_logprobs.append(logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1))

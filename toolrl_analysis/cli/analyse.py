@@ -9,10 +9,12 @@ from toolrl_analysis.cli.args import (
     SpliceOperation,
     add_config_flags,
     add_limit_flag,
+    add_placement_flags,
     byte_size,
     check_limit,
     episode_flags,
     episode_options,
+    placement,
     print_config,
     require_flags,
     scale_factor,
@@ -120,6 +122,7 @@ def _add_ablate(sub, common: argparse.ArgumentParser) -> None:
         "--score-threads", type=int, default=2,
         help="torch threads for the teacher-forced scoring (1 when other jobs share the cores)",
     )  # fmt: skip
+    add_placement_flags(p)
     p.set_defaults(func=_cmd_ablate, general_tasks=VARIANT_GENERAL_TASKS)  # the suite runs once per variant
 
 
@@ -135,6 +138,7 @@ def _add_probe(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="splits per probe (mean ± 95%% CI over them)")
     p.add_argument("--out", default=None, help="write the tables (CSV), probe.json and figures here")
     add_config_flags(p, "probe's defaults (ProbeConfig)")
+    add_placement_flags(p)
     p.set_defaults(func=_cmd_probe)
 
 
@@ -182,6 +186,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
         threads=args.threads,
         score_threads=args.score_threads,
         general_tasks=args.general_tasks,
+        placement=placement(args),
         **asdict(episodes),
     )
     with step_progress("ablate") as on_step:
@@ -229,8 +234,11 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     if print_config(args, config):
         return
     require_flags(args, "base", "trained", "envs")
+    where = placement(args)
     log = progress_console().print
-    report = run_probe(args.base, args.trained, args.envs, backend=args.backend, config=config, log=log)
+    report = run_probe(
+        args.base, args.trained, args.envs, backend=args.backend, config=config, log=log, placement=where
+    )
     if args.out:
         report.write(args.out)
     emit(args, report.to_document(), lambda: render_probe(report, console()))

@@ -157,3 +157,23 @@ class SpliceOperation(argparse.Action):
         operations = list(getattr(namespace, "operations", None) or [])
         operations.append((kind, [values] if isinstance(values, str) else list(values)))
         namespace.operations = operations
+
+
+def add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype: where every model a command loads runs (models.placement)."""
+    parser.add_argument(
+        "--device", default="auto",
+        help="auto (a GPU when torch sees one, spread over GPUs when a model needs it), cpu, cuda or cuda:N",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (the checkpoint's stored dtype), float32, bfloat16 or float16"
+    )
+
+
+def placement(args: argparse.Namespace):
+    """The Placement the flags ask for, checked now (a missing GPU or an unusable dtype: one line, exit 2)."""
+    from toolrl_analysis.models.placement import Placement
+
+    chosen = Placement(args.device, args.dtype)
+    chosen.resolve()
+    return chosen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from toolrl_analysis.cli.args import episode_flags, episode_options
+from toolrl_analysis.cli.args import add_placement_flags, episode_flags, episode_options, placement
 from toolrl_analysis.cli.output import console, emit, progress_bar, progress_line
 from toolrl_analysis.errors import UserError
 
@@ -30,6 +30,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
         help="an episode succeeds for pass@k when its Solve-F1 reaches this (1.0: solved, no wasted call)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled episodes")
+    add_placement_flags(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -40,6 +41,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from toolrl_analysis.evaluate_render import render_report
 
     episodes = episode_options(args)
+    where = placement(args)
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples must be at least 1 (leave it out for greedy only), got {args.samples}")
     # Episodes end at different turns, so progress is counted in turns (at most --max-turns), with the
@@ -67,6 +69,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             success_threshold=args.success_threshold,
             seed=args.seed,
             on_turn=on_turn,
+            placement=where,
         )
     if args.out:
         report.info["written"] = [str(p) for p in report.save(args.out)]

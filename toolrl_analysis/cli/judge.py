@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from toolrl_analysis.cli.args import add_limit_flag, add_play_flags, episode_options
+from toolrl_analysis.cli.args import (
+    add_limit_flag,
+    add_placement_flags,
+    add_play_flags,
+    episode_options,
+    placement,
+)
 from toolrl_analysis.cli.output import console, emit, progress_console
 from toolrl_analysis.errors import UserError
 
@@ -38,6 +44,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     )
     add_limit_flag(p, "test environments for the tool-use claim, balanced over scenarios")
     add_play_flags(p)
+    add_placement_flags(p)
     p.set_defaults(func=_cmd_judge)
 
     d = sub.add_parser(
@@ -50,6 +57,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     d.add_argument("--top", type=int, default=20, help="max-KL tokens saved with their context")
     add_limit_flag(d)
     add_play_flags(d)
+    add_placement_flags(d)
     d.set_defaults(func=_cmd_divergence)
 
 
@@ -70,7 +78,7 @@ def _cmd_judge(args: argparse.Namespace) -> None:
     log = progress_console().print
     found = judge(
         args.base, args.trained, args.envs, claims=claims, limit=args.limit, analysis_limit=args.analysis_limit,
-        tasks=args.tasks, controls=args.controls, options=episode_options(args), log=log,
+        tasks=args.tasks, controls=args.controls, options=episode_options(args), log=log, placement=placement(args),
     )  # fmt: skip
     document = found.to_document()
     if args.out:
@@ -96,8 +104,9 @@ def _cmd_divergence(args: argparse.Namespace) -> None:
 
     _positive(args, "limit", "top")
     found = measure_divergence(
-        args.base, args.trained, args.envs, limit=args.limit, options=episode_options(args), top=args.top
-    )
+        args.base, args.trained, args.envs, limit=args.limit, options=episode_options(args), top=args.top,
+        placement=placement(args),
+    )  # fmt: skip
     document = found.to_document()
     if args.out:
         document["summary"]["written"] = [str(p) for p in found.write(args.out)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from toolrl_analysis.cli.args import require_flags
+from toolrl_analysis.cli.args import add_placement_flags, placement, require_flags
 from toolrl_analysis.cli.output import console, emit, progress_bar
 
 
@@ -25,12 +25,13 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
-        help="override a stage's config key (stages: envs, base, grpo, eval, ablate, probe)",
+        help="override a stage's config key (stages: envs, base, grpo, eval, ablate, probe, judge)",
     )  # fmt: skip
     p.add_argument(
         "--print-config", action="store_true",
         help="print every stage's resolved configuration as TOML and exit (needs no other argument)",
     )  # fmt: skip
+    add_placement_flags(p)
     p.set_defaults(func=_cmd_reproduce)
 
 
@@ -43,9 +44,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     from toolrl_analysis.reproduce.settings import load_settings
 
     if args.print_config:
-        sys.stdout.write(load_settings(args.quick, args.base, args.set).toml())
+        sys.stdout.write(load_settings(args.quick, args.base, args.set, placement(args)).toml())
         return
     require_flags(args, "out")
+    where = placement(args)
     columns = (
         TextColumn("{task.description}", markup=False),  # "[3/11] train grpo" is text, not markup
         BarColumn(),
@@ -64,7 +66,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
 
         summary = reproduce(
             args.out, quick=args.quick, force=args.force, base=args.base, overrides=args.set,
-            on_snapshot=on_snapshot,
+            on_snapshot=on_snapshot, placement=where,
             log=lambda line: progress.console.print(line, markup=False, highlight=False),
         )  # fmt: skip
     document = summary | report_document(args.out)

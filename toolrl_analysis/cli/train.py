@@ -6,7 +6,13 @@ import argparse
 import sys
 from typing import Any
 
-from toolrl_analysis.cli.args import add_config_flags, print_config, require_flags
+from toolrl_analysis.cli.args import (
+    add_config_flags,
+    add_placement_flags,
+    placement,
+    print_config,
+    require_flags,
+)
 from toolrl_analysis.cli.output import console, emit, progress_bar, progress_line
 
 
@@ -27,6 +33,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--algo", choices=["grpo", "reinforce++"], default=None, help="sets the config key algo")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add_config_flags(p, "shipped GRPO recipe (GRPOConfig)")
+    add_placement_flags(p)
     p.set_defaults(func=_cmd_train_grpo)
 
 
@@ -103,6 +110,7 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
     if print_config(args, config):
         return
     require_flags(args, "envs", "init", "out")
+    where = placement(args)
     columns = (
         TextColumn(f"{config.algo} {{task.fields[status]}}"),
         BarColumn(),
@@ -127,6 +135,7 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
             resume=args.resume,
             on_iteration=on_iteration,
             log=lambda line: progress.console.print(line),
+            placement=where,
         )
     document = {k: v for k, v in summary.items() if k != "history"} | {"metrics": summary["history"]}
     emit(

@@ -16,6 +16,7 @@ from typing import Any
 from toolrl_analysis.errors import CheckpointError, first_line
 from toolrl_analysis.io import torch_load_safely
 from toolrl_analysis.models.embedded import resolve_model
+from toolrl_analysis.models.placement import CPU, Placement, ResolvedPlacement
 
 POLICY_FORMAT = "toolrl-analysis.policy/1"
 
@@ -99,21 +100,42 @@ def save_hf_dir(model: Any, tokenizer: Any, directory: str | Path) -> Path:
     return directory
 
 
-def load_policy(path: str | Path, attn_implementation: str | None = None) -> tuple[Any, Any]:
+def load_policy(
+    path: str | Path, attn_implementation: str | None = None, placement: Placement | None = None
+) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a save_policy .pt, an HF directory, or a .safetensors inside one;
-    `embedded` is the shipped base."""
+    `embedded` is the shipped base. `placement` (--device, --dtype) says where it runs: the CPU in its stored
+    dtype when None."""
+    where = (placement or CPU).resolve()
     path = resolve_model(path)
     if not path.exists():
         raise CheckpointError(f"no such checkpoint: {path}")
     if path.is_dir():
-        return _load_hf_dir(path, attn_implementation)
+        return _load_hf_dir(path, attn_implementation, where)
     if path.suffix == ".safetensors":
         if (path.parent / "config.json").is_file():
-            return _load_hf_dir(path.parent, attn_implementation)
+            return _load_hf_dir(path.parent, attn_implementation, where)
         raise CheckpointError(
             f"{path} is a bare .safetensors file without config.json beside it; name a model directory"
         )
-    return _load_policy_file(path, attn_implementation)
+    model, tokenizer = _load_policy_file(path, attn_implementation)
+    return where.apply(model), tokenizer
+
+
+def load_pair(
+    base: str | Path,
+    trained: str | Path,
+    purpose: str,
+    attn_implementation: str | None = None,
+    placement: Placement | None = None,
+) -> tuple[tuple[Any, Any], Any]:
+    """((base model, trained model), tokenizer), both where `placement` says. A pair whose tokenizers differ
+    is refused: `purpose` (e.g. "judging") compares the two token by token."""
+    base_model, base_tokenizer = load_policy(base, attn_implementation, placement)
+    trained_model, trained_tokenizer = load_policy(trained, attn_implementation, placement)
+    if base_tokenizer.get_vocab() != trained_tokenizer.get_vocab():
+        raise CheckpointError(f"base and trained have different tokenizers: {purpose} needs one tokenization")
+    return (base_model, trained_model), base_tokenizer
 
 
 def read_checkpoint_file(path: str | Path) -> Any:
@@ -199,7 +221,9 @@ def _tokenizer_from_files(path: Path, files: dict[str, Any]) -> Any:
             raise CheckpointError(f"{path}: its tokenizer files do not load ({first_line(exc)})") from None
 
 
-def _load_hf_dir(directory: Path, attn_implementation: str | None) -> tuple[Any, Any]:
+def _load_hf_dir(
+    directory: Path, attn_implementation: str | None, where: ResolvedPlacement
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (directory / "config.json").is_file():
@@ -209,6 +233,7 @@ def _load_hf_dir(directory: Path, attn_implementation: str | None) -> tuple[Any,
             )
         raise CheckpointError(f"{directory} is not a Hugging Face model directory (no config.json)")
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kwargs |= where.load_kwargs()
     try:
         with _no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **kwargs)

@@ -125,7 +125,7 @@ def eval_stage(run: Path, settings: ChainSettings, policy: str, model: Path, aft
             report = evaluate_checkpoint(
                 model, envs, general=options.general and main, roles=main, max_turns=options.max_turns,
                 max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-                n_general_tasks=options.general_tasks, on_turn=on_turn,
+                n_general_tasks=options.general_tasks, on_turn=on_turn, placement=settings.placement,
             )  # fmt: skip
             report.save(where)
 
@@ -134,7 +134,13 @@ def eval_stage(run: Path, settings: ChainSettings, policy: str, model: Path, aft
     if "test_same_world" in splits:
         outputs += (f"{SAME_WORLD}/episodes.csv",)
     return Stage(
-        f"evaluate {label(policy)}", out, outputs, inputs, asdict(options), action, after=(after, "envs")
+        f"evaluate {label(policy)}",
+        out,
+        outputs,
+        inputs,
+        settings.stage_config(asdict(options)),
+        action,
+        after=(after, "envs"),
     )
 
 
@@ -158,7 +164,7 @@ def pass_at_k_stage(run: Path, settings: ChainSettings, policy: str, model: Path
             sampling = len(episodes) > len(records)
             ctx.fraction(greedy + (1 - greedy) * done if sampling else greedy * done)
 
-        policy_model, tokenizer = load_policy(model)
+        policy_model, tokenizer = load_policy(model, placement=settings.placement)
         report = evaluate(
             policy_model, tokenizer, records, general=False, roles=False, max_turns=options.max_turns,
             max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, samples=options.samples,
@@ -172,7 +178,8 @@ def pass_at_k_stage(run: Path, settings: ChainSettings, policy: str, model: Path
     config = sampling | {k: getattr(options, k) for k in ("max_turns", "max_new_tokens", "batch_size")}
     inputs = {"policy": model, "envs/test.jsonl": envs}
     return Stage(
-        f"pass@k {label(policy)}", out, ("pass_at_k.csv", "evaluation.json"), inputs, config, action,
+        f"pass@k {label(policy)}", out, ("pass_at_k.csv", "evaluation.json"), inputs,
+        settings.stage_config(config), action,
         after=(after, "envs"),
     )  # fmt: skip
 
@@ -187,6 +194,7 @@ def rl_stage(run: Path, settings: ChainSettings, name: str, algo: str, seed_offs
         summary = train_grpo(
             run / "envs", run / "base" / "base.pt", out, config, resume=ctx.resume,
             on_iteration=lambda row: ctx.fraction(row["iteration"] / max(1, config.iterations)), log=ctx.log,
+            placement=settings.placement,
         )  # fmt: skip
         if summary["interrupted"]:  # Ctrl-C: the trainer saved a checkpoint; the rerun resumes from it
             raise KeyboardInterrupt
@@ -195,7 +203,8 @@ def rl_stage(run: Path, settings: ChainSettings, name: str, algo: str, seed_offs
     if settings.envs.validation_per_scenario:  # train-grpo validates on it (training/grpo.py)
         inputs["envs/validation.jsonl"] = run / "envs" / "validation.jsonl"
     return Stage(
-        f"train {label(name)}", out, ("trained.pt", "metrics.csv"), inputs, asdict(config), action,
+        f"train {label(name)}", out, ("trained.pt", "metrics.csv"), inputs, settings.stage_config(asdict(config)),
+        action,
         after=("base", "envs"), resumable=True,
     )  # fmt: skip
 
@@ -233,6 +242,7 @@ def ablate_stage(run: Path, settings: ChainSettings) -> Stage:
             general=options.general, roles=options.roles, max_turns=options.max_turns,
             max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
             general_tasks=options.general_tasks, score_threads=options.score_threads,
+            placement=settings.placement,
         )  # fmt: skip
         result = ablate(
             base, trained, grid="paper", envs=run / "envs", limit=options.limit, seed=options.seed,
@@ -248,7 +258,13 @@ def ablate_stage(run: Path, settings: ChainSettings) -> Stage:
     }
     outputs = ("variants.csv", "metrics.csv", "episodes.csv", "likelihood.csv", "ablation.json")
     return Stage(
-        "ablate", out, outputs, inputs, asdict(options), action, after=("base", "train grpo", "envs")
+        "ablate",
+        out,
+        outputs,
+        inputs,
+        settings.stage_config(asdict(options)),
+        action,
+        after=("base", "train grpo", "envs"),
     )
 
 
@@ -260,11 +276,19 @@ def probe_stage(run: Path, settings: ChainSettings) -> Stage:
     envs = run / "envs" / "test.jsonl"
 
     def action(ctx: StageContext) -> None:
-        run_probe(base, trained, envs, backend="hf", config=settings.probe, log=ctx.log).write(out)
+        run_probe(
+            base,
+            trained,
+            envs,
+            backend="hf",
+            config=settings.probe,
+            log=ctx.log,
+            placement=settings.placement,
+        ).write(out)
 
     inputs = {"base/base.pt": base, f"{ANALYSED}/trained.pt": trained, "envs/test.jsonl": envs}
     outputs = ("probe_summary.csv", "probe_comparison.csv", "probe.json")
-    config = {"backend": "hf", **asdict(settings.probe)}
+    config = settings.stage_config({"backend": "hf", **asdict(settings.probe)})
     return Stage("probe", out, outputs, inputs, config, action, after=("base", "train grpo", "envs"))
 
 
@@ -282,11 +306,12 @@ def judge_stage(run: Path, settings: ChainSettings) -> Stage:
         episodes = EpisodeOptions(options.max_turns, options.max_new_tokens, options.batch_size)
         limit = options.analysis_limit or None
         judge(base, trained, run / "envs", claims=("general", "context"), analysis_limit=limit,
-              tasks=options.tasks, options=episodes, log=ctx.log).write(out)  # fmt: skip
+              tasks=options.tasks, options=episodes, log=ctx.log, placement=settings.placement).write(out)  # fmt: skip
         ctx.fraction(0.3)
-        measure_divergence(base, trained, run / "envs", limit=limit, options=episodes, top=options.top).write(
-            out / "divergence"
-        )
+        measure_divergence(
+            base, trained, run / "envs", limit=limit, options=episodes, top=options.top,
+            placement=settings.placement,
+        ).write(out / "divergence")  # fmt: skip
 
     inputs = {
         "base/base.pt": base,
@@ -294,7 +319,8 @@ def judge_stage(run: Path, settings: ChainSettings) -> Stage:
         "envs/analysis.jsonl": run / "envs" / "analysis.jsonl",
     }
     outputs = ("judge.json", "items.csv", "divergence/by_role.csv", "divergence/divergence.json")
-    return Stage("judge", out, outputs, inputs, asdict(options), action, after=("base", "train grpo", "envs"))
+    config = settings.stage_config(asdict(options))
+    return Stage("judge", out, outputs, inputs, config, action, after=("base", "train grpo", "envs"))
 
 
 def build_stages(run: Path, settings: ChainSettings) -> list[Stage]:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from toolrl_analysis.models.placement import Placement
 from toolrl_analysis.reproduce.chain import build_stages
 from toolrl_analysis.reproduce.progress import ChainProgress, Snapshot, clock
 from toolrl_analysis.reproduce.settings import load_settings
@@ -58,10 +59,11 @@ def reproduce(
     overrides: list[str] | None = None,
     log: Callable[[str], None] = print,
     on_snapshot: Callable[[Snapshot], None] | None = None,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
     from toolrl_analysis.report import write_figures, write_report
 
-    settings = load_settings(quick, base, overrides)
+    settings = load_settings(quick, base, overrides, placement)
     run = Path(out)
     run.mkdir(parents=True, exist_ok=True)
     stages = build_stages(run, settings)

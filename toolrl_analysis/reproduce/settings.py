@@ -17,6 +17,7 @@ from typing import Any
 from toolrl_analysis.config import config_toml, load_config, require, toml_value
 from toolrl_analysis.episodes import EPISODES, GENERAL_TASKS, VARIANT_GENERAL_TASKS
 from toolrl_analysis.errors import ConfigError
+from toolrl_analysis.models.placement import Placement
 
 BASE_SOURCES = ("embedded", "train")  # or the path of a policy file
 
@@ -168,11 +169,17 @@ class ChainSettings:
     ablate: AblateSettings
     probe: Any
     judge: JudgeSettings
+    placement: Placement = Placement()  # --device, --dtype of every stage that loads a model
 
     def document(self) -> dict[str, Any]:
-        return {"quick": self.quick, "base": self.base, "grpo_seeds": self.grpo_seeds} | {
-            k: dataclasses.asdict(getattr(self, k)) for k in STAGE_FIELDS.values()
-        }
+        chain = {"quick": self.quick, "base": self.base, "grpo_seeds": self.grpo_seeds}
+        chain |= {"device": self.placement.device, "dtype": self.placement.dtype}
+        return chain | {k: dataclasses.asdict(getattr(self, k)) for k in STAGE_FIELDS.values()}
+
+    def stage_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A model-loading stage's record: its configuration, and the device and dtype when they are not
+        auto (so a run made on the defaults stays current, and a bfloat16 run is not mistaken for it)."""
+        return config | self.placement.record()
 
     def toml(self) -> str:
         """The resolved settings as TOML: the chain's own keys ([chain]), then one table per stage, named as
@@ -181,6 +188,8 @@ class ChainSettings:
         head += (
             f"grpo_seeds = {self.grpo_seeds}  # --set grpo.seeds=N: GRPO runs, seeds seed, seed + 1, ...\n"
         )
+        head += f"device = {toml_value(self.placement.device)}  # --device\n"
+        head += f"dtype = {toml_value(self.placement.dtype)}  # --dtype\n"
         return "\n".join([head, *(config_toml(getattr(self, f), table=s) for s, f in STAGE_FIELDS.items())])
 
 
@@ -188,6 +197,7 @@ def load_settings(
     quick: bool = False,
     base: str = "embedded",
     overrides: list[str] | None = None,
+    placement: Placement | None = None,
 ) -> ChainSettings:
     from toolrl_analysis.analysis.probe.run import ProbeConfig
     from toolrl_analysis.envs.pipeline import EnvBuildConfig
@@ -226,4 +236,5 @@ def load_settings(
         ablate=load_config(AblateSettings, None, merged("ablate")),
         probe=load_config(ProbeConfig, None, merged("probe")),
         judge=load_config(JudgeSettings, None, merged("judge")),
+        placement=placement or Placement(),
     )

@@ -38,6 +38,7 @@ from toolrl_analysis.envs.sandbox import Sandbox
 from toolrl_analysis.envs.schema import EnvRecord, read_envs
 from toolrl_analysis.errors import ConfigError, TrainingDiverged
 from toolrl_analysis.models.checkpoint import load_policy
+from toolrl_analysis.models.placement import Placement
 from toolrl_analysis.rollout import (
     ModelPolicy,
     decode_completion,
@@ -493,8 +494,9 @@ def train_grpo(
     resume: bool = False,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
-    """Load the environments and the initial policy, train on train.jsonl minus its validation slice, and
+    """Load the environments and the initial policy (where `placement` says), train on train.jsonl minus its validation slice, and
     write `trained.pt` plus an HF directory, metrics.csv, validation.csv and curves.png (and, with
     `test_at_end`, the one evaluation on the test split in test/)."""
     import pandas as pd
@@ -505,7 +507,7 @@ def train_grpo(
     if config.test_at_end and not test_path.is_file():
         raise ConfigError(f"config key 'test_at_end' needs a test split, and {test_path} does not exist")
     seed_torch(config.seed, config.threads)
-    model, tokenizer = load_policy(resolve_policy_path(init))
+    model, tokenizer = load_policy(resolve_policy_path(init), placement=placement)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     with Sandbox(workers=config.sandbox_workers) as sandbox:

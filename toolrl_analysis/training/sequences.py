@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from toolrl_analysis.errors import CheckpointError
+from toolrl_analysis.models.placement import input_device
 from toolrl_analysis.rollout import cache_keyword, new_cache, position_ids
 from toolrl_analysis.training.objective import entropy_from_logits
 
@@ -29,6 +30,15 @@ class SequenceBatch:
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+    def to(self, device) -> SequenceBatch:
+        """The same batch on `device` (itself when it is there already)."""
+        if self.completion_ids.device == torch.device(device):
+            return self
+        return SequenceBatch(
+            self.prompt_ids.to(device), self.prompt_attention.to(device), self.completion_ids.to(device),
+            self.completion_attention.to(device), self.completion_mask.to(device), self.repeats,
+        )  # fmt: skip
 
     def completion_rows(self, prompt_index: torch.Tensor) -> torch.Tensor:
         """Rows of `completion_ids` that belong to these prompts."""
@@ -81,6 +91,10 @@ def completion_logprobs(
     `logits / temperature`: the distribution the completions were sampled from, as verl's actor and
     reference take them (dp_actor: `logits.div_(temperature)`), so the PPO ratio is 1 before the first step.
     Shapes: U prompts of P tokens, N = U * repeats completions of T tokens, hidden size H, vocabulary V."""
+    # The model may sit on a GPU; the batch and the returned log-probs stay where the trainer keeps them
+    # (the copy back is differentiable, so the loss is taken there and its gradient reaches the model).
+    home = batch.completion_ids.device
+    batch = batch.to(input_device(model))
     decoder = model.get_decoder()
     cache = new_cache(model)
     cache_kw = cache_keyword(decoder)
@@ -105,8 +119,8 @@ def completion_logprobs(
     logits = model.get_output_embeddings()(hidden).float() / temperature  # [N, T, V]
     token_ids = batch.completion_ids.unsqueeze(-1)  # [N, T, 1]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, token_ids).squeeze(-1)  # [N, T]
-    entropy = entropy_from_logits(logits) if with_entropy else None
-    return logprobs, entropy
+    entropy = entropy_from_logits(logits).to(home) if with_entropy else None
+    return logprobs.to(home), entropy
 
 
 @torch.no_grad()
@@ -126,8 +140,10 @@ def logits_path_error(model: torch.nn.Module, pad_token_id: int) -> float:
         fast, _ = completion_logprobs(model, batch)  # [4, T]
         worst = 0.0
         for row, completion in enumerate(completions):
-            sequence = torch.tensor([prompts[row // 2] + completion])  # [1, P + C]
-            logits = model(input_ids=sequence).logits[0, -len(completion) - 1 : -1].float()  # [C, V]
+            sequence = torch.tensor(
+                [prompts[row // 2] + completion], device=input_device(model)
+            )  # [1, P + C]
+            logits = model(input_ids=sequence).logits[0, -len(completion) - 1 : -1].float().cpu()  # [C, V]
             direct = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
             worst = max(worst, (direct - fast[row, : len(completion)]).abs().max().item())
     finally:

@@ -26,6 +26,7 @@ from toolrl_analysis.analysis.diff import MatchedTensor, PairPlan, iter_pairs, t
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.episodes import EPISODES, VARIANT_GENERAL_TASKS
 from toolrl_analysis.errors import CheckpointError, first_line, first_names
+from toolrl_analysis.models.placement import Placement
 
 InMemoryPairs = dict[str, tuple[MatchedTensor, torch.Tensor, torch.Tensor]]
 
@@ -47,6 +48,7 @@ class EvaluationOptions:
     # threads for the teacher-forced scoring, one big forward pass at a time (2 on 2 idle cores: 1.8x faster;
     # on cores shared with another job, oversubscribed threads ran it several times slower: use 1 there)
     score_threads: int = 2
+    placement: Placement | None = None  # --device, --dtype of the model the variants are written into
 
 
 @dataclass
@@ -71,14 +73,15 @@ def pairs_in_memory(base: Checkpoint, trained: Checkpoint, plan: PairPlan) -> In
     }
 
 
-def load_model(base: Checkpoint, trained: Checkpoint):
-    """(model, tokenizer) from whichever side is a loadable policy (ours, or an HF directory), trained first."""
+def load_model(base: Checkpoint, trained: Checkpoint, placement: Placement | None = None):
+    """(model, tokenizer) from whichever side is a loadable policy (ours, or an HF directory), trained first,
+    where `placement` says (variants are copied into its tensors, on its device and in its dtype)."""
     from toolrl_analysis.models.checkpoint import load_policy
 
     problems = []
     for side in (trained, base):
         try:
-            return load_policy(side.path)
+            return load_policy(side.path, placement=placement)
         except CheckpointError as exc:
             problems.append(first_line(exc))
     raise CheckpointError(
@@ -125,7 +128,7 @@ def evaluate_variants(
     from toolrl_analysis.envs.sandbox import Sandbox
     from toolrl_analysis.evaluate import evaluate
 
-    model, tokenizer = load_model(base, trained)
+    model, tokenizer = load_model(base, trained, options.placement)
     unmatched = {"base": unmatched_tensors(base, plan), "trained": unmatched_tensors(trained, plan)}
     buildable = [v for v in variants if v.buildable]
     results = []

@@ -170,6 +170,7 @@ def measure_divergence(
     limit: int | None = None,
     options=None,
     top: int = TOP_CONTEXTS,
+    placement=None,
 ) -> Divergence:
     """Both models play the held-out environments (`ablate.run.heldout_path`) greedily; every token of both
     models' trajectories is compared (`outputs.compare_tokens`) and summarised."""
@@ -183,7 +184,7 @@ def measure_divergence(
 
     options = options or EPISODES
     records = heldout_records(envs, limit)
-    models, tokenizer = load_pair(base, trained)
+    models, tokenizer = load_pair(base, trained, placement)
     examples, sources, environments = [], [], []
     with Sandbox(workers=2) as sandbox:
         for source, model in zip(SOURCES, (models[1], models[0]), strict=True):

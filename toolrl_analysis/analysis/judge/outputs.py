@@ -87,6 +87,7 @@ def compare_tokens(
             if of_base is None or of_trained is None:
                 continue
             (z_base, targets), (z_trained, _) = of_base, of_trained
+            z_trained = z_trained.to(z_base.device)  # two models may end on different devices
             lp_base, lp_trained = z_base.log_softmax(-1), z_trained.log_softmax(-1)
             p_base, p_trained = lp_base.exp(), lp_trained.exp()
             pick = targets[:, None]
@@ -110,8 +111,8 @@ def compare_tokens(
                              "token": int(targets[i]), **{k: v[i] for k, v in values.items()}})  # fmt: skip
             # [n, S, V] would be large for a real vocabulary: one scale at a time
             scaled = [(z_base * s).log_softmax(-1) for s in scales]
-            entropy_at.append(torch.stack([_entropy(lp) for lp in scaled], 1).numpy())
-            nll_at.append(torch.stack([-lp.gather(1, pick)[:, 0] for lp in scaled], 1).numpy())
+            entropy_at.append(torch.stack([_entropy(lp) for lp in scaled], 1).cpu().numpy())
+            nll_at.append(torch.stack([-lp.gather(1, pick)[:, 0] for lp in scaled], 1).cpu().numpy())
     empty = np.zeros((0, len(SCALES)))
     return TokenComparison(
         pd.DataFrame(rows, columns=TOKEN_COLUMNS),

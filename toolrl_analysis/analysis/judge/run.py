@@ -32,7 +32,8 @@ from toolrl_analysis.analysis.judge.rules import (
     tool_use_rule,
 )
 from toolrl_analysis.episodes import EPISODES, EpisodeOptions
-from toolrl_analysis.errors import CheckpointError, UserError
+from toolrl_analysis.errors import UserError
+from toolrl_analysis.models.placement import Placement
 
 Log = Callable[[str], None]
 
@@ -82,16 +83,12 @@ def check_claims(claims: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(claims))
 
 
-def load_pair(base: str | Path, trained: str | Path):
+def load_pair(base: str | Path, trained: str | Path, placement: Placement | None = None):
     """((base model, trained model), tokenizer); a pair whose tokenizers differ cannot be compared token by
     token."""
-    from toolrl_analysis.models.checkpoint import load_policy
+    from toolrl_analysis.models.checkpoint import load_pair as load_models
 
-    base_model, base_tokenizer = load_policy(base)
-    trained_model, trained_tokenizer = load_policy(trained)
-    if base_tokenizer.get_vocab() != trained_tokenizer.get_vocab():
-        raise CheckpointError("base and trained have different tokenizers: judging needs one tokenization")
-    return (base_model, trained_model), base_tokenizer
+    return load_models(base, trained, "judging", placement=placement)
 
 
 def test_path(envs: str | Path) -> Path:
@@ -184,12 +181,13 @@ def context_claim(models, meter_set) -> tuple[ClaimResult, pd.DataFrame]:
     return ClaimResult(measured.verdict, measured.evidence(), numbers), measured.roles
 
 
-def lower_mlp_claim(base, trained, envs, *, analysis_limit, controls, options, progress=None):
+def lower_mlp_claim(base, trained, envs, *, analysis_limit, controls, options, placement=None, progress=None):
     from toolrl_analysis.analysis.ablate.run import ablate
     from toolrl_analysis.analysis.ablate.variants import EvaluationOptions
 
     evaluation = EvaluationOptions(general=False, roles=False, max_turns=options.max_turns,
-                                   max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)  # fmt: skip
+                                   max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+                                   placement=placement)  # fmt: skip
     # the main variants are played on one environment per scenario only: the verdict reads the
     # teacher-forced metric, on the whole analysis split
     ablation = ablate(base, trained, grid="paper", envs=envs, limit=4, analysis_limit=analysis_limit,
@@ -223,8 +221,10 @@ def judge(
     controls: int | None = None,
     options: EpisodeOptions = EPISODES,
     log: Log | None = None,
+    placement: Placement | None = None,
 ) -> Judgement:
-    """Each of `claims` measured on the pair and decided (see the module docstring)."""
+    """Each of `claims` measured on the pair (loaded where `placement` says) and decided (see the module
+    docstring)."""
     from toolrl_analysis.analysis.ablate.grid import DEFAULT_CONTROLS
     from toolrl_analysis.analysis.ablate.run import heldout_path, heldout_records
     from toolrl_analysis.analysis.judge.retention import TASKS
@@ -241,7 +241,7 @@ def judge(
     frames: dict[str, pd.DataFrame | None] = {}
     seconds: dict[str, float] = {}
     if set(claims) - {"lower_mlp"}:
-        models, tokenizer = load_pair(base, trained)
+        models, tokenizer = load_pair(base, trained, placement)
         with Sandbox(workers=2) as sandbox:
             meter = oracle_meter_set(tokenizer, analysis, sandbox) if analysis else None
             for claim in [c for c in CLAIM_NAMES if c in claims and c != "lower_mlp"]:
@@ -267,7 +267,7 @@ def judge(
         at = time.perf_counter()
         verdicts["lower_mlp"], ablation = lower_mlp_claim(
             base, trained, envs, analysis_limit=analysis_limit, controls=controls or DEFAULT_CONTROLS,
-            options=options,
+            options=options, placement=placement,
         )  # fmt: skip
         seconds["lower_mlp"] = time.perf_counter() - at
     summary = {"base": str(base), "trained": str(trained), "test_envs": str(test_path(envs)),

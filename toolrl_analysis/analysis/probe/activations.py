@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from toolrl_analysis.errors import UserError
+from toolrl_analysis.models.placement import input_device
 
 BACKENDS = ("hf", "transformer-lens", "nnsight")
 SITES = ("resid", "attn_out", "mlp_out")
@@ -228,7 +229,7 @@ class _TransformerLensBackend:
         # With add_bos_token set, the bridge keeps this tokenizer instead of reloading one by name (a hub
         # lookup); we feed token ids, so its BOS behaviour never applies.
         bridge_tokenizer.init_kwargs["add_bos_token"] = True
-        device = next(model.parameters()).device
+        device = input_device(model)
         self.bridge = TransformerBridge.boot_transformers(
             f"local/{model_type(model)}",
             hf_model=copy.deepcopy(model),
@@ -326,7 +327,7 @@ def capture_activations(
     if attention and n_regions < 1:
         raise ValueError("attention_positions need n_regions >= 1 and token_regions")
     runner = _BACKEND_CLASSES[backend](model, tokenizer, sites, attention)
-    device = next(model.parameters()).device
+    device = input_device(model)
     n_blocks = len(decoder_layers(model, backend))
     order = sorted(range(len(requests)), key=lambda i: len(requests[i].input_ids))
     stores: dict[int, dict] = {}

@@ -42,6 +42,7 @@ from toolrl_analysis.analysis.probe.fit import (
 from toolrl_analysis.config import require
 from toolrl_analysis.episodes import EPISODES
 from toolrl_analysis.errors import CheckpointError, EnvFormatError, SelectorError, UserError
+from toolrl_analysis.models.placement import Placement
 from toolrl_analysis.results import write_results
 
 MODELS = ("base", "trained")
@@ -173,21 +174,19 @@ def probe_layer_indices(spec: str, n_blocks: int) -> list[int]:
     return sorted(layers) if layers is not None else list(range(sites))
 
 
-def _load_pair(base: str, trained: str) -> dict[str, tuple[Any, Any]]:
-    from toolrl_analysis.models.checkpoint import load_policy
+def _load_pair(base: str, trained: str, placement: Placement | None) -> dict[str, tuple[Any, Any]]:
+    from toolrl_analysis.models.checkpoint import load_pair
 
     # Eager attention: the weights the attention analysis reads exist only there, and every backend then
     # runs the same kernels.
-    models = {"base": load_policy(base, "eager"), "trained": load_policy(trained, "eager")}
+    (base_model, trained_model), tokenizer = load_pair(base, trained, "probing", "eager", placement)
+    models = {"base": (base_model, tokenizer), "trained": (trained_model, tokenizer)}
     depths = {name: len(decoder_layers(model)) for name, (model, _) in models.items()}
     if depths["base"] != depths["trained"]:
         raise CheckpointError(
             f"base has {depths['base']} blocks and trained {depths['trained']}: a per-layer comparison "
             "needs the same depth"
         )
-    vocabularies = [tokenizer.get_vocab() for _, tokenizer in models.values()]
-    if vocabularies[0] != vocabularies[1]:
-        raise CheckpointError("base and trained have different tokenizers: probing needs one tokenization")
     return models
 
 
@@ -214,6 +213,7 @@ def run_probe(
     backend: str = "hf",
     config: ProbeConfig | None = None,
     log: Callable[[str], None] = lambda line: None,
+    placement: Placement | None = None,
 ) -> ProbeReport:
     from toolrl_analysis.envs.sandbox import Sandbox
     from toolrl_analysis.envs.schema import balanced_slice
@@ -223,7 +223,7 @@ def run_probe(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     records = load_records(envs, config.limit)
-    models = _load_pair(str(base), str(trained))
+    models = _load_pair(str(base), str(trained), placement)
     n_blocks = len(decoder_layers(models["base"][0]))
     layers = probe_layer_indices(config.layers, n_blocks)
     tokenizer = models["base"][1]

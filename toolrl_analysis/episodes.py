@@ -21,6 +21,9 @@ class EpisodeOptions:
         128  # tokens per assistant turn; our policy's turns are ~40, this stops a rambling one
     )
     batch_size: int = 32  # prompts generated together
+    # Qwen3's `enable_thinking`, passed to the chat template (None: the template's own default; a template
+    # without the switch ignores it)
+    thinking: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_new_tokens", "batch_size"):
@@ -29,6 +32,15 @@ class EpisodeOptions:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be a whole number, at least 1; got {value!r}"
                 )
+
+    def template_kwargs(self) -> dict:
+        """Extra keywords of `apply_chat_template` for these episodes."""
+        return template_kwargs(self.thinking)
+
+
+def template_kwargs(thinking: bool | None) -> dict:
+    """`enable_thinking` when it was chosen; nothing when the template's default should apply."""
+    return {} if thinking is None else {"enable_thinking": bool(thinking)}
 
 
 EPISODES = EpisodeOptions()

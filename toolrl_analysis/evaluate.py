@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from toolrl_analysis.envs.schema import SCENARIOS, EnvRecord
-from toolrl_analysis.episodes import GENERAL_TASKS, VARIANT_GENERAL_TASKS  # noqa: F401 (re-exported)
+from toolrl_analysis.episodes import GENERAL_TASKS, VARIANT_GENERAL_TASKS, template_kwargs  # noqa: F401
 from toolrl_analysis.models.placement import Placement, describe, input_device
 from toolrl_analysis.results import json_records, write_results
 from toolrl_analysis.rollout import (
@@ -67,12 +67,14 @@ def evaluate_tool_use(
     max_prompt_tokens: int | None = None,
     batch_size: int = EPISODES.batch_size,
     on_turn: Callable[[int, list[Episode]], None] | None = None,
+    thinking: bool | None = None,
 ) -> list[Episode]:
     """Greedy episodes on every record. Prompts longer than the model can take end the episode with
     `prompt_too_long` (counted as unsolved), so long FTRL environments never crash a small model."""
     policy = ModelPolicy(
-        model, tokenizer, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size
-    )
+        model, tokenizer, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size,
+        thinking=thinking,
+    )  # fmt: skip
     if sandbox is not None:
         return run_episodes(
             policy,
@@ -109,12 +111,13 @@ def sample_tool_use(
     max_prompt_tokens: int | None = None,
     batch_size: int = EPISODES.batch_size,
     on_turn: Callable[[int, list[Episode]], None] | None = None,
+    thinking: bool | None = None,
 ) -> pd.DataFrame:
     """`samples` episodes of every record at `temperature` (one seeded generator, so a rerun gives the same
     episodes): the episode table with a `sample` column, for pass@k (pass_at_k.py)."""
     policy = ModelPolicy(
         model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), thinking=thinking,
     )  # fmt: skip
     return sampled_episodes(policy, records, samples, sandbox, max_turns, max_prompt_tokens, on_turn)
 
@@ -327,6 +330,7 @@ def task_accuracy(
     *,
     max_new_tokens: int = 32,
     batch_size: int = 16,
+    thinking: bool | None = None,
 ) -> dict[str, float]:
     """Exact-match accuracy (`models.general.exact_match`) of greedy answers to `tasks`, each asked
     through the tokenizer's chat template."""
@@ -336,7 +340,8 @@ def task_accuracy(
         return {"accuracy": float("nan"), "contains_answer": float("nan"), "tasks": 0.0}
     stops = stop_token_ids(tokenizer, model)
     budget = model_max_positions(model) - max_new_tokens
-    prompts = [render_prompt(tokenizer, _task_messages(t), None)[-budget:] for t in tasks]
+    kwargs = template_kwargs(thinking)
+    prompts = [render_prompt(tokenizer, _task_messages(t), None, **kwargs)[-budget:] for t in tasks]
     correct = contains = 0
     for start in range(0, len(prompts), batch_size):
         completions = generate(
@@ -363,14 +368,16 @@ def evaluate_general(
     n_tasks: int = GENERAL_TASKS,
     seed: int = 0,
     max_new_tokens: int = 32,
+    thinking: bool | None = None,
 ) -> pd.DataFrame:
     """The general-capability suite as a tidy frame: `suite, metric, value`."""
     from toolrl_analysis.models.general import general_tasks, general_text
 
     loss = heldout_lm_loss(model, tokenizer, general_text("heldout"))
     accuracy = task_accuracy(
-        model, tokenizer, list(general_tasks(n_tasks, seed=seed, split="test")), max_new_tokens=max_new_tokens
-    )
+        model, tokenizer, list(general_tasks(n_tasks, seed=seed, split="test")), max_new_tokens=max_new_tokens,
+        thinking=thinking,
+    )  # fmt: skip
     rows = [
         {"suite": "heldout_text", "metric": "loss", "value": loss["loss"]},
         {"suite": "heldout_text", "metric": "perplexity", "value": loss["perplexity"]},
@@ -452,6 +459,7 @@ def evaluate(
     success_threshold: float = 1.0,
     seed: int = 0,
     on_turn: Callable[[int, list[Episode]], None] | None = None,
+    thinking: bool | None = None,
 ) -> EvaluationReport:
     """Greedy tool-use evaluation on `records`; with `samples` > 0 also that many sampled episodes per
     record at `temperature`, and pass@1..samples (a success: Solve-F1 >= `success_threshold`); the
@@ -468,11 +476,13 @@ def evaluate(
                 max_turns=max_turns, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
                 batch_size=batch_size, n_general_tasks=n_general_tasks, samples=samples,
                 temperature=temperature, success_threshold=success_threshold, seed=seed, on_turn=on_turn,
+                thinking=thinking,
             )  # fmt: skip
     from toolrl_analysis.context_meter import measure_roles
     from toolrl_analysis.pass_at_k import pass_at_k_table, success_counts
 
-    budgets = dict(max_turns=max_turns, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+    budgets = dict(max_turns=max_turns, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                   thinking=thinking)  # fmt: skip
     episodes = evaluate_tool_use(
         model, tokenizer, records, sandbox=sandbox, batch_size=batch_size, on_turn=on_turn, **budgets
     )
@@ -482,7 +492,7 @@ def evaluate(
         "max_turns": max_turns,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy",
-    }
+    } | ({"enable_thinking": thinking} if thinking is not None else {})
     sampled = success = passk = None
     if samples:
         sampled = sample_tool_use(
@@ -496,7 +506,9 @@ def evaluate(
         episodes=table,
         tool_use=summarize_tool_use(table),
         hops=hop_breakdown(episodes),
-        general=evaluate_general(model, tokenizer, n_tasks=n_general_tasks) if general else None,
+        general=evaluate_general(model, tokenizer, n_tasks=n_general_tasks, thinking=thinking)
+        if general
+        else None,
         roles=measure_roles(model, tokenizer, records, sandbox) if roles else None,
         info=info,
         samples=sampled,
@@ -538,7 +550,9 @@ def evaluate_checkpoint(
 
     if limit is not None and limit < 1:
         raise ConfigError("--limit must be a positive number of environments")
-    EpisodeOptions(**{k: options[k] for k in ("max_turns", "max_new_tokens", "batch_size") if k in options})
+    EpisodeOptions(
+        **{k: options[k] for k in ("max_turns", "max_new_tokens", "batch_size", "thinking") if k in options}
+    )
     check_sampling(
         options.get("samples", 0), options.get("temperature", 1.0), options.get("success_threshold", 1.0)
     )

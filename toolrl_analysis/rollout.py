@@ -26,7 +26,7 @@ from toolrl_analysis.envs.reward import StepReward, episode_metrics, execute_tur
 from toolrl_analysis.envs.sandbox import ToolResult
 from toolrl_analysis.envs.schema import EnvRecord
 from toolrl_analysis.envs.toolcalls import ParsedTurn, ToolCall, parse_tool_calls
-from toolrl_analysis.episodes import EPISODES, EpisodeOptions  # noqa: F401 (re-exported)
+from toolrl_analysis.episodes import EPISODES, EpisodeOptions, template_kwargs  # noqa: F401 (re-exported)
 from toolrl_analysis.models.placement import input_device
 
 STOP_NO_CALL = "no_call"
@@ -256,8 +256,10 @@ class ModelPolicy:
         batch_size: int = 32,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        thinking: bool | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self.template_kwargs = template_kwargs(thinking)  # how its prompts are rendered (run_episodes)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.batch_size, self.use_cache, self.generator = batch_size, use_cache, generator
         self.eos_token_ids = stop_token_ids(tokenizer, model)
@@ -422,7 +424,9 @@ def decode_completion(tokenizer, ids: Sequence[int], stop_ids: Sequence[int]) ->
 
 def assistant_message(parsed: ParsedTurn, text: str) -> dict[str, Any]:
     """What goes into the history: structured tool calls when any parsed (FTRL keeps the well-formed
-    ones), otherwise the raw text."""
+    ones), otherwise the raw text. Reasoning goes under `reasoning_content`, where Qwen3's template looks
+    for it (and leaves it out of earlier turns); a template without it ignores the key."""
+    thought = {"reasoning_content": parsed.reasoning} if parsed.reasoning else {}
     if parsed.calls:
         return {
             "role": "assistant",
@@ -431,8 +435,8 @@ def assistant_message(parsed: ParsedTurn, text: str) -> dict[str, Any]:
                 {"type": "function", "function": {"name": call.name, "arguments": call.arguments}}
                 for call in parsed.calls
             ],
-        }
-    return {"role": "assistant", "content": text}
+        } | thought
+    return {"role": "assistant", "content": parsed.content if thought else text} | thought
 
 
 def _solve_rate(record: EnvRecord, unsolved: dict[str, list[str]]) -> float:
@@ -470,7 +474,8 @@ def run_episodes(
     raised. `on_turn(turn_index, episodes)` is called after each lockstep turn (progress display).
     """
     tokenizer = policy.tokenizer
-    template_kwargs = template_kwargs or {}
+    if template_kwargs is None:  # the policy's own (a ModelPolicy's thinking choice), else the template's
+        template_kwargs = getattr(policy, "template_kwargs", None) or {}
     budget = max_prompt_tokens if max_prompt_tokens is not None else default_max_prompt_tokens(policy)
     stop_ids = stop_token_ids(tokenizer, getattr(policy, "model", None))
     episodes = [

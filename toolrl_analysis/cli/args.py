@@ -97,6 +97,10 @@ def add_play_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=EPISODES.batch_size, help="prompts generated together"
     )
+    parser.add_argument(
+        "--thinking", choices=["auto", "on", "off"], default="auto",
+        help="Qwen3's enable_thinking, passed to the chat template (auto: the template's own default)",
+    )  # fmt: skip
 
 
 def add_limit_flag(
@@ -121,7 +125,8 @@ def episode_options(args: argparse.Namespace):
         raise UserError(
             f"--general-tasks must be at least 1 (--no-general skips the suite), got {args.general_tasks}"
         )
-    return EpisodeOptions(args.max_turns, args.max_new_tokens, args.batch_size)
+    thinking = {"auto": None, "on": True, "off": False}[getattr(args, "thinking", "auto")]
+    return EpisodeOptions(args.max_turns, args.max_new_tokens, args.batch_size, thinking)
 
 
 def scale_factor(values: list[str]) -> float | None:

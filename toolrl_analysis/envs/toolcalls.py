@@ -12,6 +12,11 @@ JSON-based tool calling), optionally after `<|python_tag|>`, ending with `<|eot_
 calls come as a JSON list or separated by `;`. A turn without `<tool_call>` is read that way when it starts
 with `<|python_tag|>` or its JSON uses `parameters`: a bare object with `arguments` stays text, as FTRL reads
 Qwen turns.
+
+Qwen3 may reason first, in a `<think>...</think>` block (or after a `<think>` its template already wrote into
+the prompt, so the turn holds only `...</think>`). The reasoning is set apart before parsing: a call mentioned
+while thinking is not a call, and the content is what follows the block. A block that never closes (the
+token budget ran out) leaves no content.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 TOOL_RESPONSE_OPEN = "<tool_response>"
 END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 PYTHON_TAG = "<|python_tag|>"  # Llama 3.1: what follows is a tool call
 LLAMA_KEYS = ("parameters", "arguments")
 
@@ -39,6 +45,7 @@ class ParsedTurn:
     content: str  # text before the first call; the whole text when no call parsed
     calls: list[ToolCall] = field(default_factory=list)
     malformed: bool = False  # tool-call markup present, but a block failed to parse or none did
+    reasoning: str = ""  # a Qwen3 thinking block, set apart (never parsed for calls)
 
 
 def strip_end_of_turn(text: str) -> str:
@@ -52,7 +59,26 @@ def strip_end_of_turn(text: str) -> str:
 
 def parse_tool_calls(text: str) -> ParsedTurn:
     """Split one assistant turn into content and tool calls. Never raises, whatever the input."""
-    text = strip_end_of_turn(_as_text(text))
+    reasoning, text = split_reasoning(strip_end_of_turn(_as_text(text)))
+    parsed = _parse_calls(text)
+    parsed.reasoning = reasoning
+    return parsed
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, the rest) of a turn that opens with a thinking block; ("", text) for any other turn."""
+    stripped = text.lstrip()
+    opened = stripped.startswith(THINK_OPEN)
+    body = stripped[len(THINK_OPEN) :] if opened else stripped
+    end = body.find(THINK_CLOSE)
+    if end == -1:
+        return (body.strip(), "") if opened else ("", text)
+    if not opened and THINK_OPEN in body[:end]:
+        return "", text  # a block that starts mid-turn is not reasoning the template opened
+    return body[:end].strip(), body[end + len(THINK_CLOSE) :].strip()
+
+
+def _parse_calls(text: str) -> ParsedTurn:
     start = text.find(TOOL_CALL_OPEN)
     if start == -1:
         llama = _llama_calls(text)

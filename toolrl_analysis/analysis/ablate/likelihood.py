@@ -40,7 +40,7 @@ class Trajectories:
 
 def play(
     model, tokenizer, records: Sequence[EnvRecord], sandbox, source: str, *, max_turns: int,
-    max_new_tokens: int, batch_size: int,
+    max_new_tokens: int, batch_size: int, thinking: bool | None = None,
 ) -> Trajectories:  # fmt: skip
     """Greedy episodes of `model` on `records`, labelled by role (an episode without an assistant token is
     dropped: there is nothing to score)."""
@@ -48,7 +48,7 @@ def play(
 
     episodes = evaluate_tool_use(
         model, tokenizer, records, sandbox=sandbox, max_turns=max_turns, max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
+        batch_size=batch_size, thinking=thinking,
     )  # fmt: skip
     examples, environments = [], []
     for index, episode in enumerate(episodes):

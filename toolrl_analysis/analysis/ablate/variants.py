@@ -40,6 +40,7 @@ class EvaluationOptions:
     max_turns: int = EPISODES.max_turns
     max_new_tokens: int = EPISODES.max_new_tokens
     batch_size: int = EPISODES.batch_size
+    thinking: bool | None = EPISODES.thinking
     general_tasks: int = VARIANT_GENERAL_TASKS
     sandbox_workers: int = 2
     # torch threads while evaluating (0: torch's default). A tiny model gains nothing from more than one,
@@ -145,7 +146,8 @@ def evaluate_variants(
                 write_into(model, {**unmatched[source], **tensors})
                 trajectories.append(
                     play(model, tokenizer, analysis_records, sandbox, source, max_turns=options.max_turns,
-                         max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
+                         max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+                         thinking=options.thinking)
                 )  # fmt: skip
         for done, variant in enumerate(buildable):
             if progress is not None:
@@ -163,6 +165,7 @@ def evaluate_variants(
                     model, tokenizer, records, general=options.general, roles=False, sandbox=sandbox,
                     max_turns=options.max_turns, max_new_tokens=options.max_new_tokens,
                     batch_size=options.batch_size, n_general_tasks=options.general_tasks,
+                    thinking=options.thinking,
                 )  # fmt: skip
                 if meter is not None:
                     meter_set, indices = meter

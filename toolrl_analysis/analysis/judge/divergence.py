@@ -191,7 +191,8 @@ def measure_divergence(
             # generation of a small model: one thread is fastest (ablate's measurement)
             with torch_threads(1):
                 played = play(model, tokenizer, records, sandbox, source, max_turns=options.max_turns,
-                              max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)  # fmt: skip
+                              max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+                              thinking=options.thinking)  # fmt: skip
             examples += played.examples
             sources += [source] * len(played.examples)
             environments += played.environments

@@ -109,7 +109,8 @@ def tool_use_claim(
     for name, model in zip(("base", "trained"), models, strict=True):
         with torch_threads(1):  # generation of a small model: one thread is fastest (ablate's measurement)
             episodes = evaluate_tool_use(model, tokenizer, records, sandbox=sandbox, max_turns=options.max_turns,
-                                     max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)  # fmt: skip
+                                     max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+                                     thinking=options.thinking)  # fmt: skip
         frames[name] = episode_table(episodes)
     resamples = stratified_resamples(frames["base"]["scenario"].tolist(), 2000, 0)
     found = {
@@ -187,7 +188,7 @@ def lower_mlp_claim(base, trained, envs, *, analysis_limit, controls, options, p
 
     evaluation = EvaluationOptions(general=False, roles=False, max_turns=options.max_turns,
                                    max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-                                   placement=placement)  # fmt: skip
+                                   thinking=options.thinking, placement=placement)  # fmt: skip
     # the main variants are played on one environment per scenario only: the verdict reads the
     # teacher-forced metric, on the whole analysis split
     ablation = ablate(base, trained, grid="paper", envs=envs, limit=4, analysis_limit=analysis_limit,

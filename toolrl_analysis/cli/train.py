@@ -1,4 +1,5 @@
-"""`toolrl-analyze train-base` (the supervised warm-up) and `train-grpo` (GRPO / Reinforce++)."""
+"""`toolrl-analyze train-base` (the supervised warm-up), `train-grpo` (GRPO / Reinforce++) and `sample-states`
+(the per-step states of a verl iteration)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from typing import Any
 
 from toolrl_analysis.cli.args import (
     add_config_flags,
+    add_limit_flag,
     add_placement_flags,
+    add_play_flags,
+    episode_options,
     placement,
     print_config,
     require_flags,
@@ -35,6 +39,21 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     add_config_flags(p, "shipped GRPO recipe (GRPOConfig)")
     add_placement_flags(p)
     p.set_defaults(func=_cmd_train_grpo)
+
+    p = sub.add_parser(
+        "sample-states", parents=[common],
+        help="FTRL's step 1 for verl: the policy's per-step states as the next iteration's parquet",
+    )  # fmt: skip
+    p.add_argument("policy", help="the current policy: embedded, a .pt, an HF directory")
+    p.add_argument("--envs", required=True, help="an environment set (its train.jsonl) or a .jsonl file")
+    p.add_argument("--out", required=True, help="the verl parquet file to write")
+    p.add_argument("--samples", type=int, default=4, help="episodes sampled per environment")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the episodes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled episodes")
+    add_limit_flag(p)
+    add_play_flags(p)
+    add_placement_flags(p)
+    p.set_defaults(func=_cmd_sample_states, out_is_file=True)
 
 
 def _base_progress_line(progress) -> str:
@@ -150,6 +169,34 @@ def _cmd_train_grpo(args: argparse.Namespace) -> None:
                 else ""
             )
             + (" (interrupted; resume with --resume)" if summary["interrupted"] else "")
+        ),
+    )
+
+
+def _cmd_sample_states(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+
+    from toolrl_analysis.training.state_sampler import sample_states
+
+    options = episode_options(args)
+    where = placement(args)
+    with progress_bar(TextColumn("sampling states, turn"), BarColumn(), MofNCompleteColumn()) as progress:
+        task = progress.add_task("states", total=options.max_turns)
+
+        def on_turn(turn_index, episodes) -> None:
+            progress.update(task, completed=turn_index + 1)
+            progress_line(f"sample-states: turn {turn_index + 1}/{options.max_turns}")
+
+        summary = sample_states(
+            args.policy, args.envs, args.out, samples=args.samples, temperature=args.temperature,
+            limit=args.limit, seed=args.seed, options=options, placement=where, on_turn=on_turn,
+        )  # fmt: skip
+    emit(
+        args,
+        summary,
+        lambda: console().print(
+            f"{summary['states']} distinct states from {summary['episodes']} episodes on "
+            f"{summary['environments']} environments -> {summary['out']}"
         ),
     )
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from toolrl_analysis.envs.schema import EnvRecord, read_envs, write_envs
+from toolrl_analysis.envs.toolcalls import ToolCall, format_tool_calls
 from toolrl_analysis.errors import EnvFormatError, UserError
 
 EXPORT_FORMATS = ("ftrl", "verl")
@@ -91,16 +92,35 @@ def export_ftrl(records: list[EnvRecord], out_path: str | Path, keep_meta: bool 
     return out
 
 
+def verl_message(message: dict[str, Any]) -> dict[str, str]:
+    """A message as verl's prompt column holds it, role and text: an assistant's structured tool calls are
+    written into its text as Qwen's template renders them (a per-step state's history has them)."""
+    content = "" if message.get("content") is None else str(message["content"])
+    calls = [c.get("function", c) for c in message.get("tool_calls") or []]
+    if calls:
+        text = format_tool_calls(
+            [ToolCall(str(c.get("name", "")), _arguments(c.get("arguments"))) for c in calls]
+        )
+        content = f"{content}\n{text}" if content else text
+    return {"role": str(message.get("role", "")), "content": content}
+
+
+def _arguments(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
 def verl_rows(records: list[EnvRecord]) -> list[dict[str, Any]]:
     rows = []
     for index, record in enumerate(records):
         meta = {k: v for k, v in record.meta.items() if k != PROVENANCE_KEY}
         rows.append(
             {
-                "prompt": [
-                    {"role": str(m.get("role", "")), "content": str(m.get("content", ""))}
-                    for m in record.messages
-                ],
+                "prompt": [verl_message(m) for m in record.messages],
                 "data_source": record.data_source,
                 "ability": "tool_use",
                 "reward_model": {"style": "rule", "ground_truth": record.answer},

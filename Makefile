@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# The CPU build on this disk; an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# verl, for the test that composes its trainer configuration and loads the reward with its loader. It pins
+	# transformers < 5.11, so it comes without its dependencies: only its configuration files and its
+	# import helper are used, never the trainer.
+	$(BIN)/pip install -q --no-deps verl==0.9.1
 	touch $(STAMP)
 
 venv: $(STAMP)

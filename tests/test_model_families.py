@@ -2,13 +2,13 @@
 `tools=` and Qwen3's `enable_thinking`), the family's tool calls parsed, run in the sandbox and written back
 into the history in the family's format.
 
-The two templates below are written here, small, after each family's documented conventions (no hub, no
-copies): a Qwen3-style one (the `enable_thinking` switch writes an empty thinking block into the generation
-prompt; reasoning is kept under `reasoning_content`) and a Llama 3.1-style one (tools as JSON in the first
-user turn, calls as `{"name", "parameters"}`, tool output under the `ipython` role, `<|eot_id|>`)."""
+The templates are the real ones, as trl ships them (a dev extra): Qwen3's (`enable_thinking=False` writes an
+empty thinking block into the generation prompt; reasoning is read from `reasoning_content`) and Llama 3.1's
+(tools as JSON in the first user turn, a call as `{"name", "parameters"}`, tool output under `ipython`)."""
 
 import copy
 import json
+from importlib.resources import files
 
 import pytest
 
@@ -20,47 +20,15 @@ from toolrl_analysis.episodes import EpisodeOptions
 from toolrl_analysis.models.tokenizer import build_policy_tokenizer
 from toolrl_analysis.rollout import ScriptedPolicy, run_episodes
 
-QWEN3_STYLE = r"""
-{%- if tools %}{{- '<|im_start|>system\n<tools>' }}
-{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}
-{{- '\n</tools><|im_end|>\n' }}{%- endif %}
-{%- for message in messages %}
-{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}
-{%- if message.reasoning_content and loop.last %}
-{{- '<think>\n' + message.reasoning_content + '\n</think>\n\n' }}{%- endif %}
-{{- message.content or '' }}
-{%- for call in message.tool_calls or [] %}
-{{- '\n<tool_call>\n{"name": "' + call.function.name + '", "arguments": ' + (call.function.arguments | tojson) }}
-{{- '}\n</tool_call>' }}{%- endfor %}
-{{- '<|im_end|>\n' }}
-{%- elif message.role == 'tool' %}
-{{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}
-{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}
-{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}
-{%- endif %}"""
 
-LLAMA31_STYLE = r"""{{- '<|begin_of_text|>' }}
-{%- for message in messages %}
-{%- if message.role == 'user' and loop.first and tools %}
-{{- '<|start_header_id|>user<|end_header_id|>\n\nAnswer with a JSON function call ' }}
-{{- '{"name": ..., "parameters": {...}} using one of these functions:\n' }}
-{%- for tool in tools %}{{- (tool | tojson) + '\n' }}{%- endfor %}
-{{- '\n' + message.content + '<|eot_id|>' }}
-{%- elif message.role == 'assistant' and message.tool_calls %}
-{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
-{%- for call in message.tool_calls %}
-{{- '{"name": "' + call.function.name + '", "parameters": ' + (call.function.arguments | tojson) + '}' }}
-{%- endfor %}{{- '<|eot_id|>' }}
-{%- elif message.role == 'tool' %}
-{{- '<|start_header_id|>ipython<|end_header_id|>\n\n' + message.content + '<|eot_id|>' }}
-{%- else %}
-{{- '<|start_header_id|>' + message.role + '<|end_header_id|>\n\n' + (message.content or '') + '<|eot_id|>' }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"""
+def trl_template(name: str) -> str:
+    path = files("trl") / "chat_templates" / name
+    assert path.is_file(), f"trl ships no {name}"
+    return path.read_text(encoding="utf-8")
+
+
+QWEN3 = trl_template("qwen3.jinja")
+LLAMA31 = trl_template("llama3_1.jinja")
 
 
 @pytest.fixture(scope="module")
@@ -99,20 +67,20 @@ def golden(record) -> tuple[str, dict]:
 @pytest.mark.parametrize("thinking, block", [(None, False), (True, False), (False, True)])
 def test_enable_thinking_reaches_the_template_through_the_policy(setting, thinking, block):
     record, tokenizer, sandbox = setting
-    family = with_template(tokenizer, QWEN3_STYLE)
+    family = with_template(tokenizer, QWEN3)
     options = EpisodeOptions(max_turns=1, thinking=thinking)
     policy = RecordingPolicy(family, [["The answer is unknown."]], options.template_kwargs())
     run_episodes(policy, [record], sandbox, max_turns=1)
     (prompt,) = policy.prompts
-    assert prompt.startswith("<|im_start|>system\n<tools>")  # rendered with tools= by the template
-    assert json.loads(prompt.split("\n")[2])["function"]["name"] == record.tools[0]["function"]["name"]
+    assert prompt.startswith("<|im_start|>system\n# Tools")  # rendered with tools= by the template
+    assert json.dumps(record.tools[0], ensure_ascii=False) in prompt
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") is block
     assert options.template_kwargs() == ({} if thinking is None else {"enable_thinking": thinking})
 
 
 def test_a_qwen3_turn_that_thinks_first_calls_only_after_its_reasoning(setting):
     record, tokenizer, sandbox = setting
-    family = with_template(tokenizer, QWEN3_STYLE)
+    family = with_template(tokenizer, QWEN3)
     name, arguments = golden(record)
     call = json.dumps({"name": name, "arguments": arguments})
     decoy = json.dumps({"name": name, "arguments": {"wrong": 1}})
@@ -125,13 +93,14 @@ def test_a_qwen3_turn_that_thinks_first_calls_only_after_its_reasoning(setting):
     assert first.reward.score == pytest.approx(1.0)  # one call, one hop solved: 2q/(p+1) = 1
     history = policy.prompts[1]
     assert f'<tool_call>\n{{"name": "{name}", "arguments": {json.dumps(arguments)}}}\n</tool_call>' in history
-    assert "<think>" not in history  # an earlier turn's reasoning is not shown again
-    assert first.results[0].content in history
+    # within one tool-use exchange Qwen3's template shows the turn's reasoning again, from reasoning_content
+    assert f"<think>\n{first.parsed.reasoning}\n</think>" in history
+    assert f"<tool_response>\n{first.results[0].content}\n</tool_response>" in history
 
 
 def test_a_llama_turn_calls_runs_and_comes_back_in_llama_format(setting):
     record, tokenizer, sandbox = setting
-    family = with_template(tokenizer, LLAMA31_STYLE)
+    family = with_template(tokenizer, LLAMA31)
     name, arguments = golden(record)
     turn = "<|python_tag|>" + json.dumps({"name": name, "parameters": arguments}) + "<|eom_id|>"
     policy = RecordingPolicy(family, [[turn, "It is done."]])
@@ -140,11 +109,12 @@ def test_a_llama_turn_calls_runs_and_comes_back_in_llama_format(setting):
     assert [(c.name, c.arguments) for c in first.parsed.calls] == [(name, arguments)]
     assert first.results[0].ok and first.reward.score == pytest.approx(1.0)
     prompt, history = policy.prompts
-    assert prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
-    assert json.dumps(record.tools[0]) in prompt
-    rendered_call = json.dumps({"name": name, "parameters": arguments})
+    assert prompt.startswith("<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython")
+    assert json.dumps(record.tools[0], indent=4, ensure_ascii=False) in prompt  # in the first user turn
+    rendered_call = json.dumps({"name": name, "parameters": arguments}, ensure_ascii=False)
     assert f"<|start_header_id|>assistant<|end_header_id|>\n\n{rendered_call}<|eot_id|>" in history
-    assert f"<|start_header_id|>ipython<|end_header_id|>\n\n{first.results[0].content}<|eot_id|>" in history
+    output = json.dumps(first.results[0].content, ensure_ascii=False)  # the template writes it as JSON
+    assert f"<|start_header_id|>ipython<|end_header_id|>\n\n{output}<|eot_id|>" in history
     assert history.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 

@@ -1,4 +1,5 @@
-"""The verl scale-out recipe (training/verl/) against verl's documented interfaces, without verl installed.
+"""The verl scale-out recipe (training/verl/) against verl's documented interfaces, and against verl 0.9.1's own
+trainer configuration and reward loader where it is installed (`make venv` installs it without dependencies).
 
 What verl reads, and where that is documented:
 - the dataset: verl docs "Prepare Data for Post-Training" (docs/preparation/prepare_data.rst): parquet rows with
@@ -40,8 +41,9 @@ LAUNCHER = VERL_DIR / "run_grpo.sh"
 REINFORCE_LAUNCHER = VERL_DIR / "run_reinforce_pp.sh"
 
 # Every key below exists in verl 0.9.1's trainer configuration (verl/trainer/config/_generated_ppo_trainer.yaml,
-# checked key by key against the released wheel); the launcher may set no other key. verl itself cannot be
-# installed beside this project's pins (it requires transformers < 5.11), so the list is checked here, not verl.
+# checked key by key against the released wheel); the launcher may set no other key. verl's dependencies cannot be
+# installed beside this project's pins (it requires transformers < 5.11): this list holds where verl is absent, and
+# `test_verls_own_configuration_takes_the_launcher_and_loads_the_reward` composes verl's own where it is there.
 VERL_REFERENCE_KEYS = frozenset(
     {
         "algorithm.adv_estimator",
@@ -562,3 +564,50 @@ def test_prepare_exits_2_on_a_row_with_a_bad_extra_info(exported, tokenizer_dir,
         f"error: verl row 2 ({rows[2]['extra_info']['env_id']}): extra_info field 'unsolved_set'"
     )
     assert not (tmp_path / "out.parquet").exists()
+
+
+# -- verl's own configuration --------------------------------------------------------------------------------
+VERL_SPEC = importlib.util.find_spec("verl")
+HYDRA_SPEC = importlib.util.find_spec("hydra")
+NOT_INSTALLED = (
+    "verl 0.9.1 is not installed (`make venv` installs it without its dependencies, with hydra-core): verl's "
+    "own trainer configuration was not composed and its reward loader was not run"
+)
+
+
+@pytest.mark.skipif(VERL_SPEC is None or HYDRA_SPEC is None, reason=NOT_INSTALLED)
+def test_verls_own_configuration_takes_the_launcher_and_loads_the_reward(exported, tokenizer_dir):
+    """verl's installed `ppo_trainer` configuration composed by Hydra with every override the launcher passes
+    (Hydra refuses a key the configuration lacks), then the reward loaded by verl's own loader
+    (`verl.utils.import_utils.load_extern_object`, what `get_custom_reward_fn` calls) from the composed keys
+    and called as verl calls it. verl is installed without its dependencies (it pins transformers < 5.11),
+    so only modules that import nothing of verl's dependencies are run: the loader's module is read by path."""
+    from hydra import compose, initialize_config_dir
+
+    env = {
+        "TRAIN_FILE": "train.parquet",
+        "MODEL": str(tokenizer_dir),
+        "OUT_DIR": str(exported["base"] / "run"),
+    }
+    keys = _dry_run(LAUNCHER, env, cwd=exported["base"])
+    overrides = [f"{key}={keys[key]}" for key in keys.pop("__order__")]
+    package = Path(VERL_SPEC.submodule_search_locations[0])
+    with initialize_config_dir(config_dir=str(package / "trainer" / "config"), version_base=None):
+        config = compose("ppo_trainer", overrides=overrides)
+        with pytest.raises(Exception, match="custom_reward_fn"):  # the legacy top-level key is not there
+            compose("ppo_trainer", overrides=["reward.custom_reward_fn.path=x"])
+    assert config.reward.reward_manager.name == "naive"
+    assert config.algorithm.adv_estimator == "grpo"
+    reward = config.reward.custom_reward_function
+    assert Path(reward.path) == VERL_DIR / "reward.py"
+    spec = importlib.util.spec_from_file_location("verl_import_utils", package / "utils" / "import_utils.py")
+    import_utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(import_utils)
+    compute_score = import_utils.load_extern_object(module_path=reward.path, object_name=reward.name)
+    kwargs = dict(reward.get("reward_kwargs") or {})
+    row = exported["rows"][0]
+    golden, q = _golden_calls(row)
+    arguments = dict(data_source=row["data_source"], ground_truth=row["reward_model"]["ground_truth"],
+                     extra_info=row["extra_info"], **kwargs)  # fmt: skip
+    assert compute_score(solution_str=golden, **arguments) == pytest.approx(2 * q / (q + 1))
+    assert compute_score(solution_str="<tool_call>\n{not json\n</tool_call>", **arguments) == -0.3

@@ -257,9 +257,10 @@ def worker_read_only(base: str, trained: str) -> dict:
     return {"seconds": time.perf_counter() - started}
 
 
-def worker_compute_only(numel: int, dtype_name: str) -> dict:
+def worker_compute_only(numel: int, dtype_name: str, precision: int = 0) -> dict:
     """The per-chunk arithmetic (conversion to float32 and all metrics) on chunks already in memory, with
-    the streaming diff's default threading (torch single-threaded in each thread)."""
+    the streaming diff's default threading (torch single-threaded in each thread); with `precision` also
+    the bf16 columns that `compare --spectral` adds (UpdateStats(precision=True))."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -284,7 +285,7 @@ def worker_compute_only(numel: int, dtype_name: str) -> dict:
         for _ in range(count):
             if dtype == torch.float32:
                 raw.copy_(trained)  # the streaming path reads into a buffer it may overwrite; so do we
-            UpdateStats().add(
+            UpdateStats(precision=bool(precision)).add(
                 buffers.float32("base32", base), buffers.float32("trained32", raw), None, buffers
             )
 
@@ -317,6 +318,7 @@ WORKERS = {
     "naive": worker_naive,
     "read-only": worker_read_only,
     "compute-only": worker_compute_only,
+    "compute-only-precision": lambda numel, dtype_name: worker_compute_only(numel, dtype_name, 1),
     "memcpy": worker_memcpy,
 }
 
@@ -350,6 +352,7 @@ def measure(pair: dict, dtype_name: str, repeats: int) -> dict:
         best["peak_rss"] = max(r["peak_rss"] for r in runs)
         results[kind] = best
     results["compute-only"] = run_worker("compute-only", numel, dtype_name)
+    results["compute-only-precision"] = run_worker("compute-only-precision", numel, dtype_name)
     results["memcpy"] = run_worker("memcpy", input_bytes)
     for result in results.values():
         result["gb_per_s"] = input_bytes / result["seconds"] / 1e9
@@ -388,6 +391,7 @@ def print_report(dtype_name: str, pair: dict, results: dict) -> None:
         ("cold-read", "read, cold page cache (disk)"),
         ("read-only", "read, warm page cache (copy)"),
         ("compute-only", "arithmetic on in-memory chunks"),
+        ("compute-only-precision", "  the same with the bf16 columns"),
         ("memcpy", "plain memory copy"),
     ):
         r = results[name]

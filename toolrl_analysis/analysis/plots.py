@@ -154,6 +154,55 @@ def plot_band_summary(
     return figure
 
 
+def plot_overlap_by_layer(pairs: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Overlap of several runs' update masks per block, against chance (`overlap`'s per-(layer, component)
+    frame, its counts summed over each block's components): the one-sided overlap |A n B| / |A|, the Jaccard
+    index and the sign agreement, one colour per pair of runs, solid measured and dashed chance."""
+    from toolrl_analysis.analysis.diff.overlap import COUNT_COLUMNS, overlap_ratios
+
+    rows = _block_rows(pairs)
+    panels = (
+        ("overlap_ab", r"$|A \cap B| / |A|$"),
+        ("jaccard", r"Jaccard $|A \cap B| / |A \cup B|$"),
+        ("sign_agreement", r"sign agreement on $A \cap B$"),
+    )
+    figure = Figure(figsize=(12.0, 3.8), layout="constrained")
+    axes = figure.subplots(1, len(panels))
+    if rows.empty:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no blocks", ha="center", va="center")
+            ax.set_axis_off()
+        return figure
+    layers = overlap_ratios(
+        rows.groupby(["run_a", "run_b", "layer"], sort=False, as_index=False)[list(COUNT_COLUMNS)].sum()
+    )
+    for i, ((run_a, run_b), frame) in enumerate(layers.groupby(["run_a", "run_b"], sort=False)):
+        frame = frame.sort_values("layer")
+        colour = f"C{i % 10}"  # matplotlib's default cycle
+        for ax, (metric, _) in zip(axes, panels, strict=True):
+            ax.plot(
+                frame["layer"],
+                frame[metric],
+                marker="o",
+                markersize=3,
+                color=colour,
+                label=f"{run_a} / {run_b}",
+            )
+            ax.plot(frame["layer"], frame[f"{metric}_chance"], linestyle="--", color=colour, alpha=0.7)
+    for ax, (_, label) in zip(axes, panels, strict=True):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=7, frameon=False)
+    figure.suptitle(
+        title
+        or "where the runs' updates coincide, per block (dashed: independent masks of the same densities)"
+    )
+    return figure
+
+
 # -- ablation ------------------------------------------------------------------------------------------
 def plot_gain_retained(variants: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Fraction of the training's change each main variant keeps (ablate's `variants` frame), by subset:

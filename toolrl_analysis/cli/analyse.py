@@ -1,4 +1,4 @@
-"""`toolrl-analyze compare|ablate|probe`: what changed between two checkpoints, and what it did."""
+"""`toolrl-analyze compare|overlap|ablate|probe|patch`: what changed between checkpoints, and what it did."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from toolrl_analysis.cli.args import (
     add_config_flags,
     add_limit_flag,
     add_placement_flags,
+    add_play_flags,
     byte_size,
     check_limit,
     episode_flags,
@@ -29,8 +30,10 @@ ALLOW_MISSING_HELP = "compare the tensors both checkpoints hold, instead of stop
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     _add_compare(sub, common)
+    _add_overlap(sub, common)
     _add_ablate(sub, common)
     _add_probe(sub, common)
+    _add_patch(sub, common)
 
 
 def _add_compare(sub, common: argparse.ArgumentParser) -> None:
@@ -41,11 +44,17 @@ def _add_compare(sub, common: argparse.ArgumentParser) -> None:
         "--out", default=None, help="write the tables (CSV, parquet), summary.json and figures here"
     )
     p.add_argument("--select", default=None, help="restrict to a selector, e.g. 'mlp@lower'")
-    p.add_argument("--spectral", action="store_true", help="also the top singular values of each update")
+    p.add_argument(
+        "--spectral", action="store_true",
+        help="also each matrix's SVD geometry (singular values, principal angles and energy share of the "
+        "top-k subspaces) and the bf16 precision columns; reads each matrix whole",
+    )  # fmt: skip
     p.add_argument("--allow-missing", action="store_true", help=ALLOW_MISSING_HELP)
     p.add_argument("--lora-base", default=None, help="base weights for a PEFT adapter directory")
     p.add_argument("--top", type=int, default=15, help="rows in the most-changed table")
-    p.add_argument("--top-k", type=int, default=8, help="singular values tracked with --spectral")
+    p.add_argument(
+        "--top-k", type=int, default=8, help="k of the top-k singular values and subspaces (--spectral)"
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -53,6 +62,23 @@ def _add_compare(sub, common: argparse.ArgumentParser) -> None:
         help="arithmetic threads (0: in the main thread; default: by core count)",
     )
     p.set_defaults(func=_cmd_compare)
+
+
+def _add_overlap(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "overlap", parents=[common], help="where several trained runs of one base changed it, against chance"
+    )
+    p.add_argument("base", help=CHECKPOINT_HELP.format(which="before training"))
+    p.add_argument("runs", nargs="*", metavar="RUN", help="two or more trained runs of BASE (same formats)")
+    p.add_argument(
+        "--tolerance", default="0",
+        help="an entry is changed when |dW| > T; 'bf16': more than half a bf16 ULP of the base weight",
+    )  # fmt: skip
+    p.add_argument("--select", default=None, help="restrict to a selector, e.g. 'mlp@lower'")
+    p.add_argument(
+        "--out", default=None, help="write overlap.csv, overlap_totals.csv, overlap.json, overlap.png"
+    )
+    p.set_defaults(func=_cmd_overlap)
 
 
 def _add_ablate(sub, common: argparse.ArgumentParser) -> None:
@@ -142,6 +168,43 @@ def _add_probe(sub, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_probe)
 
 
+def _add_patch(sub, common: argparse.ArgumentParser) -> None:
+    from toolrl_analysis.analysis.patching.run import PatchConfig
+
+    defaults = PatchConfig()
+    p = sub.add_parser(
+        "patch", parents=[common],
+        help="cross-model activation patching: which block and site carries the change at decision tokens",
+    )  # fmt: skip
+    p.add_argument("base", help=CHECKPOINT_HELP.format(which="before training"))
+    p.add_argument("trained", help=CHECKPOINT_HELP.format(which="after training"))
+    p.add_argument(
+        "--envs", required=True, help="an environment set (its analysis.jsonl, else test.jsonl) or a file"
+    )
+    p.add_argument("--backend", default="hf", help="hf, transformer-lens or nnsight")
+    p.add_argument(
+        "--sites", default=",".join(defaults.sites), help="comma-separated: resid, attn_out, mlp_out"
+    )
+    p.add_argument(
+        "--positions", default=",".join(defaults.positions), help="comma-separated: decision, context, all"
+    )
+    p.add_argument(
+        "--limit", type=int, default=defaults.limit, help="use N environments, balanced over scenarios"
+    )
+    p.add_argument(
+        "--controls", type=int, default=defaults.controls,
+        help="random-position draws per decision/context set (0: none)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random positions")
+    p.add_argument(
+        "--threads", type=int, default=defaults.threads, help="torch threads (0: as torch chooses)"
+    )
+    p.add_argument("--out", default=None, help="write the tables (CSV), patch.json and recovery.png here")
+    add_play_flags(p)
+    add_placement_flags(p)
+    p.set_defaults(func=_cmd_patch)
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from toolrl_analysis.analysis.diff import compare_checkpoints, render_comparison
 
@@ -171,6 +234,27 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             out.print(f"wrote {len(comparison.summary['written'])} files to {args.out}")
 
     emit(args, comparison.to_document(), render)
+
+
+def _cmd_overlap(args: argparse.Namespace) -> None:
+    from toolrl_analysis.analysis.diff import overlap_runs, render_overlap
+
+    if len(args.runs) < 2:  # here rather than by nargs: argparse's own error is several lines
+        raise UserError(f"overlap needs BASE and at least two trained runs, got {len(args.runs)} run(s)")
+    with step_progress("tensors") as on_tensor:
+        overlap = overlap_runs(
+            args.base, args.runs, tolerance=args.tolerance, select=args.select, progress=on_tensor
+        )
+    if args.out:
+        overlap.summary["written"] = [str(p) for p in overlap.write(args.out)]
+
+    def render() -> None:
+        out = console()
+        render_overlap(overlap, out)
+        if args.out:
+            out.print(f"wrote {len(overlap.summary['written'])} files to {args.out}")
+
+    emit(args, overlap.to_document(), render)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
@@ -242,3 +326,30 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     if args.out:
         report.write(args.out)
     emit(args, report.to_document(), lambda: render_probe(report, console()))
+
+
+def _cmd_patch(args: argparse.Namespace) -> None:
+    from toolrl_analysis.analysis.patching.run import PatchConfig, patch_pair, render_patching
+
+    check_limit(args)
+    config = PatchConfig(
+        sites=[s.strip() for s in args.sites.split(",") if s.strip()],
+        positions=[s.strip() for s in args.positions.split(",") if s.strip()],
+        limit=args.limit, controls=args.controls, seed=args.seed, threads=args.threads,
+    )  # fmt: skip
+    where = placement(args)
+    log = progress_console().print
+    with step_progress("patch") as on_step:
+        found = patch_pair(args.base, args.trained, args.envs, backend=args.backend, config=config,
+                           options=episode_options(args), placement=where, log=log, progress=on_step)  # fmt: skip
+    document = found.to_document()
+    if args.out:
+        document["summary"]["written"] = [str(p) for p in found.write(args.out)]
+
+    def render() -> None:
+        out = console()
+        render_patching(found, out)
+        if args.out:
+            out.print(f"wrote {len(document['summary']['written'])} files to {args.out}")
+
+    emit(args, document, render)

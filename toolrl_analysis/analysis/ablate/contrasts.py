@@ -44,7 +44,7 @@ class Ratio:
 
 
 @dataclass
-class _Moments:
+class Moments:
     n: int
     mean_a: float
     mean_b: float
@@ -55,7 +55,7 @@ class _Moments:
     extra_df: float
 
     @classmethod
-    def of(cls, a: np.ndarray, b: np.ndarray, extra: float = 0.0, extra_df: float = math.inf) -> _Moments:
+    def of(cls, a: np.ndarray, b: np.ndarray, extra: float = 0.0, extra_df: float = math.inf) -> Moments:
         a, b = np.asarray(a, float), np.asarray(b, float)
         n = len(a)
         if n < 2:
@@ -114,7 +114,7 @@ def fieller_bounds(
     return (a1 - root) / a2, (a1 + root) / a2
 
 
-def _fieller(m: _Moments, level: float) -> tuple[float, float, str]:
+def _fieller(m: Moments, level: float) -> tuple[float, float, str]:
     if m.n < 2:
         return math.nan, math.nan, f"{m.n} environment(s): no interval"
     q = m.quantile((1 - level) / 2, m.mean_a / m.mean_b if m.mean_b else 0.0)
@@ -133,7 +133,7 @@ def _fieller(m: _Moments, level: float) -> tuple[float, float, str]:
 
 def ratio(a: Sequence[float], b: Sequence[float], *, level: float = LEVEL) -> Ratio:
     """mean(a) / mean(b) over paired environments, with Fieller's interval."""
-    m = _Moments.of(np.asarray(a, float), np.asarray(b, float))
+    m = Moments.of(np.asarray(a, float), np.asarray(b, float))
     value = m.mean_a / m.mean_b if m.mean_b else math.nan
     low, high, reason = _fieller(m, level)
     se = math.sqrt(m.pivot_variance(value)) / abs(m.mean_b) if m.mean_b and math.isfinite(value) else math.nan
@@ -175,7 +175,7 @@ def contrast(
     """The contrast a/b over paired environments (see the module docstring); `extra_variance` is added to
     the variance of mean(a) (in a's units), with `extra_df` degrees of freedom."""
     a, b = np.asarray(a, float), np.asarray(b, float)
-    m = _Moments.of(a, b, extra_variance, extra_df)
+    m = Moments.of(a, b, extra_variance, extra_df)
     value = m.mean_a / m.mean_b if m.mean_b else math.nan
     low, high, reason = _fieller(m, level)
     se = math.sqrt(m.pivot_variance(value)) / abs(m.mean_b) if m.mean_b and math.isfinite(value) else math.nan

@@ -22,8 +22,12 @@ class ScratchBuffers:
         return buffer
 
     def float32_view(self, key: str, shape: Sequence[int]) -> torch.Tensor:
-        numel = math.prod(shape)
-        return self.get(key, numel * 4)[: numel * 4].view(torch.float32).view(tuple(shape))
+        return self.view(key, shape, torch.float32)
+
+    def view(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """Scratch of `shape` and `dtype` (contents undefined), reusing the buffer stored under `key`."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        return self.get(key, nbytes)[:nbytes].view(dtype).view(tuple(shape))
 
     def float32(self, key: str, raw: torch.Tensor) -> torch.Tensor:
         """raw as float32: itself when already float32 (we own it), else a converted copy in scratch."""

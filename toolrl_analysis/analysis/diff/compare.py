@@ -13,7 +13,7 @@ import pandas as pd
 from toolrl_analysis.analysis.checkpoints import Checkpoint, open_pair
 from toolrl_analysis.analysis.components import ParameterPart
 from toolrl_analysis.analysis.diff.buffers import ScratchBuffers
-from toolrl_analysis.analysis.diff.metrics import UpdateStats, spectral_metrics
+from toolrl_analysis.analysis.diff.metrics import UpdateStats, spectral_memory_bytes, spectral_metrics
 from toolrl_analysis.analysis.diff.plan import MatchedTensor, plan_pairs
 from toolrl_analysis.analysis.diff.stream import (
     DEFAULT_CHUNK_ELEMENTS,
@@ -88,8 +88,11 @@ def compare_checkpoints(
 
     Paths are opened (and closed) here; Checkpoint objects are used as given. `progress(name, done, total)`
     is called after each tensor. `workers` threads do the arithmetic while the calling thread reads;
-    0 does everything in the calling thread (default: `default_workers()`). `spectral=True` reads each
-    matrix whole (about three float32 copies of the largest tensor in memory) and runs in this thread.
+    0 does everything in the calling thread (default: `default_workers()`). `spectral=True` adds the
+    SPECTRAL_COLUMNS (base-relative geometry: `spectral_metrics`) and the PRECISION_COLUMNS (bf16
+    half-ULP sparsity and vanishing share: `UpdateStats`); it reads each matrix whole and runs in this
+    thread. Either way the summary's `spectral_memory_bytes` says about how much memory the spectral
+    path needs for the largest matrix (`spectral_memory_bytes`), beside that matrix's name and shape.
     """
     opened = not isinstance(base, Checkpoint) or not isinstance(trained, Checkpoint)
     if opened:
@@ -126,10 +129,14 @@ def compare_checkpoints(
                         singular_rows.append(values.assign(**identity))
 
                 if len(item.base.shape) >= 2:
-                    stats = whole_tensor_stats(base, trained, item, on_part, chunk_elements=chunk_elements)
+                    stats = whole_tensor_stats(
+                        base, trained, item, on_part, chunk_elements=chunk_elements, precision=True
+                    )
                 else:
                     with torch_threads(1):
-                        stats = stream_tensor(base, trained, item, chunk_elements=chunk_elements)
+                        stats = stream_tensor(
+                            base, trained, item, chunk_elements=chunk_elements, precision=True
+                        )
                 record(item, stats, spectral_rows)
         elif (workers := default_workers() if workers is None else workers) == 0:
             buffers = ScratchBuffers()
@@ -159,4 +166,23 @@ def compare_checkpoints(
             else pd.DataFrame(columns=columns)
         )
     summary = summarize(base, trained, plan, parameters, components, bands, elapsed, bytes_read, spectral)
+    summary.update(spectral_memory(plan.matched, top_k))
     return Comparison(parameters, components, bands, singular_values, summary)
+
+
+def spectral_memory(matched: list[MatchedTensor], top_k: int) -> dict[str, Any]:
+    """The matrix whose spectral metrics need the most memory, and about how much (bytes) they add."""
+    largest: dict[str, Any] = {"spectral_memory_bytes": 0, "spectral_memory_matrix": None}
+    for item in matched:
+        shape = item.base.shape
+        if len(shape) < 2 or item.base.numel == 0:
+            continue
+        itemsize = max(item.base.dtype.itemsize, item.trained.dtype.itemsize)
+        need = spectral_memory_bytes(shape[0], item.base.numel // shape[0], itemsize, top_k)
+        if need > largest["spectral_memory_bytes"]:
+            largest = {
+                "spectral_memory_bytes": need,
+                "spectral_memory_matrix": item.name,
+                "spectral_memory_shape": list(shape),
+            }
+    return largest

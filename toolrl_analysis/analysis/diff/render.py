@@ -1,4 +1,4 @@
-"""The terminal summary of a comparison: rich tables of the most-changed components and the depth bands."""
+"""The terminal summaries: a comparison's most-changed components and depth bands; the overlap of runs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import pandas as pd
 
 from toolrl_analysis.analysis.diff.compare import Comparison
+from toolrl_analysis.analysis.diff.overlap import Overlap
 from toolrl_analysis.analysis.diff.tables import BANDS
 from toolrl_analysis.errors import first_names
 
@@ -29,6 +30,11 @@ def render_comparison(comparison: Comparison, console, top: int = 15) -> None:
             )
     if summary["unmapped"]:
         console.print(f"unmapped (component 'other'): {first_names(summary['unmapped'])}")
+    if summary["spectral"] and summary.get("spectral_memory_matrix"):
+        console.print(
+            f"spectral: about {summary['spectral_memory_bytes'] / 2**20:,.0f} MiB for the largest matrix, "
+            f"{summary['spectral_memory_matrix']} {summary['spectral_memory_shape']}"
+        )
 
     table = Table(title=f"most-changed components (top {top})")
     for column in ("layer", "component", "numel", "rel.change", "share", "mean|dW|", "max|dW|", "cosine"):
@@ -56,6 +62,36 @@ def render_comparison(comparison: Comparison, console, top: int = 15) -> None:
             shares = dict(zip(frame["band"], frame["share_of_family"], strict=True))
             bands.add_row(family, *(f"{shares.get(band, 0.0):.1%}" for band in BANDS))
         console.print(bands)
+
+
+def render_overlap(overlap: Overlap, console) -> None:
+    """A rich table: per pair of runs, over every compared parameter, each overlap beside its chance."""
+    from rich.table import Table
+
+    summary = overlap.summary
+    bf16 = summary["tolerance"] == "bf16"
+    console.print(
+        f"[bold]{summary['base']}[/]: {len(summary['runs'])} runs, {summary['n_tensors']} tensors, "
+        f"{summary['n_parameters']:,} parameters; changed means |dW| > "
+        + ("half a bf16 ULP of the base weight" if bf16 else f"{summary['tolerance']:g}")
+    )
+    for run in summary["runs"]:
+        console.print(f"  {run['run']}: {run['changed']:,} entries changed ({run['density']:.3%})")
+    table = Table(title="update overlap (chance: independent masks of the same densities)")
+    for column in ("run a", "run b"):  # paths: folded, so that the numbers always fit
+        table.add_column(column, overflow="fold")
+    for column in ("|A∩B|/|A|", "|A∩B|/|B|", "Jaccard", "sign agree"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in overlap.totals.itertuples():
+        table.add_row(
+            row.run_a,
+            row.run_b,
+            f"{_fmt(row.overlap_ab)} ({_fmt(row.overlap_ab_chance)})",
+            f"{_fmt(row.overlap_ba)} ({_fmt(row.overlap_ba_chance)})",
+            f"{_fmt(row.jaccard)} ({_fmt(row.jaccard_chance)})",
+            f"{_fmt(row.sign_agreement)} (0.5)",
+        )
+    console.print(table)
 
 
 def _fmt(value: float, digits: int = 3) -> str:

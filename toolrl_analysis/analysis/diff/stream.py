@@ -90,8 +90,8 @@ def read_chunk(
     )
 
 
-def chunk_stats(chunk: Chunk, scratch: ScratchBuffers) -> list[UpdateStats]:
-    """The arithmetic for one chunk: UpdateStats per part of the tensor."""
+def chunk_stats(chunk: Chunk, scratch: ScratchBuffers, precision: bool = False) -> list[UpdateStats]:
+    """The arithmetic for one chunk: UpdateStats per part of the tensor (`precision`: see UpdateStats)."""
     base_rows = scratch.float32("base32", chunk.base)
     if chunk.update is not None:
         update = chunk.update
@@ -104,7 +104,7 @@ def chunk_stats(chunk: Chunk, scratch: ScratchBuffers) -> list[UpdateStats]:
         update = None if update is None else update.reshape(1)
     stats = []
     for part in chunk.item.parts:
-        part_stats = UpdateStats()
+        part_stats = UpdateStats(precision=precision)
         part_base = part_rows(part, base_rows, chunk.start, chunk.stop)
         if part_base is not None:
             part_update = None if update is None else part_rows(part, update, chunk.start, chunk.stop)
@@ -155,13 +155,14 @@ def stream_tensor(
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     buffers: ScratchBuffers | None = None,
+    precision: bool = False,
 ) -> list[UpdateStats]:
     """Update statistics of one tensor's parts, chunk by chunk, in the calling thread."""
     buffers = buffers or ScratchBuffers()
-    totals = [UpdateStats() for _ in item.parts]
+    totals = [UpdateStats(precision=precision) for _ in item.parts]
     for start, stop in chunk_ranges(item.base, chunk_elements):
         chunk = read_chunk(base, trained, item, start, stop, buffers)
-        for total, stats in zip(totals, chunk_stats(chunk, buffers), strict=True):
+        for total, stats in zip(totals, chunk_stats(chunk, buffers, precision), strict=True):
             total.merge(stats)
     return totals
 
@@ -173,10 +174,12 @@ def whole_tensor_stats(
     on_part: Callable[[ParameterPart, torch.Tensor, torch.Tensor], None],
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    precision: bool = False,
 ) -> list[UpdateStats]:
     """Read one tensor whole, as float32 base and update (freed afterwards), accumulate its statistics in
     cache-sized row blocks, and call `on_part(part, base, update)` with each part's whole matrices (for
-    the spectral metrics). Memory: about three float32 copies of the tensor."""
+    the spectral metrics). Memory: two float32 copies of the tensor (three for a LoRA adapter), plus what
+    on_part allocates (`metrics.spectral_memory_bytes`)."""
     chunk = read_chunk(base, trained, item, 0, item.base.rows, None)
     base_rows = chunk.base.float()  # read without `out` returns fresh memory: ours to overwrite
     update = chunk.update
@@ -190,7 +193,7 @@ def whole_tensor_stats(
         part_base = part_rows(part, base_rows, 0, base_rows.shape[0])
         part_trained = part_rows(part, trained_rows, 0, base_rows.shape[0])
         part_update = None if update is None else part_rows(part, update, 0, base_rows.shape[0])
-        stats = UpdateStats()
+        stats = UpdateStats(precision=precision)
         step = max(1, chunk_elements // max(1, part_base[0].numel()))
         with torch_threads(1):
             for start in range(0, part_base.shape[0], step):

@@ -16,7 +16,13 @@ from toolrl_analysis.analysis.components import (
     band_of_layer,
     component_family,
 )
-from toolrl_analysis.analysis.diff.metrics import SPARSITY_COLUMNS, SPECTRAL_COLUMNS, cosine_from_norms, ratio
+from toolrl_analysis.analysis.diff.metrics import (
+    HALF_ULP_SPARSITY,
+    SPARSITY_COLUMNS,
+    SPECTRAL_COLUMNS,
+    cosine_from_norms,
+    ratio,
+)
 from toolrl_analysis.analysis.diff.plan import MatchedTensor
 
 BANDS = ("lower", "middle", "upper")
@@ -53,21 +59,26 @@ def parameters_frame(rows: list[dict]) -> pd.DataFrame:
 def component_table(parameters: pd.DataFrame) -> pd.DataFrame:
     """Aggregate parameter rows to one row per (layer, component), from the underlying sums:
     norms add in squares, sparsity and mean |dW| weight by numel, the cosine is that of the
-    concatenated tensors."""
+    concatenated tensors, bf16_vanishing_share (when present) weighs by ||dW||^2."""
+    sparsity = [c for c in (*SPARSITY_COLUMNS, HALF_ULP_SPARSITY) if c in parameters]
+    vanishing = "bf16_vanishing_share" in parameters
     frame = parameters.assign(
         base_sq=parameters["base_norm"] ** 2,
         trained_sq=parameters["trained_norm"] ** 2,
         update_sq=parameters["update_norm"] ** 2,
         abs_sum=parameters["mean_abs_update"] * parameters["numel"],
-        **{f"{c}_count": parameters[c] * parameters["numel"] for c in SPARSITY_COLUMNS},
+        **{f"{c}_count": parameters[c] * parameters["numel"] for c in sparsity},
     )
+    if vanishing:  # NaN (no update) carries no weight
+        frame["vanishing_sq"] = frame["bf16_vanishing_share"].fillna(0.0) * frame["update_sq"]
     sums = [
         "numel",
         "base_sq",
         "trained_sq",
         "update_sq",
         "abs_sum",
-        *(f"{c}_count" for c in SPARSITY_COLUMNS),
+        *(f"{c}_count" for c in sparsity),
+        *(["vanishing_sq"] if vanishing else []),
     ]
     grouped = frame.groupby(["layer", "component"], dropna=False, sort=False)
     table = grouped[sums].sum()
@@ -92,15 +103,22 @@ def component_table(parameters: pd.DataFrame) -> pd.DataFrame:
                 cosine_from_norms(b, t, u)
                 for b, t, u in zip(base_norm, trained_norm, update_norm, strict=True)
             ],
-            **{c: table[f"{c}_count"] / table["numel"].where(table["numel"] > 0) for c in SPARSITY_COLUMNS},
+            **{c: table[f"{c}_count"] / table["numel"].where(table["numel"] > 0) for c in sparsity},
             "update_norm_share": table["update_sq"] / total_update_sq if total_update_sq > 0 else 0.0,
         }
     )
+    if vanishing:
+        out["bf16_vanishing_share"] = table["vanishing_sq"] / table["update_sq"].where(table["update_sq"] > 0)
+    return sort_by_component(out)
+
+
+def sort_by_component(frame: pd.DataFrame) -> pd.DataFrame:
+    """Blocks first, by layer, then the parameters outside them; components in COMPONENTS order. Stable, so
+    rows of one (layer, component) keep their order."""
     order = {c: i for i, c in enumerate(COMPONENTS)}
-    out["_block"] = out["layer"].isna()
-    out["_order"] = out["component"].map(order).fillna(len(order))
-    out = out.sort_values(["_block", "layer", "_order"], kind="stable").drop(columns=["_block", "_order"])
-    return out.reset_index(drop=True)
+    keys = frame.assign(_block=frame["layer"].isna(), _order=frame["component"].map(order).fillna(len(order)))
+    keys = keys.sort_values(["_block", "layer", "_order"], kind="stable")
+    return keys.drop(columns=["_block", "_order"]).reset_index(drop=True)
 
 
 def band_summary(parameters: pd.DataFrame, n_layers: int) -> pd.DataFrame:

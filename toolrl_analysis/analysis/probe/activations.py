@@ -125,7 +125,7 @@ def attention_implementation(model: Any, name: str | None) -> Iterator[None]:
 # Collecting one batch: backends hand over whole [B, T, ...] tensors, the collector keeps the rows
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class _Collector:
+class Collector:
     batch: Sequence[CaptureRequest]
     width: int
     n_regions: int
@@ -161,7 +161,7 @@ class _Collector:
 # ---------------------------------------------------------------------------------------------
 # Backends: each runs one right-padded batch and feeds the collector
 # ---------------------------------------------------------------------------------------------
-class _HFBackend:
+class HFBackend:
     """`output_hidden_states` for the embeddings and blocks 0..n-2, forward hooks for the rest: HF reports the
     last hidden state after the final norm, so the last block's own output comes from a hook."""
 
@@ -169,7 +169,7 @@ class _HFBackend:
         self.model, self.sites, self.attention = model, sites, attention
         self.layers = decoder_layers(model, "hf")
 
-    def run(self, input_ids: torch.Tensor, collector: _Collector) -> None:
+    def run(self, input_ids: torch.Tensor, collector: Collector) -> None:
         n_blocks = len(self.layers)
         hooks = [
             self.layers[-1].register_forward_hook(lambda m, i, o: collector.hidden("resid", n_blocks, o))
@@ -192,7 +192,7 @@ class _HFBackend:
         for index in range(n_blocks):
             collector.hidden("resid", index, out.hidden_states[index])
 
-    def _attention_hook(self, collector: _Collector, block: int) -> Callable:
+    def _attention_hook(self, collector: Collector, block: int) -> Callable:
         def hook(module, inputs, output):
             if "attn_out" in self.sites:
                 collector.hidden("attn_out", block, output[0])
@@ -202,7 +202,7 @@ class _HFBackend:
         return hook
 
 
-class _TransformerLensBackend:
+class TransformerLensBackend:
     """TransformerLens 4's `TransformerBridge` around a copy of the model (the bridge rewires the module it is
     given and switches it to eager attention), read with `run_with_cache`."""
 
@@ -238,7 +238,7 @@ class _TransformerLensBackend:
             dtype=next(model.parameters()).dtype,
         )
 
-    def run(self, input_ids: torch.Tensor, collector: _Collector) -> None:
+    def run(self, input_ids: torch.Tensor, collector: Collector) -> None:
         names = {"blocks.0.hook_resid_pre": ("resid", 0)}
         for block in range(self.n_blocks):
             names[f"blocks.{block}.hook_resid_post"] = ("resid", block + 1)
@@ -256,7 +256,7 @@ class _TransformerLensBackend:
                 collector.hidden(site, index, cache[name])
 
 
-class _NNsightBackend:
+class NNsightBackend:
     """nnsight 0.8's `TransformersModel` around the loaded module, read inside one `.trace` per batch (the
     collector runs on the real values as the trace reaches them, in execution order)."""
 
@@ -271,7 +271,7 @@ class _NNsightBackend:
         self.model, self.sites, self.attention = model, sites, attention
         self.wrapped = TransformersModel(model, tokenizer=tokenizer)
 
-    def run(self, input_ids: torch.Tensor, collector: _Collector) -> None:
+    def run(self, input_ids: torch.Tensor, collector: Collector) -> None:
         wrapped = self.wrapped
         with (
             attention_implementation(self.model, "eager" if self.attention else None),
@@ -290,7 +290,7 @@ class _NNsightBackend:
                 collector.hidden("resid", block + 1, layer.output)
 
 
-_BACKEND_CLASSES = {"hf": _HFBackend, "transformer-lens": _TransformerLensBackend, "nnsight": _NNsightBackend}
+_BACKEND_CLASSES = {"hf": HFBackend, "transformer-lens": TransformerLensBackend, "nnsight": NNsightBackend}
 
 
 def check_backend(backend: str) -> str:
@@ -338,7 +338,7 @@ def capture_activations(
         input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         for row, request in enumerate(batch):
             input_ids[row, : len(request.input_ids)] = torch.as_tensor(list(request.input_ids))
-        collector = _Collector(batch, width, n_regions)
+        collector = Collector(batch, width, n_regions)
         runner.run(input_ids.to(device), collector)
         for local, index in enumerate(chunk):
             stores[index] = _rows_of(collector, local)
@@ -347,7 +347,7 @@ def capture_activations(
     return _assemble(backend, [stores[i] for i in range(len(requests))], sites, attention, n_blocks)
 
 
-def _rows_of(collector: _Collector, local: int) -> dict[tuple[str, int], torch.Tensor]:
+def _rows_of(collector: Collector, local: int) -> dict[tuple[str, int], torch.Tensor]:
     """The collector's rows that belong to one request of its batch."""
     row_mask = collector.rows[:, 0] == local
     query_mask = collector.queries[:, 0] == local

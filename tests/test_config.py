@@ -119,17 +119,15 @@ def test_the_installed_command_prints_the_same_outside_the_repository(tmp_path, 
 
 def test_episodes_are_played_the_same_way_by_every_command():
     settings = load_settings()
+    played = (EPISODES.max_turns, EPISODES.max_new_tokens, EPISODES.batch_size)
     for options in (settings.eval, settings.ablate):
-        assert (options.max_turns, options.max_new_tokens, options.batch_size) == dataclasses.astuple(
-            EPISODES
-        )
+        assert (options.max_turns, options.max_new_tokens, options.batch_size) == played
     assert ProbeConfig().rollout_max_new_tokens == EPISODES.max_new_tokens
     from toolrl_analysis.analysis.ablate import EvaluationOptions
 
     evaluation = EvaluationOptions()
-    assert (evaluation.max_turns, evaluation.max_new_tokens, evaluation.batch_size) == dataclasses.astuple(
-        EPISODES
-    )
+    assert (evaluation.max_turns, evaluation.max_new_tokens, evaluation.batch_size) == played
+    assert evaluation.thinking is EPISODES.thinking is None  # the template's own default
     with pytest.raises(Exception, match="--max-new-tokens must be a whole number, at least 1"):
         EpisodeOptions(max_new_tokens=0)
 

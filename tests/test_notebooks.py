@@ -28,7 +28,12 @@ def execute(path: Path, cwd: Path) -> str:
 
 
 def test_there_are_notebooks_committed_without_outputs():
-    assert [p.name for p in NOTEBOOKS] == ["ablation.ipynb", "context_probes.ipynb", "layerwise_diff.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "ablation.ipynb",
+        "context_probes.ipynb",
+        "layerwise_diff.ipynb",
+        "update_geometry.ipynb",
+    ]
     for path in NOTEBOOKS:
         cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         assert not [c for c in cells if c.get("outputs") or c.get("execution_count")], path.name

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = [
     "envs", "base", "evaluate base", "pass@k base", "train grpo", "train grpo seed 1", "train reinforce++",
     "evaluate grpo", "evaluate grpo seed 1", "evaluate reinforce++", "pass@k grpo", "compare grpo",
-    "compare reinforce++", "ablate", "probe", "judge",
+    "compare reinforce++", "overlap", "ablate", "probe", "judge", "patch",
 ]  # fmt: skip
 
 
@@ -62,7 +62,7 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
         run / "figures" / "divergence.png"
     ).is_file()
     log = (run / "reproduce.log").read_text()
-    assert "[5/17] train grpo: run (not run yet)" in log and "[17/17] report" in log and "ETA" in log
+    assert "[5/19] train grpo: run (not run yet)" in log and "[19/19] report" in log and "ETA" in log
     # Held-out worlds and the training worlds' own split, a second training seed, and pass@k, in the report
     assert (run / "eval" / "grpo" / "same_world" / "episodes.csv").is_file()
     assert (run / "grpo-seed1" / "trained.pt").is_file()
@@ -73,8 +73,17 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
         "mean ± sd over 2 seeds",
         "pass@k and coverage",
         "Kind of gain",
+        "## 9. The update against the base's weights",
+        "## 10. Do GRPO seeds change the same weights?",
+        "## 11. Which blocks carry the change at the decision tokens?",
     ):
         assert text in report
+    # the analyses beyond the paper, each with its files and figure
+    assert "principal_energy_share" in pd.read_csv(run / "compare" / "grpo" / "parameters.csv")
+    assert json.loads((run / "overlap" / "overlap.json").read_text())["tolerance"] == "bf16"
+    # a random policy writes no tool call: patching has nothing to explain, and the report says so
+    assert (run / "patch" / "recovery.csv").is_file()
+    assert "Not measured: nothing to patch: no conversation holds a tool call" in report
 
     # Every figure again, from the saved tables alone, as the README runs it: the same bytes, within 30 s.
     started = time.perf_counter()
@@ -86,7 +95,8 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
     first = {p.name: p.read_bytes() for p in (run / "figures").glob("*.png")}
     assert {p.name: p.read_bytes() for p in (tmp_path / "again").glob("*.png")} == first
     assert {"solve_f1.png", "rl_curves.png", "heatmap_grpo.png", "bands_reinforce_pp.png", "gain_retained.png",
-            "probe_curves_resid.png", "attention_mass.png", "attention_difference.png"} <= set(first)  # fmt: skip
+            "probe_curves_resid.png", "attention_mass.png", "attention_difference.png", "geometry_grpo.png",
+            "overlap.png"} <= set(first)  # fmt: skip
 
     # Up to date: nothing runs again.
     assert set(statuses(run_chain(run, base_policy, lines)).values()) == {"skipped"}
@@ -99,9 +109,9 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
     with interrupted_after_one_grpo_iteration(), pytest.raises(KeyboardInterrupt):
         run_chain(run, base_policy, lines, changed)
     old_lr = GRPOConfig().lr
-    assert f"[5/17] train grpo: run (configuration changed: lr {old_lr!r} -> 0.0001234)" in "\n".join(lines)
+    assert f"[5/19] train grpo: run (configuration changed: lr {old_lr!r} -> 0.0001234)" in "\n".join(lines)
     assert [line.split(":")[0] for line in lines if ": skip (up to date)" in line] == [
-        "[1/17] envs", "[2/17] base", "[3/17] evaluate base", "[4/17] pass@k base",
+        "[1/19] envs", "[2/19] base", "[3/19] evaluate base", "[4/19] pass@k base",
     ]  # fmt: skip
     assert lines[-1] == "interrupted during train grpo; run the same command again to continue there"
     assert json.loads((run / "grpo" / "stage.json").read_text())["status"] == "running"
@@ -111,10 +121,10 @@ def test_the_chain_reports_redraws_skips_and_resumes_after_a_changed_grpo_key(tm
     assert after == {name: {"envs": "skipped", "base": "skipped", "evaluate base": "skipped",
                             "pass@k base": "skipped", "train grpo": "resumed"}.get(name, "ran")
                      for name in STAGES}  # fmt: skip
-    assert "[5/17] train grpo: resume (did not finish; resuming from its last checkpoint)" in "\n".join(lines)
+    assert "[5/19] train grpo: resume (did not finish; resuming from its last checkpoint)" in "\n".join(lines)
     assert "resumed from iteration 1" in "\n".join(lines)
     assert pd.read_csv(run / "grpo" / "metrics.csv")["iteration"].tolist() == [1, 2]
-    assert any(line.startswith("[8/17] evaluate grpo: run (inputs changed: policy)") for line in lines)
+    assert any(line.startswith("[8/19] evaluate grpo: run (inputs changed: policy)") for line in lines)
     assert json.loads((run / "grpo" / "stage.json").read_text())["config"]["lr"] == 1.234e-4
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from toolrl_analysis.analysis.components import COMPONENTS
+from toolrl_analysis.analysis.components import COMPONENTS, component_family
 
 METRIC_LABELS = {
     "relative_frobenius_change": r"relative change $\|\Delta W\|_F / \|W\|_F$",
@@ -204,6 +204,33 @@ def plot_overlap_by_layer(pairs: pd.DataFrame, *, title: str | None = None) -> F
 
 
 # -- ablation ------------------------------------------------------------------------------------------
+def plot_update_geometry(parameters: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Per block, for the attention and MLP matrices: the principal-energy share of the update over its chance
+    level (log scale; 1 = no more inside the base's top-k block than an update of i.i.d. entries) and the
+    largest principal angle between the base's and the trained model's top-k subspaces (degrees)."""
+    matrices = parameters.dropna(subset=["principal_energy_share", "layer"]).copy()
+    matrices["family"] = matrices["component"].map(component_family)
+    matrices["over_chance"] = matrices["principal_energy_share"] / matrices["principal_energy_chance"]
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    energy, angle = figure.subplots(1, 2)
+    for family, group in matrices[matrices["family"].isin(["attn", "mlp"])].groupby("family"):
+        by_layer = group.groupby("layer").agg(
+            over=("over_chance", "median"), angle=("principal_angle_max", "max")
+        )
+        energy.plot(by_layer.index, by_layer["over"], marker="o", label=family)
+        angle.plot(by_layer.index, by_layer["angle"], marker="o", label=family)
+    energy.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    energy.set_yscale("log")
+    energy.set(xlabel="block", ylabel="rho_k / chance (median)", title="update inside the base's top-k block")
+    angle.set(xlabel="block", ylabel="degrees (max)", title="rotation of the top-k subspaces")
+    for axis in (energy, angle):
+        axis.legend(frameon=False)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
 def plot_gain_retained(variants: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Fraction of the training's change each main variant keeps (ablate's `variants` frame), by subset:
     revert and transplant, in the teacher-forced log-likelihood (solid) and in Solve-F1 (hatched), with 95%

@@ -90,6 +90,15 @@ def write_figures(run: str | Path, out_dir: str | Path | None = None) -> list[Pa
             save(plots.plot_layer_profile(components), f"layers_{policy}.png")
         if (bands := read_csv(run / "compare" / policy / "bands.csv")) is not None and not bands.empty:
             save(plots.plot_band_summary(bands), f"bands_{policy}.png")
+        parameters = read_csv(run / "compare" / policy / "parameters.csv")
+        if parameters is not None and "principal_energy_share" in parameters:
+            save(plots.plot_update_geometry(parameters), f"geometry_{policy}.png")
+    if (pairs := read_csv(run / "overlap" / "overlap.csv")) is not None and not pairs.empty:
+        save(plots.plot_overlap_by_layer(pairs), "overlap.png")
+    if (recovery := read_csv(run / "patch" / "recovery.csv")) is not None and not recovery.empty:
+        from toolrl_analysis.analysis.patching.plots import plot_recovery
+
+        save(plot_recovery(recovery), "patching.png")
     if (variants := read_csv(run / "ablate" / "variants.csv")) is not None:
         save(plots.plot_gain_retained(variants), "gain_retained.png")
     if grid := ablation_verdicts(run):

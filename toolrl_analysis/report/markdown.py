@@ -25,6 +25,7 @@ from toolrl_analysis.report.tables import (
     tool_use_table,
     verdict_table,
 )
+from toolrl_analysis.report.update_tables import geometry_table, overlap_table, patching_table
 from toolrl_analysis.report.verdicts import judge_all
 
 SMOKE = (
@@ -395,6 +396,96 @@ def _judged(run: Path) -> list[str]:
     return lines
 
 
+def _geometry(run: Path) -> list[str]:
+    """Section 9: the update measured against the base's own weights (compare --spectral)."""
+    lines = []
+    for policy in TRAINED:
+        table = geometry_table(run, policy)
+        if table is None:
+            continue
+        if not lines:
+            lines = [
+                "## 9. The update against the base's weights (beyond the paper)",
+                "",
+                "Per family and depth band, over the weight matrices: rho_k, the share of the update's squared norm "
+                "inside the base's top-k singular block (U_k^T dW V_k), its median, and the median of rho_k over "
+                "its chance level k^2/(mn) (an update of i.i.d. entries); the largest principal angle between the "
+                "base's and the trained model's top-k singular subspaces; the median spectral drift "
+                "||s(W') - s(W)|| / ||s(W)||; and the share of the squared update a bf16 copy of the trained model "
+                'would lose (entries whose change rounds away). "The Path Not Taken" (arXiv 2511.08567) reads '
+                "RL's updates as off the principal directions with little spectral drift: a share near chance and "
+                "small angles.",
+                "",
+            ]
+        lines += [
+            f"{POLICIES[policy]}:",
+            "",
+            markdown_table(table, 4),
+            "",
+            *_figures(run, f"geometry_{policy}"),
+            "",
+        ]
+    return lines
+
+
+def _overlap(run: Path) -> list[str]:
+    """Section 10: where the GRPO seeds changed the base, against chance (overlap)."""
+    table = overlap_table(run)
+    if table is None:
+        return []
+    summary = read_json(run / "overlap" / "overlap.json") or {}
+    runs = [r.get("run") for r in summary.get("runs", [])]
+    return [
+        "## 10. Do GRPO seeds change the same weights? (beyond the paper)",
+        "",
+        f"The update masks of the {len(runs)} GRPO seeds (an entry is changed where |dW| exceeds half a bf16 "
+        "ULP of the base weight, a change a bf16 copy keeps), summed over every pair of seeds per family and "
+        "band: the share of one seed's changed entries also changed by the other, and the Jaccard index, each "
+        "beside its level under independent masks of the same densities; and the share of the shared entries "
+        "whose updates agree in sign (chance 0.5). Mukherjee et al. (arXiv 2505.11711) found RL's updates "
+        "sparse and overlapping across seeds more than chance.",
+        "",
+        markdown_table(table, 4),
+        "",
+        *_figures(run, "overlap"),
+        "",
+    ]
+
+
+def _patching(run: Path) -> list[str]:
+    """Section 11: cross-model activation patching at decision tokens (patch)."""
+    table = patching_table(run)
+    summary = (read_json(run / "patch" / "patch.json") or {}).get("summary") or {}
+    if table is None:
+        if not summary.get("reason"):
+            return []
+        return ["## 11. Which blocks carry the change at the decision tokens? (beyond the paper)", "",
+                f"Not measured: {summary['reason']}.", ""]  # fmt: skip
+    change = summary.get("change") or {}
+    nan = float("nan")
+    interval = [change.get("low", nan), change.get("high", nan)]
+    return [
+        "## 11. Which blocks carry the change at the decision tokens? (beyond the paper)",
+        "",
+        "Cross-model activation patching (CMAP, arXiv 2402.14811) on the trained model's own greedy "
+        f"trajectories of {summary.get('environments')} analysis environments: one site (residual stream after "
+        "a block, or what its attention or MLP adds) of one block is swapped between the models at the decision "
+        "tokens, the context, or every position. Sufficiency runs the base with the trained model's activation; "
+        "necessity the trained model with the base's. Recovery is the share of the training's change in the "
+        "log-prob of the trained model's tool-call tokens that the swap restores (or removes), a ratio of sums "
+        "over environments with a Fieller interval; each set is compared with as many random positions, Holm "
+        "over the table. The change to explain: "
+        f"{change.get('mean', float('nan')):+.3f} nats per environment [{interval[0]:+.3f}, {interval[1]:+.3f}]. "
+        "Below, the cell that recovers most per direction and position set; every cell is in "
+        "`patch/recovery.csv`.",
+        "",
+        markdown_table(table, 3),
+        "",
+        *_figures(run, "patching"),
+        "",
+    ]
+
+
 def _timings(run: Path) -> list[str]:
     timings = read_json(run / "timings.json")
     if not timings:
@@ -423,6 +514,9 @@ def write_report(run: str | Path) -> Path:
         _ablation,
         _probes,
         _judged,
+        _geometry,
+        _overlap,
+        _patching,
         _timings,
     ):
         lines += section(run)

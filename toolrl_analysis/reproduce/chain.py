@@ -219,12 +219,72 @@ def compare_stage(run: Path, name: str) -> Stage:
         def progress(tensor: str, done: int, total: int) -> None:
             ctx.fraction(done / max(1, total))
 
-        compare_checkpoints(base, trained, progress=progress).write(out)
+        # with the geometry relative to the base: a second or two on the embedded model
+        compare_checkpoints(base, trained, spectral=True, progress=progress).write(out)
 
     inputs = {"base/base.pt": base, f"{name}/trained.pt": trained}
-    outputs = ("summary.json", "components.csv", "bands.csv")
-    return Stage(f"compare {ALGORITHMS[name]}", out, outputs, inputs, {"spectral": False}, action,
+    outputs = ("summary.json", "components.csv", "bands.csv", "parameters.csv")
+    return Stage(f"compare {ALGORITHMS[name]}", out, outputs, inputs, {"spectral": True}, action,
                  after=("base", f"train {ALGORITHMS[name]}"))  # fmt: skip
+
+
+OVERLAP_TOLERANCE = "bf16"  # a change a bf16 copy keeps: at 0, fp32 runs change every entry (chance is 1)
+
+
+def overlap_stage(run: Path, settings: ChainSettings) -> Stage | None:
+    """Where the GRPO seeds changed the base, against chance, and whether they agree in sign (two seeds or
+    more; none otherwise)."""
+    from toolrl_analysis.analysis.diff import overlap_runs
+
+    names = [seed_run(i) for i in range(settings.grpo_seeds)]
+    if len(names) < 2:
+        return None
+    out = run / "overlap"
+    base = run / "base" / "base.pt"
+
+    def action(ctx: StageContext) -> None:
+        def progress(tensor: str, done: int, total: int) -> None:
+            ctx.fraction(done / max(1, total))
+
+        trained = [run / name / "trained.pt" for name in names]
+        overlap_runs(base, trained, tolerance=OVERLAP_TOLERANCE, progress=progress).write(out)
+
+    inputs = {"base/base.pt": base} | {f"{name}/trained.pt": run / name / "trained.pt" for name in names}
+    return Stage("overlap", out, ("overlap.csv", "overlap.json"), inputs, {"tolerance": OVERLAP_TOLERANCE},
+                 action, after=("base", *(f"train {label(name)}" for name in names)))  # fmt: skip
+
+
+def patch_stage(run: Path, settings: ChainSettings) -> Stage:
+    """Cross-model activation patching of the GRPO pair at decision tokens (the analysis split)."""
+    from toolrl_analysis.analysis.patching.run import NothingToPatch, patch_pair
+
+    out = run / "patch"
+    base, trained = run / "base" / "base.pt", run / ANALYSED / "trained.pt"
+
+    def action(ctx: StageContext) -> None:
+        def progress(step: str, done: int, total: int) -> None:
+            ctx.fraction(done / max(1, total))
+
+        try:
+            patch_pair(base, trained, run / "envs", config=settings.patch, placement=settings.placement,
+                       log=ctx.log, progress=progress).write(out)  # fmt: skip
+        except NothingToPatch as exc:  # a policy that writes no tool call: the report says so
+            import pandas as pd
+
+            from toolrl_analysis.analysis.patching.summary import RECOVERY_COLUMNS
+            from toolrl_analysis.results import write_results
+
+            document = {"summary": {"reason": str(exc)}, "headline": [], "recovery": []}
+            write_results(out, {"recovery": pd.DataFrame(columns=RECOVERY_COLUMNS)}, document, "patch.json")
+
+    inputs = {
+        "base/base.pt": base,
+        f"{ANALYSED}/trained.pt": trained,
+        "envs/analysis.jsonl": run / "envs" / "analysis.jsonl",
+    }
+    config = settings.stage_config({"backend": "hf", **asdict(settings.patch)})
+    return Stage("patch", out, ("recovery.csv", "patch.json"), inputs, config, action,
+                 after=("base", "train grpo", "envs"))  # fmt: skip
 
 
 def ablate_stage(run: Path, settings: ChainSettings) -> Stage:
@@ -340,5 +400,7 @@ def build_stages(run: Path, settings: ChainSettings) -> list[Stage]:
     if sampling:
         stages += [pass_at_k_stage(run, settings, ANALYSED, run / ANALYSED / "trained.pt", "train grpo")]
     stages += [compare_stage(run, name) for name in ALGORITHMS]
+    stages += [stage] if (stage := overlap_stage(run, settings)) else []
     stages += [ablate_stage(run, settings), probe_stage(run, settings), judge_stage(run, settings)]
+    stages += [patch_stage(run, settings)]
     return stages

@@ -24,11 +24,11 @@ REPORT = "report"  # the last step: figures and report.md, always redone (second
 EXPECTED_SECONDS = {
     False: {"envs": 4, "base": 1, "evaluate base": 80, "pass@k base": 110, "train grpo": 855,
             "train reinforce++": 930, "evaluate grpo": 60, "evaluate reinforce++": 75, "pass@k grpo": 95,
-            "compare grpo": 1, "compare reinforce++": 1, "ablate": 1140, "probe": 40, "judge": 152,
-            REPORT: 5},
+            "compare grpo": 2, "compare reinforce++": 2, "overlap": 3, "ablate": 1140, "probe": 40, "judge": 152,
+            "patch": 150, REPORT: 5},
     True: {"envs": 5, "base": 2, "evaluate base": 15, "train grpo": 20, "train reinforce++": 20,
            "evaluate grpo": 15, "evaluate reinforce++": 15, "compare grpo": 2, "compare reinforce++": 2,
-           "ablate": 60, "probe": 30, "pass@k base": 10, "pass@k grpo": 10, "judge": 10,
+           "ablate": 60, "probe": 30, "pass@k base": 10, "pass@k grpo": 10, "judge": 10, "patch": 20,
            REPORT: 10},
 }  # fmt: skip
 

@@ -110,6 +110,7 @@ DEFAULT = {
     "ablate": [],
     "probe": ["limit=0", "rollout_envs=16", "seeds=5"],  # all 200 test environments: MDE near 0.05
     "judge": [],
+    "patch": [],
 }
 # The smoke run: every stage at a few environments and one or two iterations.
 QUICK = {
@@ -125,6 +126,7 @@ QUICK = {
     "ablate": ["limit=8", "max_turns=2", "max_new_tokens=32", "bootstrap=200", "controls=3"],
     "probe": ["limit=16", "rollout_envs=0", "seeds=2", "max_iter=30"],
     "judge": ["tasks=256", "max_turns=2", "max_new_tokens=32"],
+    "patch": ["limit=4", "controls=1"],
 }  # fmt: skip
 STAGE_KEYS = tuple(DEFAULT)
 STAGE_FIELDS = {
@@ -135,6 +137,7 @@ STAGE_FIELDS = {
     "ablate": "ablate",
     "probe": "probe",
     "judge": "judge",
+    "patch": "patch",
 }
 # GRPO runs of the default recipe with seeds seed, seed + 1, ...: `--set grpo.seeds=N` (a key of the chain,
 # not of GRPOConfig). The first is the analysed pair; the others give the gain's spread over training seeds.
@@ -169,6 +172,7 @@ class ChainSettings:
     ablate: AblateSettings
     probe: Any
     judge: JudgeSettings
+    patch: Any
     placement: Placement = Placement()  # --device, --dtype of every stage that loads a model
 
     def document(self) -> dict[str, Any]:
@@ -199,6 +203,7 @@ def load_settings(
     overrides: list[str] | None = None,
     placement: Placement | None = None,
 ) -> ChainSettings:
+    from toolrl_analysis.analysis.patching.run import PatchConfig
     from toolrl_analysis.analysis.probe.run import ProbeConfig
     from toolrl_analysis.envs.pipeline import EnvBuildConfig
     from toolrl_analysis.training.grpo import GRPOConfig
@@ -236,5 +241,6 @@ def load_settings(
         ablate=load_config(AblateSettings, None, merged("ablate")),
         probe=load_config(ProbeConfig, None, merged("probe")),
         judge=load_config(JudgeSettings, None, merged("judge")),
+        patch=load_config(PatchConfig, None, merged("patch")),
         placement=placement or Placement(),
     )

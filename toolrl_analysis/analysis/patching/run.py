@@ -65,6 +65,10 @@ class PatchConfig:
             raise UserError(f"the batch size must be at least 1, got {self.batch_size}")
 
 
+class NothingToPatch(UserError):
+    """No conversation holds a tool call of the trained model: there is no change to explain."""
+
+
 @dataclass
 class Patching:
     environments: pd.DataFrame  # per environment: tokens, targets, set sizes, lp_base, lp_trained, change
@@ -121,7 +125,7 @@ def patch_models(
     sites = check_sites(config.sites, backend)
     n_blocks = _check_pair(base, trained)
     if not texts:
-        raise UserError("nothing to patch: no conversation holds a tool call of the trained model")
+        raise NothingToPatch("nothing to patch: no conversation holds a tool call of the trained model")
     started = time.perf_counter()
     runners = {"base": patch_runner(base, tokenizer, backend, sites),
                "trained": patch_runner(trained, tokenizer, backend, sites)}  # fmt: skip

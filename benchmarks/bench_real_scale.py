@@ -9,6 +9,8 @@ subprocess, so the peak RSS (VmHWM) of one cannot leak into another:
 
   compare            the streamed diff (--json), and with --spectral (each matrix's SVDs against the base)
   ablate --save      revert mlp@lower, written as a sharded HF directory
+  ablate --envs      revert mlp@lower, evaluated (base, trained and the hybrid: Solve-F1 and the
+                     teacher-forced metric), bfloat16
   probe (x3)         hf, transformer-lens and nnsight, bfloat16, on a few environments
   evaluate           greedy episodes of the trained side, bfloat16
 
@@ -125,55 +127,21 @@ def main() -> None:
         play = ["--max-turns", "2", "--max-new-tokens", "16", "--batch-size", "4"]
         probe = ["--tasks", "call_or_answer", "--set", "rollout_envs=0", "--set", "min_class_count=2",
                  "--seeds", "2", "--layers", "all", *limit, *placed]  # fmt: skip
+        pair, hybrid = [str(base), str(trained)], str(root / "hybrid")
+        test = str(envs / "test.jsonl")
+        # fmt: off
         commands = [
-            ("compare", ["compare", str(base), str(trained), "--json"]),
-            ("compare --spectral", ["compare", str(base), str(trained), "--spectral", "--json"]),
-            (
-                "ablate --save",
-                [
-                    "ablate",
-                    str(base),
-                    str(trained),
-                    "--revert",
-                    "mlp@lower",
-                    "--save",
-                    str(root / "hybrid"),
-                    "--json",
-                ],
-            ),  # fmt: skip
-            *[
-                (
-                    f"probe ({backend})",
-                    [
-                        "probe",
-                        str(base),
-                        str(trained),
-                        "--envs",
-                        str(envs / "test.jsonl"),
-                        "--backend",
-                        backend,
-                        "--json",
-                        *probe,
-                    ],
-                )  # fmt: skip
-                for backend in ("hf", "transformer-lens", "nnsight")
-            ],
-            (
-                "evaluate",
-                [
-                    "evaluate",
-                    str(trained),
-                    "--envs",
-                    str(envs),
-                    "--no-general",
-                    "--no-roles",
-                    "--json",
-                    *limit,
-                    *play,
-                    *placed,
-                ],
-            ),  # fmt: skip
+            ("compare", ["compare", *pair, "--json"]),
+            ("compare --spectral", ["compare", *pair, "--spectral", "--json"]),
+            ("ablate --save", ["ablate", *pair, "--revert", "mlp@lower", "--save", hybrid, "--json", *placed]),
+            ("ablate --envs", ["ablate", *pair, "--revert", "mlp@lower", "--envs", str(envs), "--analysis-limit",
+                               str(args.envs), "--no-general", "--json", *limit, *play, *placed]),
+            *[(f"probe ({backend})", ["probe", *pair, "--envs", test, "--backend", backend, "--json", *probe])
+              for backend in ("hf", "transformer-lens", "nnsight")],
+            ("evaluate", ["evaluate", str(trained), "--envs", str(envs), "--no-general", "--no-roles", "--json",
+                          *limit, *play, *placed]),
         ]
+        # fmt: on
         rows = [run(name, arguments, args.timeout) for name, arguments in commands]
     finally:
         if not args.keep:

@@ -144,6 +144,30 @@ def test_evaluate_probe_and_ablate_run_in_bfloat16_on_the_cpu(pair, tmp_path, ca
     assert [v["variant"] for v in variants] == ["base", "trained", "revert mlp@0"]
 
 
+def test_the_embedded_base_evaluates_in_bfloat16(pair, capsys):
+    _, _, envs = pair
+    play = ["--limit", "1", "--max-turns", "1", "--max-new-tokens", "8", "--no-general", "--no-roles"]
+    assert (
+        main(
+            [
+                "evaluate",
+                "embedded",
+                "--envs",
+                str(envs),
+                "--json",
+                *play,
+                "--device",
+                "cpu",
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 0
+    )
+    info = json.loads(capsys.readouterr().out)["info"]
+    assert info["model"] == "embedded" and info["dtype"] == "bfloat16"
+
+
 def test_train_grpo_trains_in_bfloat16(pair, tmp_path):
     base, _, envs = pair
     out = tmp_path / "grpo"

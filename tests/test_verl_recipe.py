@@ -594,7 +594,7 @@ def test_verls_own_configuration_takes_the_launcher_and_loads_the_reward(exporte
     package = Path(VERL_SPEC.submodule_search_locations[0])
     with initialize_config_dir(config_dir=str(package / "trainer" / "config"), version_base=None):
         config = compose("ppo_trainer", overrides=overrides)
-        with pytest.raises(Exception, match="custom_reward_fn"):  # the legacy top-level key is not there
+        with pytest.raises(Exception, match="custom_reward_fn"):  # Hydra refuses a key verl does not have
             compose("ppo_trainer", overrides=["reward.custom_reward_fn.path=x"])
     assert config.reward.reward_manager.name == "naive"
     assert config.algorithm.adv_estimator == "grpo"

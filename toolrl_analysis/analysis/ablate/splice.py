@@ -244,13 +244,34 @@ def splice_in_memory(
         out[name] = splice_rows(coefficients, base, trained, dtype)
         if not base.dtype.is_floating_point:
             continue
-        squared = (trained.double() - base.double()).reshape(-1) ** 2
-        account.total_energy += float(squared.sum())
+        changed = None
         if isinstance(coefficients, torch.Tensor):
             changed = (coefficients != splice.start_coefficient).reshape(-1)
             account.parameters += int(changed.sum())
-            account.update_energy += float(squared[changed].sum())
         elif coefficients != splice.start_coefficient:
             account.parameters += base.numel()
-            account.update_energy += float(squared.sum())
+        total, update = _update_energy(base, trained, changed)
+        account.total_energy += total
+        if changed is not None:
+            account.update_energy += update
+        elif coefficients != splice.start_coefficient:
+            account.update_energy += total
     return out, account
+
+
+ENERGY_CHUNK = 1 << 22  # entries: float64 squares of a whole embedding would cost 3x its size in temporaries
+
+
+def _update_energy(
+    base: torch.Tensor, trained: torch.Tensor, changed: torch.Tensor | None
+) -> tuple[float, float]:
+    """(||trained - base||^2, the part of it where `changed`), in float64, a chunk of entries at a time."""
+    flat_base, flat_trained = base.reshape(-1), trained.reshape(-1)
+    total = update = 0.0
+    for start in range(0, flat_base.numel(), ENERGY_CHUNK):
+        stop = start + ENERGY_CHUNK
+        squared = (flat_trained[start:stop].double() - flat_base[start:stop].double()).square_()
+        total += float(squared.sum())
+        if changed is not None:
+            update += float(squared[changed[start:stop]].sum())
+    return total, update

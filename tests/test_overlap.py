@@ -255,3 +255,23 @@ def test_cli_bad_tolerance_is_one_line(planted, capsys):
     paths, _, _ = planted
     status, _, err = run_cli(capsys, paths["base"], paths["a"], paths["b"], "--tolerance", "tiny")
     assert_one_line_error(status, err, "--tolerance", "bf16")
+
+
+def test_summed_rows_keep_the_chance_level_of_tensors_with_different_densities():
+    """Two tensors in one band, independent masks in each, one dense (0.9) and one sparse (0.1): the band's
+    overlap is what independence gives, (0.81 + 0.01) / (0.9 + 0.1) = 0.82, and its chance level says so.
+    Pooled densities (0.5) would have called it far above chance."""
+    from toolrl_analysis.analysis.diff.overlap import COUNT_COLUMNS, overlap_ratios
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for density in (0.9, 0.1):
+        a, b = (torch.rand(200_000, generator=generator) < density for _ in range(2))
+        changed_a, changed_b, both = int(a.sum()), int(b.sum()), int((a & b).sum())
+        rows.append({"numel": 200_000, "changed_a": changed_a, "changed_b": changed_b, "intersection": both,
+                     "agree": both, "expected": changed_a * changed_b / 200_000})  # fmt: skip
+    band = overlap_ratios(pd.DataFrame(rows)[list(COUNT_COLUMNS)].sum().to_frame().T).iloc[0]
+    assert band["overlap_ab"] == pytest.approx(0.82, abs=0.005)
+    assert band["overlap_ab_chance"] == pytest.approx(band["overlap_ab"], abs=0.005)
+    assert band["jaccard_chance"] == pytest.approx(band["jaccard"], abs=0.005)
+    assert band["density_b"] == pytest.approx(0.5, abs=0.005)  # what a pooled-density chance would have used

@@ -44,7 +44,9 @@ from toolrl_analysis.errors import CheckpointError, UserError, first_names
 from toolrl_analysis.results import json_clean, json_records, write_results
 
 BF16 = "bf16"
-COUNT_COLUMNS = ("numel", "changed_a", "changed_b", "intersection", "agree")
+# `expected` is the intersection independent masks would have, |A| |B| / n, per (layer, component): summed with
+# the counts, it keeps the chance levels of a band or a model exact when densities differ between its tensors
+COUNT_COLUMNS = ("numel", "changed_a", "changed_b", "intersection", "agree", "expected")
 
 
 def parse_tolerance(value: float | str) -> float | str:
@@ -61,20 +63,25 @@ def parse_tolerance(value: float | str) -> float | str:
 
 
 def overlap_ratios(frame: pd.DataFrame) -> pd.DataFrame:
-    """The ratios and their chance levels from the count columns (any grouping of rows summed)."""
+    """The ratios and their chance levels from the count columns (any grouping of rows summed). For one
+    (layer, component) the chance levels are d_B, d_A and d_A d_B / (d_A + d_B - d_A d_B); for a sum of rows
+    they come from the summed expected intersection, never from pooled densities (a band mixes tensors of
+    different densities, and pooled densities would misstate what independent masks give)."""
     numel = frame["numel"].where(frame["numel"] > 0)
     d_a, d_b = frame["changed_a"] / numel, frame["changed_b"] / numel
     union = frame["changed_a"] + frame["changed_b"] - frame["intersection"]
+    expected = frame["expected"]
+    expected_union = frame["changed_a"] + frame["changed_b"] - expected
     return frame.assign(
         density_a=d_a,
         density_b=d_b,
         union=union,
         overlap_ab=frame["intersection"] / frame["changed_a"].where(frame["changed_a"] > 0),
-        overlap_ab_chance=d_b,
+        overlap_ab_chance=expected / frame["changed_a"].where(frame["changed_a"] > 0),
         overlap_ba=frame["intersection"] / frame["changed_b"].where(frame["changed_b"] > 0),
-        overlap_ba_chance=d_a,
+        overlap_ba_chance=expected / frame["changed_b"].where(frame["changed_b"] > 0),
         jaccard=frame["intersection"] / union.where(union > 0),
-        jaccard_chance=(d_a * d_b) / (d_a + d_b - d_a * d_b).where(d_a + d_b > 0),
+        jaccard_chance=expected / expected_union.where(expected_union > 0),
         sign_agreement=frame["agree"] / frame["intersection"].where(frame["intersection"] > 0),
         sign_agreement_chance=0.5,
     )
@@ -253,6 +260,7 @@ def _frames(counts: dict[tuple, _Counts], labels: list[str]) -> tuple[pd.DataFra
                     "changed_b": c.changed[b],
                     "intersection": c.intersection[a, b],
                     "agree": c.agree[a, b],
+                    "expected": c.changed[a] * c.changed[b] / c.numel if c.numel else 0.0,
                 }
             )
     frame = pd.DataFrame(records)

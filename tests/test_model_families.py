@@ -137,3 +137,9 @@ def test_reasoning_is_set_apart(text, reasoning, rest):
 def test_an_unclosed_thinking_block_has_no_call_and_no_content():
     parsed = parse_tool_calls('<think>\nI will call <tool_call>{"name": "a", "arguments": {}}</tool_call>')
     assert parsed.calls == [] and parsed.content == "" and not parsed.malformed
+
+
+def test_a_stray_closing_tag_after_a_call_is_not_reasoning():
+    text = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call></think>'
+    assert split_reasoning(text) == ("", text)
+    assert [(c.name, c.arguments) for c in parse_tool_calls(text).calls] == [("f", {"x": 1})]

@@ -425,7 +425,8 @@ def decode_completion(tokenizer, ids: Sequence[int], stop_ids: Sequence[int]) ->
 def assistant_message(parsed: ParsedTurn, text: str) -> dict[str, Any]:
     """What goes into the history: structured tool calls when any parsed (FTRL keeps the well-formed
     ones), otherwise the raw text. Reasoning goes under `reasoning_content`, where Qwen3's template looks
-    for it (and leaves it out of earlier turns); a template without it ignores the key."""
+    for it (it shows it again for the turns after the question, and drops it from earlier exchanges); a
+    template without it ignores the key."""
     thought = {"reasoning_content": parsed.reasoning} if parsed.reasoning else {}
     if parsed.calls:
         return {

@@ -25,7 +25,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
-        help="override a stage's config key (stages: envs, base, grpo, eval, ablate, probe, judge)",
+        help="override a stage's config key (stages: envs, base, grpo, eval, ablate, probe, judge, patch)",
     )  # fmt: skip
     p.add_argument(
         "--print-config", action="store_true",

@@ -16,7 +16,8 @@ Qwen turns.
 Qwen3 may reason first, in a `<think>...</think>` block (or after a `<think>` its template already wrote into
 the prompt, so the turn holds only `...</think>`). The reasoning is set apart before parsing: a call mentioned
 while thinking is not a call, and the content is what follows the block. A block that never closes (the
-token budget ran out) leaves no content.
+token budget ran out) leaves no content. A stray `</think>` after a tool call is not reasoning: the turn is
+parsed whole, as any other.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def split_reasoning(text: str) -> tuple[str, str]:
     end = body.find(THINK_CLOSE)
     if end == -1:
         return (body.strip(), "") if opened else ("", text)
-    if not opened and THINK_OPEN in body[:end]:
-        return "", text  # a block that starts mid-turn is not reasoning the template opened
+    if not opened and (THINK_OPEN in body[:end] or TOOL_CALL_OPEN in body[:end]):
+        # a block that starts mid-turn is not reasoning the template opened, and a call is never reasoning
+        return "", text
     return body[:end].strip(), body[end + len(THINK_CLOSE) :].strip()
 
 

@@ -3,9 +3,10 @@
 `--device auto` takes the GPU when torch sees one and the CPU otherwise; `cuda` and `cuda:N` name a GPU and
 are refused on a machine without one. `--dtype auto` keeps the checkpoint's stored dtype; the others cast
 the weights after loading (a policy file) or while loading (a Hugging Face directory). A Hugging Face
-directory loaded with `--device auto` on a GPU machine goes through `device_map="auto"`, so a model larger
-than one GPU is spread over every GPU (and the CPU) by accelerate; the inputs then go to the device of the
-embedding, which `input_device` names.
+directory loaded with `--device auto` on a GPU machine goes through accelerate's `device_map="sequential"`:
+the first GPU takes the whole model when it fits, and only a model larger than one GPU is spread over the
+next ones ("auto" would balance even a small model over every GPU). The inputs then go to the device of
+the embedding, which `input_device` names.
 
 Nothing here moves tensors that are not the model's: each caller puts its inputs on `input_device(model)`.
 """
@@ -36,8 +37,14 @@ class Placement:
         )
 
     def record(self) -> dict[str, str]:
-        """What a stage record keeps: nothing at the defaults, so runs made before these flags stay current."""
-        return {k: v for k, v in (("device", self.device), ("dtype", self.dtype)) if v != "auto"}
+        """What a stage record keeps: nothing at the defaults, so runs made before these flags stay current;
+        otherwise the values normalised (`CPU` is `cpu`, `cuda` is `cuda:0`), and no device where it names
+        what `auto` takes on this machine, so spelling a default out reruns nothing."""
+        device, dtype = (self.device or "auto").strip().lower(), (self.dtype or "auto").strip().lower()
+        if device != "auto":
+            device = resolve_device(device)
+            device = "auto" if device == resolve_device("auto") else device
+        return {k: v for k, v in (("device", device), ("dtype", dtype)) if v != "auto"}
 
 
 CPU = Placement("cpu", "auto")
@@ -47,14 +54,14 @@ CPU = Placement("cpu", "auto")
 class ResolvedPlacement:
     device: str  # "cpu" or "cuda:N"
     dtype: Any  # a torch.dtype, or None for the stored one
-    spread: bool  # device_map="auto" for a Hugging Face directory
+    spread: bool  # device_map="sequential" for a Hugging Face directory
 
     def load_kwargs(self) -> dict[str, Any]:
         """from_pretrained keywords: the dtype ("auto": the stored one, never float32 by default) and where
         the weights go as they are read."""
         kwargs: dict[str, Any] = {"dtype": self.dtype if self.dtype is not None else "auto"}
         if self.spread:
-            kwargs["device_map"] = "auto"
+            kwargs["device_map"] = "sequential"
         elif self.device != "cpu":
             kwargs["device_map"] = {"": self.device}
         return kwargs
@@ -107,7 +114,7 @@ def resolve_dtype(name: str, device: str) -> Any:
 
 
 def input_device(model: Any) -> Any:
-    """Where a model's inputs go: its input embedding's device (the first GPU under device_map="auto")."""
+    """Where a model's inputs go: its input embedding's device (the first GPU under a device map)."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embedding is not None:
         return embedding.weight.device

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from toolrl_analysis.models.placement import Placement
 from toolrl_analysis.reproduce.settings import ChainSettings
 from toolrl_analysis.reproduce.stages import Stage, StageContext
 
@@ -194,7 +195,7 @@ def rl_stage(run: Path, settings: ChainSettings, name: str, algo: str, seed_offs
         summary = train_grpo(
             run / "envs", run / "base" / "base.pt", out, config, resume=ctx.resume,
             on_iteration=lambda row: ctx.fraction(row["iteration"] / max(1, config.iterations)), log=ctx.log,
-            placement=settings.placement,
+            placement=Placement(settings.placement.device),  # training keeps float32 weights (train_grpo)
         )  # fmt: skip
         if summary["interrupted"]:  # Ctrl-C: the trainer saved a checkpoint; the rerun resumes from it
             raise KeyboardInterrupt
@@ -203,7 +204,8 @@ def rl_stage(run: Path, settings: ChainSettings, name: str, algo: str, seed_offs
     if settings.envs.validation_per_scenario:  # train-grpo validates on it (training/grpo.py)
         inputs["envs/validation.jsonl"] = run / "envs" / "validation.jsonl"
     return Stage(
-        f"train {label(name)}", out, ("trained.pt", "metrics.csv"), inputs, settings.stage_config(asdict(config)),
+        f"train {label(name)}", out, ("trained.pt", "metrics.csv"), inputs,
+        asdict(config) | Placement(settings.placement.device).record(),
         action,
         after=("base", "envs"), resumable=True,
     )  # fmt: skip

@@ -496,18 +496,28 @@ def train_grpo(
     log: Callable[[str], None] = print,
     placement: Placement | None = None,
 ) -> dict[str, Any]:
-    """Load the environments and the initial policy (where `placement` says), train on train.jsonl minus its validation slice, and
+    """Load the environments and the initial policy (on `placement`'s device, in float32 whatever the checkpoint
+    stores: AdamW steps on bfloat16 weights lose every change below half a ULP), train on train.jsonl minus its validation slice, and
     write `trained.pt` plus an HF directory, metrics.csv, validation.csv and curves.png (and, with
     `test_at_end`, the one evaluation on the test split in test/)."""
     import pandas as pd
 
     envs_dir, out_dir = Path(envs_dir), Path(out_dir)
+    placement = placement or Placement()
+    if (placement.dtype or "auto").strip().lower() not in ("auto", "float32"):
+        raise ConfigError(
+            f"--dtype {placement.dtype}: train-grpo trains float32 weights (AdamW on {placement.dtype} weights drops "
+            "every step below half a ULP, so at a real checkpoint's learning rate most weights never move); "
+            "leave --dtype out, or train in mixed precision with verl"
+        )
     records = training_records(envs_dir)
     test_path = envs_dir / "test.jsonl"
     if config.test_at_end and not test_path.is_file():
         raise ConfigError(f"config key 'test_at_end' needs a test split, and {test_path} does not exist")
     seed_torch(config.seed, config.threads)
-    model, tokenizer = load_policy(resolve_policy_path(init), placement=placement)
+    model, tokenizer = load_policy(
+        resolve_policy_path(init), placement=Placement(placement.device, "float32")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     with Sandbox(workers=config.sandbox_workers) as sandbox:

@@ -117,7 +117,9 @@ def completion_logprobs(
     ).last_hidden_state  # [N, T, H]  # fmt: skip
     hidden = torch.cat([first, completion_hidden[:, :-1]], dim=1)  # [N, T, H]: position t predicts token t
     logits = model.get_output_embeddings()(hidden).float() / temperature  # [N, T, V]
-    token_ids = batch.completion_ids.unsqueeze(-1)  # [N, T, 1]
+    token_ids = batch.completion_ids.unsqueeze(-1).to(
+        logits.device
+    )  # [N, T, 1]; the head's device, if spread
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, token_ids).squeeze(-1)  # [N, T]
     entropy = entropy_from_logits(logits).to(home) if with_entropy else None
     return logprobs.to(home), entropy

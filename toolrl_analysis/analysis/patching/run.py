@@ -185,7 +185,7 @@ def patch_pair(
     ):  # generation of a small model: one thread is fastest
         conversations = rollout_conversations(
             trained_model, tokenizer, records, sandbox, "trained", max_turns=options.max_turns,
-            max_new_tokens=options.max_new_tokens,
+            max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, thinking=options.thinking,
         )  # fmt: skip
     limit = int(getattr(base_model.config, "max_position_embeddings", 0) or 4096)
     texts, dropped = build_texts(conversations, tokenizer, max_tokens=min(limit, 4096))

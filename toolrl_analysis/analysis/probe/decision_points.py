@@ -298,11 +298,20 @@ def rollout_conversations(
     max_turns: int,
     max_new_tokens: int,
     on_turn: Callable | None = None,
+    batch_size: int = 32,
+    thinking: bool | None = None,
 ) -> list[tuple[EnvRecord, list[dict[str, Any]], str]]:
     """The policy's own greedy episodes, as conversations."""
     from toolrl_analysis.rollout import ModelPolicy, run_episodes
 
-    policy = ModelPolicy(model, tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
+    policy = ModelPolicy(
+        model,
+        tokenizer,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        batch_size=batch_size,
+        thinking=thinking,
+    )
     with attention_implementation(model, "sdpa"):  # generation needs no attention weights
         episodes = run_episodes(policy, records, sandbox, max_turns=max_turns, on_turn=on_turn)
     return [(e.record, e.messages, f"rollout:{name}") for e in episodes]

@@ -13,6 +13,7 @@ the same arrow type. Point verl's `custom_reward_function.path` at this module a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import re
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from toolrl_analysis.envs.schema import EnvRecord, read_envs, write_envs
-from toolrl_analysis.envs.toolcalls import ToolCall, format_tool_calls
+from toolrl_analysis.envs.toolcalls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from toolrl_analysis.errors import EnvFormatError, UserError
 
 EXPORT_FORMATS = ("ftrl", "verl")
@@ -92,26 +93,29 @@ def export_ftrl(records: list[EnvRecord], out_path: str | Path, keep_meta: bool 
     return out
 
 
-def verl_message(message: dict[str, Any]) -> dict[str, str]:
-    """A message as verl's prompt column holds it, role and text: an assistant's structured tool calls are
-    written into its text as Qwen's template renders them (a per-step state's history has them)."""
-    content = "" if message.get("content") is None else str(message["content"])
-    calls = [c.get("function", c) for c in message.get("tool_calls") or []]
-    if calls:
-        text = format_tool_calls(
-            [ToolCall(str(c.get("name", "")), _arguments(c.get("arguments"))) for c in calls]
-        )
-        content = f"{content}\n{text}" if content else text
-    return {"role": str(message.get("role", "")), "content": content}
+def verl_message(message: dict[str, Any], parse_string_arguments: bool = True) -> dict[str, str]:
+    """{role, content} only, as verl's parquet holds it; an assistant's tool calls become Qwen-style text in its
+    content (a per-step state's history has them).
 
-
-def _arguments(value: Any) -> dict[str, Any]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return {}
-    return value if isinstance(value, dict) else {}
+    Arguments given as a JSON string (OpenAI style, as FTRL's sampler writes them) are written as the object
+    they encode, or, with `parse_string_arguments=False`, as the string itself (what `tojson` in Qwen's
+    templates does with a string)."""
+    role = str(message.get("role", ""))
+    content = message.get("content")
+    content = "" if content is None else str(content)
+    calls = message.get("tool_calls") or []
+    if role == "assistant" and calls:
+        blocks = []
+        for call in calls:
+            function = call.get("function", call)
+            arguments = function.get("arguments", {})
+            if isinstance(arguments, str) and parse_string_arguments:
+                with contextlib.suppress(json.JSONDecodeError):
+                    arguments = json.loads(arguments)
+            body = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
+            blocks.append(f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}")
+        content = (content + "\n" if content else "") + "\n".join(blocks)
+    return {"role": role, "content": content}
 
 
 def verl_rows(records: list[EnvRecord]) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ class Placement:
         """What a stage record keeps: nothing at the defaults, so runs made before these flags stay current;
         otherwise the values normalised (`CPU` is `cpu`, `cuda` is `cuda:0`), and no device where it names
         what `auto` takes on this machine, so spelling a default out reruns nothing."""
-        device, dtype = (self.device or "auto").strip().lower(), (self.dtype or "auto").strip().lower()
+        device, dtype = _word(self.device), _word(self.dtype)
         if device != "auto":
             device = resolve_device(device)
             device = "auto" if device == resolve_device("auto") else device
@@ -79,7 +79,7 @@ def resolve_device(name: str) -> str:
     """ "cpu" or "cuda:N" for a --device value; a GPU that is not there is one line, naming the flag."""
     import torch
 
-    text = (name or "auto").strip().lower()
+    text = _word(name)
     if text == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     if text == "cpu":
@@ -100,7 +100,7 @@ def resolve_dtype(name: str, device: str) -> Any:
     """The torch dtype of a --dtype value (None: the checkpoint's own), refused where `device` lacks it."""
     import torch
 
-    text = (name or "auto").strip().lower()
+    text = _word(name)
     if text == "auto":
         return None
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,9 +127,14 @@ def describe(model: Any) -> dict[str, str]:
     return {"device": str(input_device(model)), "dtype": str(weight.dtype).removeprefix("torch.")}
 
 
+def _word(value: str | None) -> str:
+    """A flag's value as compared: trimmed, lower case, `auto` when empty."""
+    return (value or "auto").strip().lower()
+
+
 def _spreads(asked: str, device: str) -> bool:
     # Only "auto" may spread a model: a named device means that device, and a CPU run never needs to.
-    return (asked or "auto").strip().lower() == "auto" and device != "cpu"
+    return _word(asked) == "auto" and device != "cpu"
 
 
 def _cuda_bf16(device: str) -> bool:

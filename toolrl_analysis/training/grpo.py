@@ -38,7 +38,7 @@ from toolrl_analysis.envs.sandbox import Sandbox
 from toolrl_analysis.envs.schema import EnvRecord, read_envs
 from toolrl_analysis.errors import ConfigError, TrainingDiverged
 from toolrl_analysis.models.checkpoint import load_policy
-from toolrl_analysis.models.placement import Placement
+from toolrl_analysis.models.placement import Placement, resolve_dtype
 from toolrl_analysis.rollout import (
     ModelPolicy,
     decode_completion,
@@ -504,7 +504,7 @@ def train_grpo(
 
     envs_dir, out_dir = Path(envs_dir), Path(out_dir)
     placement = placement or Placement()
-    if (placement.dtype or "auto").strip().lower() not in ("auto", "float32"):
+    if resolve_dtype(placement.dtype, "cpu") not in (None, torch.float32):
         raise ConfigError(
             f"--dtype {placement.dtype}: train-grpo trains float32 weights (AdamW on {placement.dtype} weights drops "
             "every step below half a ULP, so at a real checkpoint's learning rate most weights never move); "

@@ -19,14 +19,12 @@ the tool calls of earlier assistant turns are gone from it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from toolrl_analysis.envs.ftrl_io import verl_environment
+from toolrl_analysis.envs.ftrl_io import verl_environment, verl_message
 from toolrl_analysis.errors import UserError
 
 # render(messages, tools) -> the prompt text, as apply_chat_template(..., add_generation_prompt=True) gives it
@@ -34,30 +32,6 @@ Render = Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], str]
 
 PREPARED_FLAG = "tools_in_prompt"  # set in extra_info, so a prepared file is left as it is
 _SLOT = "<<toolrl-system-slot>>"
-
-
-def flatten_message(message: dict[str, Any], parse_string_arguments: bool = True) -> dict[str, str]:
-    """{role, content} only, as verl's parquet holds it; tool calls become Qwen-style text in the content.
-
-    Arguments given as a JSON string (OpenAI style, as FTRL's sampler writes them) are written as the object
-    they encode, or, with `parse_string_arguments=False`, as the string itself (what `tojson` in Qwen's
-    templates does with a string)."""
-    role = str(message.get("role", ""))
-    content = message.get("content")
-    content = "" if content is None else str(content)
-    calls = message.get("tool_calls") or []
-    if role == "assistant" and calls:
-        blocks = []
-        for call in calls:
-            function = call.get("function", call)
-            arguments = function.get("arguments", {})
-            if isinstance(arguments, str) and parse_string_arguments:
-                with contextlib.suppress(json.JSONDecodeError):
-                    arguments = json.loads(arguments)
-            body = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
-            blocks.append(f"<tool_call>\n{body}\n</tool_call>")
-        content = (content + "\n" if content else "") + "\n".join(blocks)
-    return {"role": role, "content": content}
 
 
 def _has_string_arguments(messages: Sequence[dict[str, Any]]) -> bool:
@@ -77,7 +51,7 @@ def prompt_with_tools(
     # Templates differ on JSON-string arguments (parsed, or dumped as a string): try both, keep the exact one.
     encodings = (True, False) if _has_string_arguments(messages) else (True,)
     for parse_string_arguments in encodings:
-        flat = [flatten_message(m, parse_string_arguments) for m in messages]
+        flat = [verl_message(m, parse_string_arguments) for m in messages]
         rest = flat[1:] if flat and flat[0]["role"] == "system" else flat
         # Where the system text goes: render once with a marker in its place.
         probe = render([{"role": "system", "content": _SLOT}, *rest], None)
